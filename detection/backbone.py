@@ -1,0 +1,131 @@
+"""EfficientNet feature pyramid C3-C5 from timm (Tan & Le 2019), randomly initialised.
+
+`build_backbone` creates the timm model with `features_only=True, out_indices=(2, 3, 4)`
+(strides 8/16/32) and optionally loads a local checkpoint; nothing is ever downloaded.
+Channels and strides are read from timm's `feature_info`, never written down here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+OUT_INDICES = (2, 3, 4)
+# Parts of a timm classifier that a features_only model does not have; a checkpoint of
+# the full classifier carries them and they are dropped without complaint.
+HEAD_PREFIXES = ("conv_head.", "bn2.", "global_pool.", "classifier.", "head.", "fc.")
+# Wrappers a state dict may come with: DDP, a whole detector, our own Backbone.
+KEY_PREFIXES = ("module.", "backbone.", "body.")
+
+
+class Backbone(nn.Module):
+    """A timm features_only model whose outputs are named by pyramid level.
+
+    body: a timm model built with `features_only=True`, exposing `feature_info`.
+    forward(x float [B, 3, H, W]) -> {"p3": [B, C3, H/8, W/8], "p4": [B, C4, H/16, W/16],
+    "p5": [B, C5, H/32, W/32]} for out_indices (2, 3, 4); level k has stride 2**k. With
+    TF-style "same" padding a side that is not a multiple of 32 is rounded up, so pad
+    inputs to the neck's `size_divisibility`.
+
+    Attributes: `channels` {level: C}, `strides` {level: stride}, both from feature_info.
+    """
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+        channels = body.feature_info.channels()
+        reductions = body.feature_info.reduction()
+        self.strides: dict[str, int] = {}
+        self.channels: dict[str, int] = {}
+        for c, r in zip(channels, reductions):
+            level = int(round(math.log2(r)))
+            if 2**level != r:
+                raise ValueError(f"feature stride {r} is not a power of two; cannot name its pyramid level")
+            self.strides[f"p{level}"] = int(r)
+            self.channels[f"p{level}"] = int(c)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.strides, self.body(x)))
+
+
+class CheckpointReport(NamedTuple):
+    """What `load_checkpoint` did; key names are those of the timm features model."""
+
+    loaded: list[str]
+    missing: list[str]  # model keys the checkpoint lacked: they keep their random init
+    unexpected: list[str]  # checkpoint keys the model lacks, head keys excluded
+    dropped_head: list[str]  # classifier-head keys of a full timm model, ignored
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in KEY_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def load_checkpoint(backbone: Backbone, path: str) -> CheckpointReport:
+    """Load a local state dict into `backbone` (CPU, `weights_only=True`).
+
+    Accepts a raw timm state dict (of the full classifier or of a features_only model),
+    our Backbone's own state dict, or either under a "state_dict"/"model" entry.
+    Raises ValueError if no key matches or a matching key has the wrong shape; warns
+    with the key names if some weights are missing or unknown.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+
+    own = backbone.body.state_dict()
+    loaded = [k for k in state if k in own]
+    if not loaded:
+        raise ValueError(
+            f"{path}: no key matches the backbone; checkpoint keys start {sorted(state)[:5]}, "
+            f"model keys start {sorted(own)[:5]}"
+        )
+    wrong_shape = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in loaded if state[k].shape != own[k].shape
+    ]
+    if wrong_shape:
+        raise ValueError(f"{path}: shape mismatch (checkpoint vs model), wrong architecture? {wrong_shape[:5]}")
+    extra = [k for k in state if k not in own]
+    dropped_head = [k for k in extra if k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in extra if not k.startswith(HEAD_PREFIXES)]
+    missing = [k for k in own if k not in state]
+
+    backbone.body.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    if missing or unexpected:
+        warnings.warn(
+            f"{path}: loaded {len(loaded)} keys; {len(missing)} missing (kept random) e.g. {missing[:5]}; "
+            f"{len(unexpected)} unexpected (ignored) e.g. {unexpected[:5]}",
+            stacklevel=2,
+        )
+    return CheckpointReport(loaded, missing, unexpected, dropped_head)
+
+
+def build_backbone(name: str, drop_path_rate: float = 0.0, checkpoint: str | None = None) -> Backbone:
+    """EfficientNet C3-C5 `Backbone` by timm name (e.g. "tf_efficientnet_b7", "test_efficientnet").
+
+    Always `pretrained=False`: weights come only from the local `checkpoint` file.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        examples = close or ["tf_efficientnet_b0", "tf_efficientnet_b7", "tf_efficientnet_l2", "test_efficientnet"]
+        raise ValueError(f"unknown backbone {name!r}; valid timm names include {examples}")
+    body = timm.create_model(
+        name, pretrained=False, features_only=True, out_indices=OUT_INDICES, drop_path_rate=drop_path_rate
+    )
+    backbone = Backbone(body)
+    if checkpoint is not None:
+        load_checkpoint(backbone, checkpoint)
+    return backbone

@@ -1,0 +1,287 @@
+"""Feature pyramid necks: C3-C5 in, P3-P7 out.
+
+- `FPN`: the RetinaNet pyramid (Lin et al. 2017, "Focal Loss for Dense Object Detection").
+- `NASFPN`: the searched pyramid (Ghiasi et al. 2019, "NAS-FPN"), one stage of seven
+  merging cells repeated `num_repeats` times.
+
+Both take {"p3", "p4", "p5"} feature maps at strides 8/16/32 and return {"p3".."p7"}
+at strides 8..128, every map with `out_channels` channels. Inputs must be padded to a
+multiple of `size_divisibility` (128, the stride of P7) so that every level is exactly
+half the previous one; anything else raises ValueError before any compute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IN_LEVELS = ("p3", "p4", "p5")
+OUT_LEVELS = ("p3", "p4", "p5", "p6", "p7")
+STRIDES = {lvl: 2 ** int(lvl[1:]) for lvl in OUT_LEVELS}
+SIZE_DIVISIBILITY = STRIDES["p7"]
+
+
+def _level(name: str) -> int:
+    return int(name[1])
+
+
+def check_in_channels(in_channels: dict[str, int]) -> None:
+    missing = [lvl for lvl in IN_LEVELS if lvl not in in_channels]
+    if missing:
+        raise ValueError(f"neck needs input channels for {IN_LEVELS}, missing {missing} in {in_channels}")
+
+
+def check_features(features: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless p3..p5 exist and each is exactly half the previous level.
+
+    P3 must itself be a multiple of 16 so that P4..P7 halve exactly too; this holds when
+    the input image is a multiple of 128.
+    """
+    missing = [lvl for lvl in IN_LEVELS if lvl not in features]
+    if missing:
+        raise ValueError(f"neck needs features {IN_LEVELS}, missing {missing}")
+    h3, w3 = features["p3"].shape[-2:]
+    divisor = SIZE_DIVISIBILITY // STRIDES["p3"]
+    ok = h3 % divisor == 0 and w3 % divisor == 0
+    for lvl in IN_LEVELS[1:]:
+        f = 2 ** (_level(lvl) - 3)
+        ok = ok and tuple(features[lvl].shape[-2:]) == (h3 // f, w3 // f)
+    if not ok:
+        sizes = {lvl: tuple(features[lvl].shape[-2:]) for lvl in IN_LEVELS}
+        raise ValueError(
+            f"feature sizes {sizes} do not halve exactly from level to level up to p7 (input about "
+            f"{h3 * 8}x{w3 * 8}); pad the input to a multiple of {SIZE_DIVISIBILITY} (neck.size_divisibility)"
+        )
+
+
+def resample(x: torch.Tensor, from_level: int, to_level: int) -> torch.Tensor:
+    """Move a map between pyramid levels: max-pool down, nearest-neighbour up.
+
+    Down by factor f = 2**(to - from) is a non-overlapping f x f max-pool (the TF code
+    uses an (f+1) window with SAME padding; non-overlapping keeps sizes exact without
+    padding arithmetic). Up by f repeats each pixel f x f times.
+    """
+    if to_level > from_level:
+        f = 2 ** (to_level - from_level)
+        return F.max_pool2d(x, kernel_size=f, stride=f)
+    if to_level < from_level:
+        return F.interpolate(x, scale_factor=2 ** (from_level - to_level), mode="nearest")
+    return x
+
+
+def global_attention(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """`hi + lo * sigmoid(max_{H,W} hi)` per channel; both [B, C, H, W] at the same level.
+
+    This is the form of the NAS-FPN authors' TensorFlow code, chosen on purpose: `hi` is
+    the input from the coarser original level, its global MAX pool gates `lo`.
+    (mmdetection's GlobalPoolingCell uses a global average of the other input and gates
+    the opposite way; we do not follow it.)
+    """
+    return hi + lo * torch.sigmoid(torch.amax(hi, dim=(2, 3), keepdim=True))
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    match kind:
+        case "none":
+            return nn.Identity()
+        case "batch":
+            return nn.BatchNorm2d(channels)
+        case "group":
+            # 32 groups as in the GroupNorm paper, fewer when the width is not a multiple.
+            return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}; valid: none, batch, group")
+
+
+class FPN(nn.Module):
+    """RetinaNet FPN: C3-C5 -> P3-P7, strides 8..128, `out_channels` each.
+
+    P3-P5: 1x1 lateral convs, top-down nearest x2 upsampling and sum, 3x3 output convs
+    (each followed by `norm`). P6 = 3x3 stride-2 conv on C5, as in the RetinaNet paper
+    (torchvision and detectron2 take P5 instead); P7 = ReLU then 3x3 stride-2 conv on
+    P6. P6/P7 convs carry a bias and no norm.
+    """
+
+    size_divisibility = SIZE_DIVISIBILITY
+
+    def __init__(self, in_channels: dict[str, int], out_channels: int, norm: str = "none"):
+        super().__init__()
+        check_in_channels(in_channels)
+        self.out_channels = out_channels
+        self.strides = dict(STRIDES)
+        bias = norm == "none"  # a norm right after the conv makes its bias redundant
+        self.lateral = nn.ModuleDict(
+            {
+                lvl: nn.Sequential(nn.Conv2d(in_channels[lvl], out_channels, 1, bias=bias), _norm(norm, out_channels))
+                for lvl in IN_LEVELS
+            }
+        )
+        self.output = nn.ModuleDict(
+            {
+                lvl: nn.Sequential(
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), _norm(norm, out_channels)
+                )
+                for lvl in IN_LEVELS
+            }
+        )
+        self.p6 = nn.Conv2d(in_channels["p5"], out_channels, 3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_features(features)
+        out = {}
+        top = None
+        for lvl in reversed(IN_LEVELS):
+            lat = self.lateral[lvl](features[lvl])
+            if top is not None:
+                lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest")
+            top = lat
+            out[lvl] = self.output[lvl](lat)
+        out["p6"] = self.p6(features["p5"])
+        out["p7"] = self.p7(F.relu(out["p6"]))
+        return {lvl: out[lvl] for lvl in OUT_LEVELS}
+
+
+class CellSpec(NamedTuple):
+    """One NAS-FPN merging cell: `out = conv(op(inputs resampled to level) + residual)`."""
+
+    name: str
+    level: int
+    inputs: tuple[str, str]
+    op: str  # "sum" or "gp" (global_attention)
+    residual: str | None  # a stage input at the same level, added before the conv
+
+
+# The searched stage (Ghiasi et al. 2019, Fig. 7; TF block specs). Names p3..p7 are the
+# stage inputs; each cell may read any earlier name. The residuals are the TF rule "add
+# same-level nodes nobody consumed yet" worked out for this wiring.
+NASFPN_CELLS: tuple[CellSpec, ...] = (
+    CellSpec("p4_1", 4, ("p4", "p6"), "gp", None),
+    CellSpec("p4_2", 4, ("p4_1", "p4"), "sum", None),
+    CellSpec("p3_out", 3, ("p4_2", "p3"), "sum", None),
+    CellSpec("p4_out", 4, ("p3_out", "p4_2"), "sum", None),
+    CellSpec("p5_out", 5, ("p4_out", "p3_out"), "gp", "p5"),
+    CellSpec("p7_out", 7, ("p5_out", "p4_2"), "gp", "p7"),
+    CellSpec("p6_out", 6, ("p7_out", "p5_out"), "gp", None),
+)
+NASFPN_OUTPUTS = {"p3": "p3_out", "p4": "p4_out", "p5": "p5_out", "p6": "p6_out", "p7": "p7_out"}
+
+
+def _conv3x3(channels: int, separable: bool) -> nn.Module:
+    if separable:
+        # depthwise then pointwise; the BN that follows makes biases redundant
+        return nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=False),
+        )
+    return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+
+class MergingCell(nn.Module):
+    """Merge two maps already at the same level, then ReLU -> 3x3 conv -> BatchNorm.
+
+    forward(a, b [B, C, H, W], residual [B, C, H, W] or None) -> [B, C, H, W].
+    For op "gp", `a` must be the input from the coarser original level (`hi`).
+    """
+
+    def __init__(self, channels: int, op: str, separable: bool = False):
+        super().__init__()
+        if op not in ("sum", "gp"):
+            raise ValueError(f"unknown merge op {op!r}; valid: sum, gp")
+        self.op = op
+        self.conv = _conv3x3(channels, separable)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x = a + b if self.op == "sum" else global_attention(a, b)
+        if residual is not None:
+            x = x + residual
+        return self.bn(self.conv(F.relu(x)))
+
+
+class NASFPNStage(nn.Module):
+    """One pass of the cells in `specs` over {"p3".."p7"} maps of equal width.
+
+    forward({"p3".."p7"} [B, C, H/2**k, W/2**k]) -> same levels and shapes.
+    """
+
+    def __init__(self, channels: int, specs: tuple[CellSpec, ...] = NASFPN_CELLS, separable: bool = False):
+        super().__init__()
+        self.specs = specs
+        self.cells = nn.ModuleDict({s.name: MergingCell(channels, s.op, separable) for s in specs})
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        nodes = dict(features)
+        levels = {name: _level(name) for name in features}
+        for s in self.specs:
+            a, b = s.inputs
+            if s.op == "gp" and levels[b] > levels[a]:
+                a, b = b, a  # gate with the coarser source (ties keep the listed order, as TF)
+            xa = resample(nodes[a], levels[a], s.level)
+            xb = resample(nodes[b], levels[b], s.level)
+            residual = nodes[s.residual] if s.residual is not None else None
+            nodes[s.name] = self.cells[s.name](xa, xb, residual)
+            levels[s.name] = s.level
+        return {lvl: nodes[NASFPN_OUTPUTS[lvl]] for lvl in OUT_LEVELS}
+
+
+class NASFPN(nn.Module):
+    """NAS-FPN: C3-C5 -> P3-P7, strides 8..128, `out_channels` each.
+
+    P3-P5 enter through 1x1 conv + BatchNorm; P6 = 2x2 stride-2 max-pool of P5 and P7 the
+    same of P6. Then `num_repeats` stages (own weights each) of the seven cells in
+    `NASFPN_CELLS`; GP cells use the TF-code `global_attention`.
+    """
+
+    size_divisibility = SIZE_DIVISIBILITY
+
+    def __init__(self, in_channels: dict[str, int], out_channels: int, num_repeats: int = 3, separable: bool = False):
+        super().__init__()
+        check_in_channels(in_channels)
+        if num_repeats < 1:
+            raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
+        self.out_channels = out_channels
+        self.strides = dict(STRIDES)
+        self.inputs = nn.ModuleDict(
+            {
+                lvl: nn.Sequential(
+                    nn.Conv2d(in_channels[lvl], out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+                )
+                for lvl in IN_LEVELS
+            }
+        )
+        self.stages = nn.ModuleList(NASFPNStage(out_channels, NASFPN_CELLS, separable) for _ in range(num_repeats))
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_features(features)
+        x = {lvl: self.inputs[lvl](features[lvl]) for lvl in IN_LEVELS}
+        x["p6"] = resample(x["p5"], 5, 6)
+        x["p7"] = resample(x["p6"], 6, 7)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def build_neck(
+    kind: str,
+    in_channels: dict[str, int],
+    out_channels: int,
+    num_repeats: int = 3,
+    separable: bool = False,
+    norm: str = "none",
+) -> nn.Module:
+    """"fpn" (uses `norm`) or "nasfpn" (uses `num_repeats`, `separable`; always BatchNorm)."""
+    match kind:
+        case "fpn":
+            return FPN(in_channels, out_channels, norm=norm)
+        case "nasfpn":
+            return NASFPN(in_channels, out_channels, num_repeats=num_repeats, separable=separable)
+    raise ValueError(f"unknown neck {kind!r}; valid: ['fpn', 'nasfpn']")
