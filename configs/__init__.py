@@ -1,0 +1,250 @@
+"""Typed configuration of a run, and the YAML presets beside this file.
+
+Every concern has its own frozen pydantic model (`extra="forbid"`): a mistyped key
+fails before anything runs, naming the key's path and the allowed keys. These
+models are the flows' parameters, so Prefect validates them and renders them as
+forms in the UI. Configs carry paths and numbers, never tensors.
+
+Presets: `load_config("demo")` or `load_config("path/to/file.yaml", ["student.alpha=2"])`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent
+
+AugmentLevel = Literal["none", "S1"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Config):
+    """Where the labeled and unlabeled data live.
+
+    `format="coco"`: a COCO json and its image folder per split (detection).
+    `format="voc"`: a PASCAL VOC root (segmentation).
+    """
+
+    format: Literal["coco", "voc"] = "coco"
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    voc_root: str | None = None
+    voc_train_split: str = "train"
+    voc_val_split: str = "val"
+    labeled_limit: int | None = Field(
+        None, ge=1, description="use only the first N labeled images (a label fraction)"
+    )
+    unlabeled_shards: str = Field(
+        "", description="webdataset image shards, brace pattern such as pool-{000000..000012}.tar"
+    )
+    image_size: int = Field(640, ge=128, description="square training/eval size; multiple of 128")
+    num_workers: int = Field(1, ge=0, description="DataLoader workers per loader")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.image_size % 128:
+            raise ValueError(f"data.image_size={self.image_size} must be a multiple of 128 (P7 stride)")
+        need = (
+            ("train_images", "train_annotations", "val_images", "val_annotations")
+            if self.format == "coco"
+            else ("voc_root",)
+        )
+        missing = [k for k in need if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"data.format={self.format!r} needs data.{', data.'.join(missing)}")
+        return self
+
+
+class ModelConfig(_Config):
+    """Architecture of a detector or segmenter (the family decides which head)."""
+
+    backbone: str = "tf_efficientnet_b0"
+    backbone_checkpoint: str | None = Field(None, description="local timm/backbone weights file")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth (student noise)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the class predictor")
+    neck: Literal["fpn", "nasfpn"] = "fpn"
+    neck_channels: int = Field(64, ge=8)
+    nasfpn_repeats: int = Field(3, ge=1)
+    separable: bool = False
+    head_norm: Literal["none", "batch", "group"] = "group"
+    num_classes: int = Field(80, ge=1)
+    anchor_scale: float = Field(4.0, gt=0, description="anchor size = anchor_scale * stride")
+
+
+class TrainConfig(_Config):
+    """One training stage: optimizer, schedule, augmentation, checkpointing."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1, description="labeled images per step (student: human part)")
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float | None = Field(10.0, gt=0)
+    augment_level: AugmentLevel = "S1"
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(25, ge=1)
+    seed: int = 0
+    amp: bool = Field(False, description="autocast (bf16 on CPU, fp16 on CUDA)")
+    channels_last: bool = False
+
+
+class PseudoLabelConfig(_Config):
+    """Teacher labeling of the unlabeled pool (RECIPE.md, Pseudo-labels)."""
+
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    max_boxes: int = Field(100, ge=1)
+    per_class_cap: int | None = Field(None, ge=1, description="at most N labels of a class per image")
+    batch_size: int = Field(32, ge=1)
+    runner: Literal["thread", "process", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = Field(None, description="scheduler address; None starts a LocalCluster")
+    shard_limit: int | None = Field(None, ge=1, description="label only the first N shards")
+
+
+class StudentConfig(_Config):
+    """The noised student: joint human + pseudo training with loss normalization."""
+
+    train: TrainConfig = TrainConfig()
+    model: ModelConfig | None = Field(None, description="None: same architecture as the teacher")
+    pseudo_ratio: float = Field(1.0, gt=0, description="pseudo images per human image in a batch")
+    alpha: float = Field(1.0, ge=0, description="weight of the pseudo loss")
+    normalize_loss: bool = True
+    loss_ema_decay: float = Field(0.99, ge=0, lt=1)
+    init: Literal["scratch", "teacher", "checkpoint"] = "scratch"
+    init_checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentConfig:
+        if self.init == "checkpoint" and not self.init_checkpoint:
+            raise ValueError("student.init='checkpoint' needs student.init_checkpoint")
+        return self
+
+    @property
+    def pseudo_per_batch(self) -> int:
+        return max(1, round(self.train.batch_size * self.pseudo_ratio))
+
+
+class RunConfig(_Config):
+    """A whole Noisy Student run: all stages of all rounds."""
+
+    family: str = "detection"
+    out_dir: str = "runs/default"
+    rounds: int = Field(1, ge=1)
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    eval_batch_size: int = Field(32, ge=1)
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    teacher: TrainConfig = TrainConfig()
+    pseudo: PseudoLabelConfig = PseudoLabelConfig()
+    student: StudentConfig = StudentConfig()
+
+    @property
+    def student_model(self) -> ModelConfig:
+        return self.student.model or self.model
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, e["loc"])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            lines.append(
+                f"{path}: unknown key"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; allowed: {', '.join(allowed)}"
+            )
+        else:
+            lines.append(f"{path or '<root>'}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`["student.alpha=2", "teacher.steps=10"]` -> nested dict; values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file or preset {str(name_or_path)!r}; presets: {', '.join(names)}")
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    raw = merge(raw, parse_overrides(overrides))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("invalid config:\n" + _explain(err, RunConfig)) from None
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML preset or file into a RunConfig, applying `key.path=value` overrides."""
+    path = resolve_preset(name_or_path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return build_config(raw, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

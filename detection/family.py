@@ -1,0 +1,137 @@
+"""The detection family: RetinaNet on an EfficientNet pyramid, COCO data, box pseudo-labels.
+
+`DetectionFamily` satisfies the family contract of `tasks/contract.py`; it is the only
+place where detection reads configuration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from configs import DataConfig, ModelConfig, PseudoLabelConfig
+from data.augment import letterbox
+from data.coco import CocoDetection
+from data.mixing import list_collate
+from detection import evaluate as coco_eval
+from detection import pseudo
+from detection.backbone import build_backbone
+from detection.necks import build_neck
+from detection.retinanet import RetinaNet
+
+
+class DetectionFamily:
+    name = "detection"
+    metric = "AP"
+    sidecar_ext = "json"
+
+    # ------------------------------------------------------------------ model
+
+    def build_model(self, cfg: ModelConfig) -> RetinaNet:
+        backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.backbone_checkpoint)
+        neck = build_neck(
+            cfg.neck, backbone.channels, cfg.neck_channels, num_repeats=cfg.nasfpn_repeats, separable=cfg.separable
+        )
+        return RetinaNet(
+            backbone, neck, cfg.num_classes, anchor_scale=cfg.anchor_scale, head_norm=cfg.head_norm, dropout=cfg.dropout
+        )
+
+    # ------------------------------------------------------------------ data
+
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> CocoDetection:
+        if data.format != "coco":
+            raise ValueError(f"detection reads data.format='coco', got {data.format!r}")
+        if split == "train":
+            return CocoDetection(
+                data.train_images, data.train_annotations, augment_level, data.image_size, data.labeled_limit
+            )
+        if split == "val":
+            return CocoDetection(data.val_images, data.val_annotations, augment_level, data.image_size)
+        raise ValueError(f"unknown split {split!r}; valid: train, val")
+
+    def num_classes(self, data: DataConfig) -> int:
+        return self.labeled_dataset(data, "val", None).num_classes
+
+    def collate(self, samples: list[tuple[torch.Tensor, dict]]) -> dict:
+        """Samples of equal size -> {"images": uint8 [B,3,S,S], "targets": [dict]}."""
+        return {"images": torch.stack([s[0] for s in samples]), "targets": [s[1] for s in samples]}
+
+    # ------------------------------------------------------------------ training
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-image losses {loss_cls, loss_box}, each [B] float32."""
+        device = next(model.parameters()).device
+        images = batch["images"].to(device, non_blocking=True)
+        return model.loss(model(images), batch["targets"])
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def predict(
+        self,
+        model: RetinaNet,
+        images: list[torch.Tensor],
+        image_size: int,
+        nms_iou: float = 0.5,
+        max_detections: int = 100,
+    ) -> list[dict]:
+        """Detections in each image's own pixel coordinates, from the model in eval mode.
+
+        Each image is letterboxed to `image_size` (long side), as in evaluation; the
+        module's train/eval mode is restored afterwards.
+        """
+        if not images:
+            return []
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        batch, scales, sizes = [], [], []
+        for im in images:
+            h, w = im.shape[-2:]
+            boxed, _, scale = letterbox(im, {}, image_size)
+            batch.append(boxed)
+            scales.append(scale)
+            sizes.append((min(image_size, round(h * scale)), min(image_size, round(w * scale))))
+        out = model(torch.stack(batch).to(device))
+        dets = model.postprocess(out, sizes, nms_iou=nms_iou, max_detections=max_detections)
+        model.train(was_training)
+        for d, scale in zip(dets, scales):
+            d["boxes_xyxy"] = (d["boxes_xyxy"] / scale).cpu()
+            d["scores"], d["labels"] = d["scores"].cpu(), d["labels"].cpu()
+        return dets
+
+    def label_images(self, model: RetinaNet, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
+        """Teacher pseudo-labels (or None for an image left empty), RECIPE.md defaults."""
+        preds = self.predict(model, images, image_size, nms_iou=rule.nms_iou, max_detections=rule.max_boxes)
+        return [self.to_pseudo_label(p, rule) for p in preds]
+
+    def to_pseudo_label(self, prediction: dict, rule: PseudoLabelConfig) -> dict | None:
+        return pseudo.select_boxes(
+            prediction, rule.score_threshold, rule.nms_iou, rule.max_boxes, rule.per_class_cap
+        )
+
+    def encode(self, label: dict) -> bytes:
+        return pseudo.encode(label)
+
+    def decode(self, data: bytes) -> dict:
+        return pseudo.decode(data)
+
+    def label_stats(self, label: dict, num_classes: int) -> dict:
+        return pseudo.stats(label, num_classes)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: RetinaNet, data: DataConfig, batch_size: int = 32, num_workers: int = 0
+    ) -> dict[str, float]:
+        """COCO box metrics (percent) on the val split."""
+        dataset = self.labeled_dataset(data, "val", None)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list_collate)
+        results = []
+        for samples in loader:
+            preds = self.predict(model, [s[0] for s in samples], data.image_size)
+            for (_, target), pred in zip(samples, preds):
+                results += coco_eval.coco_results(target["image_id"], pred, dataset.cat_ids)
+        return coco_eval.coco_ap(dataset.coco, results, dataset.ids)

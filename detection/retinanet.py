@@ -1,0 +1,189 @@
+"""RetinaNet (Lin et al. 2017) assembled from torchvision parts on our pyramid.
+
+Backbone and neck are injected; the head, focal loss, box coder, matcher and NMS come
+from torchvision. Unlike torchvision's `RetinaNet`, this module never resizes its
+input and its `forward` returns the same raw outputs in train and eval mode; loss and
+postprocessing are separate methods, so the caller owns the exact input the model sees.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_focal_loss
+
+LEVELS = ("p3", "p4", "p5", "p6", "p7")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cell_anchors(size: float, scales_per_octave: int, aspect_ratios: tuple[float, ...]) -> torch.Tensor:
+    """Anchors [scales*ratios, 4] (xyxy) centred on 0 for one level of base `size` pixels."""
+    out = []
+    for octave in range(scales_per_octave):
+        s = size * 2 ** (octave / scales_per_octave)
+        for r in aspect_ratios:
+            w, h = s / math.sqrt(r), s * math.sqrt(r)  # r = h / w, area s^2
+            out.append([-w / 2, -h / 2, w / 2, h / 2])
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def norm_layer(kind: str):
+    match kind:
+        case "none":
+            return None
+        case "batch":
+            return nn.BatchNorm2d
+        case "group":
+            return partial(nn.GroupNorm, 32)
+    raise ValueError(f"unknown head norm {kind!r}; valid: none, batch, group")
+
+
+class RetinaNet(nn.Module):
+    """Dense one-stage detector over pyramid levels p3..p7.
+
+    forward(images [B,3,H,W], uint8 or float in 0..255; H, W multiples of
+    `size_divisibility`) -> dict:
+      cls_logits [B, A, K], bbox_regression [B, A, 4] (box-coder deltas),
+      anchors [A, 4] xyxy pixels, level_sizes (anchors per level).
+    A = sum over levels of H_l * W_l * anchors_per_location, ordered level, y, x, anchor.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        num_classes: int,
+        anchor_scale: float = 4.0,
+        scales_per_octave: int = 3,
+        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        head_norm: str = "group",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.num_classes = num_classes
+        self.size_divisibility = neck.size_divisibility
+        self.strides = dict(neck.strides)
+        self._cell = {
+            lvl: cell_anchors(anchor_scale * self.strides[lvl], scales_per_octave, aspect_ratios)
+            for lvl in LEVELS
+        }
+        num_anchors = scales_per_octave * len(aspect_ratios)
+        self.head = RetinaNetHead(neck.out_channels, num_anchors, num_classes, norm_layer=norm_layer(head_norm))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self._anchor_cache: dict = {}
+
+    # ------------------------------------------------------------------ forward
+
+    def anchors(self, shapes: dict[str, tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """All anchors [A, 4] for feature maps of the given (H_l, W_l); cached per shape."""
+        key = (tuple(shapes[lvl] for lvl in LEVELS), str(device))
+        if key not in self._anchor_cache:
+            per_level = []
+            for lvl in LEVELS:
+                (h, w), stride = shapes[lvl], self.strides[lvl]
+                ys = (torch.arange(h, dtype=torch.float32) + 0.5) * stride
+                xs = (torch.arange(w, dtype=torch.float32) + 0.5) * stride
+                y, x = torch.meshgrid(ys, xs, indexing="ij")
+                shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)
+                per_level.append((shifts + self._cell[lvl].view(1, -1, 4)).reshape(-1, 4))
+            self._anchor_cache[key] = torch.cat(per_level).to(device)
+        return self._anchor_cache[key]
+
+    def forward(self, images: torch.Tensor) -> dict:
+        h, w = images.shape[-2:]
+        if h % self.size_divisibility or w % self.size_divisibility:
+            raise ValueError(
+                f"input {h}x{w} is not a multiple of {self.size_divisibility}; pad it (data.augment)"
+            )
+        x = (images.float() - self.mean) / self.std
+        features = self.neck(self.backbone(x))
+        maps = [self.dropout(features[lvl]) for lvl in LEVELS]
+        out = self.head(maps)
+        shapes = {lvl: tuple(m.shape[-2:]) for lvl, m in zip(LEVELS, maps)}
+        out["anchors"] = self.anchors(shapes, images.device)
+        out["level_sizes"] = [s[0] * s[1] * self._cell[lvl].shape[0] for lvl, s in shapes.items()]
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Per-image losses, each a float32 tensor [B].
+
+        loss_cls: sigmoid focal loss (alpha 0.25, gamma 2) summed over anchors that are
+        not ignored (IoU in [0.4, 0.5)), over the image's number of matched anchors;
+        loss_box: L1 on box-coder deltas of matched anchors, same normaliser.
+        An image without boxes contributes only background classification.
+        """
+        cls_logits = outputs["cls_logits"].float()
+        box_reg = outputs["bbox_regression"].float()
+        anchors = outputs["anchors"]
+        b, a, k = cls_logits.shape
+        cls_target = torch.zeros_like(cls_logits)
+        box_target = torch.zeros_like(box_reg)
+        fg = torch.zeros(b, a, dtype=torch.bool, device=anchors.device)
+        valid = torch.ones(b, a, dtype=torch.bool, device=anchors.device)
+        for i, t in enumerate(targets):
+            boxes = t["boxes_xyxy"].to(anchors.device)
+            if boxes.numel() == 0:
+                continue
+            matched = self.matcher(box_iou(boxes, anchors))
+            fg_i = matched >= 0
+            valid[i] = matched != Matcher.BETWEEN_THRESHOLDS
+            fg[i] = fg_i
+            gt = matched[fg_i]
+            cls_target[i, fg_i, t["labels"].to(anchors.device)[gt]] = 1.0
+            box_target[i, fg_i] = self.box_coder.encode_single(boxes[gt], anchors[fg_i])
+        num_fg = fg.sum(1).clamp(min=1).float()
+        focal = sigmoid_focal_loss(cls_logits, cls_target, reduction="none").sum(-1)
+        loss_cls = (focal * valid).sum(1) / num_fg
+        loss_box = ((box_reg - box_target).abs().sum(-1) * fg).sum(1) / num_fg
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def postprocess(
+        self,
+        outputs: dict,
+        image_sizes: list[tuple[int, int]],
+        score_thresh: float = 0.05,
+        nms_iou: float = 0.5,
+        max_detections: int = 100,
+        topk_per_level: int = 1000,
+    ) -> list[dict]:
+        """Detections per image: boxes_xyxy [N,4] (clipped to image_sizes (H, W)), scores, labels."""
+        anchors = outputs["anchors"]
+        sizes = outputs["level_sizes"]
+        k = self.num_classes
+        results = []
+        for i, hw in enumerate(image_sizes):
+            boxes_all, scores_all, labels_all = [], [], []
+            logits_levels = outputs["cls_logits"][i].float().split(sizes)
+            reg_levels = outputs["bbox_regression"][i].float().split(sizes)
+            for logits, reg, anc in zip(logits_levels, reg_levels, anchors.split(sizes)):
+                scores = torch.sigmoid(logits).flatten()
+                keep = torch.nonzero(scores > score_thresh).squeeze(1)
+                if keep.numel() > topk_per_level:
+                    keep = keep[scores[keep].topk(topk_per_level).indices]
+                anchor_idx = torch.div(keep, k, rounding_mode="floor")
+                boxes = self.box_coder.decode_single(reg[anchor_idx], anc[anchor_idx])
+                boxes_all.append(clip_boxes_to_image(boxes, hw))
+                scores_all.append(scores[keep])
+                labels_all.append(keep % k)
+            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
+            results.append({"boxes_xyxy": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results
+

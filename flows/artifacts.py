@@ -1,0 +1,108 @@
+"""What the Prefect UI shows: metrics per round, pseudo-label statistics, labeling progress.
+
+Artifact keys are stable across reruns (`metrics-table`, `pseudo-stats-round-0`, ...),
+so the UI lists each artifact's history under one key.
+"""
+
+from __future__ import annotations
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+
+class LabelingProgress:
+    """A progress artifact advanced as shards finish (percent of shards)."""
+
+    def __init__(self, round_index: int, num_shards: int):
+        self.total, self.done, self.images = num_shards, 0, 0
+        self.id = create_progress_artifact(
+            0.0,
+            key=f"labeling-progress-round-{round_index}",
+            description=f"Pseudo-labeling round {round_index}: shards done of {num_shards}",
+        )
+
+    def advance(self, shard_stats: dict) -> None:
+        self.done += 1
+        self.images += shard_stats["images"]
+        update_progress_artifact(
+            self.id,
+            100.0 * self.done / self.total,
+            description=f"{self.done}/{self.total} shards, {self.images} images labeled",
+        )
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def metrics_table(rounds: list[dict], metric: str) -> None:
+    rows = []
+    for r in rounds:
+        t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
+        rows.append(
+            {
+                "round": r["round"],
+                f"teacher {metric}": _fmt(t),
+                f"student {metric}": _fmt(s),
+                "gain": f"{s - t:+.2f}",
+                "pseudo images kept": f"{r['pseudo']['kept']}/{r['pseudo']['images']}",
+                "pseudo labels": r["pseudo"]["labels"],
+            }
+        )
+    create_table_artifact(rows, key="metrics-table", description=f"Teacher vs student {metric} per round")
+
+
+def metrics_table_single(checkpoint: str, metrics: dict) -> None:
+    rows = [{"metric": k, "value": _fmt(v)} for k, v in metrics.items()]
+    create_table_artifact(rows, key="evaluation", description=f"Metrics of {checkpoint}")
+
+
+def pseudo_stats(round_index: int, total: dict, family: str, class_names: list[str]) -> None:
+    kept = max(1, total["kept"])
+    unit = "boxes" if family == "detection" else "labels"
+    lines = [
+        f"## Pseudo-labels, round {round_index}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| images labeled | {total['images']} |",
+        f"| images kept | {total['kept']} ({100 * total['kept'] / max(1, total['images']):.1f}%) |",
+        f"| corrupt images skipped | {total['corrupt']} |",
+        f"| {unit} | {total['labels']} ({total['labels'] / kept:.2f} per kept image) |",
+        "",
+        "| class | count | share |",
+        "|---|---|---|",
+    ]
+    n = max(1, sum(total["class_counts"]))
+    for name, c in zip(class_names, total["class_counts"]):
+        lines.append(f"| {name} | {c} | {100 * c / n:.1f}% |")
+    hist = total.get("score_hist") or []
+    if any(hist):
+        lines += ["", "| score | count |", "|---|---|"]
+        bins = len(hist)
+        for i, c in enumerate(hist):
+            if c:
+                lines.append(f"| {i / bins:.1f}-{(i + 1) / bins:.1f} | {c} |")
+    create_markdown_artifact(
+        "\n".join(lines), key=f"pseudo-stats-round-{round_index}", description="Pseudo-label statistics"
+    )
+
+
+def report_markdown(summary: dict) -> str:
+    metric = summary["metric"]
+    lines = [
+        f"# Noisy Student run ({summary['family']})",
+        "",
+        f"| round | teacher {metric} | student {metric} | gain | pseudo kept | pseudo labels |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["rounds"]:
+        t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
+        p = r["pseudo"]
+        lines.append(f"| {r['round']} | {t:.2f} | {s:.2f} | {s - t:+.2f} | {p['kept']}/{p['images']} | {p['labels']} |")
+    lines += ["", f"Elapsed: {summary['elapsed_s']:.0f} s", ""]
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""`noisy-student` command line.
+
+    noisy-student demo [--quick] [--seed N] [--out DIR] [--device cpu]
+    noisy-student run CONFIG.yaml [--set key.path=value ...]
+    noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
+    noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
+    noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from configs import ConfigError, load_config
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set student.alpha=2 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="one Noisy Student round on the embedded synthetic world")
+    demo.add_argument("--quick", action="store_true", help="tiny model, a few images (about a minute)")
+    demo.add_argument("--seed", type=int, default=0, help="world and training seed")
+    demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    demo.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    _add_set(demo)
+
+    run = sub.add_parser("run", help="all stages and rounds of a config")
+    run.add_argument("config", help="YAML file or preset name (see configs/)")
+    _add_set(run)
+
+    stage = sub.add_parser("stage", help="run one stage (skipped if up to date)")
+    stage.add_argument("name", choices=["teacher", "pseudo-label", "student", "evaluate"])
+    stage.add_argument("config", help="YAML file or preset name")
+    stage.add_argument("--round", type=int, default=0, dest="round_index")
+    stage.add_argument("--checkpoint", default=None, help="evaluate: model file (default: the round's student)")
+    _add_set(stage)
+
+    shards = sub.add_parser("shards", help="webdataset shards of unlabeled images")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    build = shards_sub.add_parser("build", help="convert an image folder (ImageNet/OpenImages layout) to shards")
+    build.add_argument("image_dir")
+    build.add_argument("out_dir")
+    build.add_argument("--per-shard", type=int, default=1000)
+    build.add_argument("--prefix", default="pool")
+
+    world = sub.add_parser("world", help="write the embedded synthetic world (COCO + VOC + shards)")
+    world.add_argument("out_dir")
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--n-train", type=int, default=200)
+    world.add_argument("--n-val", type=int, default=200)
+    world.add_argument("--n-unlabeled", type=int, default=2000)
+    world.add_argument("--per-shard", type=int, default=250)
+    return parser
+
+
+def _progress(done: int, total: int) -> None:
+    if done == total or done % 500 == 0:
+        print(f"\r{done}/{total} files", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"noisy-student: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "shards":
+        from data.shards import build_shards_from_folder
+
+        report = build_shards_from_folder(args.image_dir, args.out_dir, args.per_shard, args.prefix, _progress)
+        print(json.dumps({k: v for k, v in report.items() if k != "shards"}, indent=2))
+        return 0
+    if args.command == "world":
+        from data.world import WorldSpec, write_world
+
+        t0 = time.perf_counter()
+        paths = write_world(
+            args.out_dir, WorldSpec(), args.seed, args.n_train, args.n_val, args.n_unlabeled, args.per_shard
+        )
+        print(f"world written to {paths.root} in {time.perf_counter() - t0:.1f} s")
+        print(f"  COCO: {paths.train_annotations}, {paths.val_annotations}")
+        print(f"  VOC:  {paths.voc_root}")
+        print(f"  unlabeled shards: {paths.unlabeled_pattern}")
+        return 0
+
+    # Prefect is imported only for the commands that run flows.
+    from flows import stages
+
+    if args.command == "demo":
+        from flows.demo import demo_config, format_summary
+
+        out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+        cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides)
+        summary = stages.noisy_student_flow(cfg)
+        title = (
+            f"\nNoisy Student on the embedded world ({summary['family']}, seed {args.seed}, "
+            f"{world['n_train']} labeled + {world['n_unlabeled']} unlabeled images, "
+            f"val {world['n_val']})"
+        )
+        print(format_summary(summary, title))
+        return 0
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "run":
+        from flows.demo import format_summary
+
+        summary = stages.noisy_student_flow(cfg)
+        print(format_summary(summary, f"\nNoisy Student ({summary['family']})"))
+        return 0
+    match args.name:
+        case "teacher":
+            out = stages.teacher_flow(cfg)
+        case "pseudo-label":
+            out = stages.pseudo_label_flow(cfg, args.round_index)
+            out = {k: v for k, v in out.items() if k in ("stats", "digest")}
+        case "student":
+            out = stages.student_flow(cfg, args.round_index)
+        case "evaluate":
+            ckpt = args.checkpoint or str(Path(cfg.out_dir) / f"round-{args.round_index}" / "student" / "model.pt")
+            out = stages.evaluate_flow(cfg, ckpt)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

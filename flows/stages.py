@@ -1,0 +1,292 @@
+"""Stage flows and the Noisy Student parent flow. They compose tasks only.
+
+Each stage flow takes the run's config and a round index, reads its upstream's
+outputs from the run directory's manifests, and skips itself when its own manifest
+matches its inputs (tasks/rundir.py). So any stage can be rerun alone, from the CLI
+or as a deployment, and a change of its parameters invalidates exactly the stages
+after it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from configs import PseudoLabelConfig, RunConfig, dump_config
+from data.shards import expand_urls
+from flows import artifacts
+from tasks import units
+from tasks.families import get_family
+from tasks.labeling import add_stats, empty_stats
+from tasks.rundir import (
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_digest,
+    finished,
+    invalidate,
+    json_digest,
+    read_manifest,
+    write_manifest,
+)
+from tasks.training import MODEL_FILE
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _data_inputs(cfg: RunConfig) -> dict:
+    return cfg.data.model_dump(mode="json", exclude={"num_workers", "unlabeled_shards"})
+
+
+def teacher_inputs(cfg: RunConfig) -> dict:
+    return {
+        "stage": "teacher",
+        "family": cfg.family,
+        "data": _data_inputs(cfg),
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.teacher.model_dump(mode="json"),
+    }
+
+
+def _rule_inputs(rule: PseudoLabelConfig) -> dict:
+    # How the labeling is spread over workers does not change the labels.
+    return rule.model_dump(mode="json", exclude={"runner", "max_workers", "dask_address", "batch_size"})
+
+
+def _shard_identity(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"unlabeled shard not found: {path}")
+    return {"path": str(p.resolve()), "size": p.stat().st_size}
+
+
+def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
+    return {
+        "stage": "pseudo",
+        "family": cfg.family,
+        "teacher": teacher["digest"],
+        "rule": _rule_inputs(cfg.pseudo),
+        "image_size": cfg.data.image_size,
+        "shards": [_shard_identity(s) for s in shards],
+    }
+
+
+def student_inputs(cfg: RunConfig, teacher: dict, pseudo: dict) -> dict:
+    return {
+        "stage": "student",
+        "family": cfg.family,
+        "data": _data_inputs(cfg),
+        "model": cfg.student_model.model_dump(mode="json"),
+        "student": cfg.student.model_dump(mode="json", exclude={"model"}),
+        "pseudo": pseudo["digest"],
+        "teacher": teacher["digest"] if cfg.student.init == "teacher" else None,
+    }
+
+
+def teacher_outputs(cfg: RunConfig, round_index: int) -> dict:
+    """The finished teacher of a round: round 0's teacher, else the previous student."""
+    run = RunDir(cfg.out_dir)
+    stage = run.stage(0, "teacher") if round_index == 0 else run.stage(round_index - 1, "student")
+    m = read_manifest(stage)
+    if m is None:
+        raise RuntimeError(f"the teacher of round {round_index} ({stage}) has not finished; run that stage first")
+    return m["outputs"]
+
+
+def pseudo_outputs(cfg: RunConfig, round_index: int) -> dict:
+    stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
+    m = read_manifest(stage)
+    if m is None:
+        raise RuntimeError(f"pseudo-labels of round {round_index} ({stage}) are missing; run that stage first")
+    return m["outputs"]
+
+
+def _model_outputs(stage: Path, metrics: dict, metric: str) -> dict:
+    return {
+        "files": [MODEL_FILE, "metrics.json"],
+        "checkpoint": str(stage / MODEL_FILE),
+        "digest": file_digest(stage / MODEL_FILE),
+        "metrics": metrics,
+        "metric": metric,
+    }
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@flow(name="teacher", flow_run_name="teacher")
+def teacher_flow(cfg: RunConfig) -> dict:
+    """Train the round-0 teacher on human labels, evaluate it (skipped when up to date)."""
+    logger = get_run_logger()
+    stage = RunDir(cfg.out_dir).stage(0, "teacher")
+    inputs = teacher_inputs(cfg)
+    if done := finished(stage, inputs):
+        logger.info("teacher is up to date (%s); skipped", stage)
+        return done["outputs"]
+    invalidate(stage)
+    units.train_teacher(cfg, str(stage), json_digest(inputs))
+    metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
+    atomic_write_json(stage / "metrics.json", metrics)
+    family = get_family(cfg.family)
+    return finish(stage, inputs, _model_outputs(stage, metrics, family.metric))
+
+
+def finish(stage: Path, inputs: dict, outputs: dict) -> dict:
+    return write_manifest(stage, inputs, outputs)["outputs"]
+
+
+def _task_runner(rule: PseudoLabelConfig):
+    match rule.runner:
+        case "thread":
+            return ThreadPoolTaskRunner(max_workers=rule.max_workers)
+        case "process":
+            return ProcessPoolTaskRunner(max_workers=rule.max_workers)
+        case "dask":
+            from prefect_dask import DaskTaskRunner
+
+            if rule.dask_address:
+                return DaskTaskRunner(address=rule.dask_address)
+            return DaskTaskRunner(cluster_kwargs={"n_workers": rule.max_workers, "threads_per_worker": 1})
+    raise ValueError(f"unknown runner {rule.runner!r}")
+
+
+@flow(name="pseudo-label", flow_run_name="pseudo-label-round-{round_index}")
+def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
+    """Label every unlabeled shard with the round's teacher, one task per shard.
+
+    The shards are spread over the task runner that `cfg.pseudo.runner` names (a
+    bounded thread or process pool, or Dask), chosen at run time so that deployments
+    honour it too.
+    """
+    logger = get_run_logger()
+    family = get_family(cfg.family)
+    stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
+    teacher = teacher_outputs(cfg, round_index)
+    shards = expand_urls(cfg.data.unlabeled_shards)[: cfg.pseudo.shard_limit]
+    if not shards:
+        raise ValueError("data.unlabeled_shards matches no shard")
+    inputs = pseudo_inputs(cfg, teacher, shards)
+    if done := finished(stage, inputs):
+        logger.info("pseudo-labels of round %d are up to date; skipped", round_index)
+        return done["outputs"]
+    invalidate(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    num_classes = family.num_classes(cfg.data)
+    common = {k: v for k, v in inputs.items() if k != "shards"}
+    keys = [json_digest({**common, "shard": ident}) for ident in inputs["shards"]]
+    progress = artifacts.LabelingProgress(round_index, len(shards))
+    per_shard = []
+    with _task_runner(cfg.pseudo) as runner:
+        futures = [
+            runner.submit(
+                units.label_shard,
+                parameters=dict(
+                    cfg=cfg,
+                    teacher_checkpoint=teacher["checkpoint"],
+                    shard=s,
+                    index=i,
+                    out_dir=str(stage),
+                    key=keys[i],
+                    num_classes=num_classes,
+                ),
+            )
+            for i, s in enumerate(shards)
+        ]
+        for fut in as_completed(futures):
+            per_shard.append(fut.result())
+            progress.advance(per_shard[-1])
+    per_shard.sort(key=lambda s: s["sidecar"])
+    total = empty_stats(num_classes)
+    for s in per_shard:
+        total = add_stats(total, s)
+    artifacts.pseudo_stats(round_index, total, family.name, _class_names(cfg))
+    outputs = {
+        "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
+        "pairs": [[s["shard"], str(stage / s["sidecar"])] for s in per_shard],
+        "digest": json_digest(keys),
+        "stats": total,
+    }
+    logger.info(
+        "round %d: %d images labeled, %d kept, %d labels, %d corrupt",
+        round_index, total["images"], total["kept"], total["labels"], total["corrupt"],
+    )
+    return finish(stage, inputs, outputs)
+
+
+def _class_names(cfg: RunConfig) -> list[str]:
+    dataset = get_family(cfg.family).labeled_dataset(cfg.data, "val", None)
+    return list(getattr(dataset, "class_names", [str(i) for i in range(cfg.model.num_classes)]))
+
+
+@flow(name="student", flow_run_name="student-round-{round_index}")
+def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
+    """Train the noised student on human + pseudo labels, evaluate it."""
+    logger = get_run_logger()
+    stage = RunDir(cfg.out_dir).stage(round_index, "student")
+    teacher = teacher_outputs(cfg, round_index)
+    pseudo = pseudo_outputs(cfg, round_index)
+    inputs = student_inputs(cfg, teacher, pseudo)
+    if done := finished(stage, inputs):
+        logger.info("student of round %d is up to date; skipped", round_index)
+        return done["outputs"]
+    invalidate(stage)
+    pairs = [tuple(p) for p in pseudo["pairs"]]
+    units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"])
+    metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
+    atomic_write_json(stage / "metrics.json", metrics)
+    return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
+
+
+@flow(name="evaluate", flow_run_name="evaluate")
+def evaluate_flow(cfg: RunConfig, checkpoint: str) -> dict:
+    """Evaluate any saved model on the config's val split; shows a metrics table."""
+    metrics = units.evaluate(cfg, checkpoint)
+    artifacts.metrics_table_single(checkpoint, metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+@flow(name="noisy-student", flow_run_name="noisy-student")
+def noisy_student_flow(cfg: RunConfig) -> dict:
+    """Teacher -> (pseudo-label -> student) x rounds; the student teaches the next round.
+
+    Writes <run>/config.yaml first and <run>/summary.json and report.md last.
+    """
+    t0 = time.perf_counter()
+    run = RunDir(cfg.out_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.config, dump_config(cfg).encode())
+    family = get_family(cfg.family)
+    teacher = teacher_flow(cfg)
+    rounds = []
+    for r in range(cfg.rounds):
+        pseudo = pseudo_label_flow(cfg, r)
+        student = student_flow(cfg, r)
+        stats = pseudo["stats"]
+        rounds.append(
+            {
+                "round": r,
+                "teacher_metrics": teacher["metrics"],
+                "student_metrics": student["metrics"],
+                "pseudo": {"images": stats["images"], "kept": stats["kept"], "labels": stats["labels"],
+                           "corrupt": stats["corrupt"]},
+            }
+        )
+        artifacts.metrics_table(rounds, family.metric)
+        teacher = student
+    summary = {
+        "family": family.name,
+        "metric": family.metric,
+        "rounds": rounds,
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+        "run_dir": str(run.root),
+    }
+    atomic_write_json(run.summary, summary)
+    atomic_write_bytes(run.report, artifacts.report_markdown(summary).encode())
+    return summary

@@ -1,0 +1,66 @@
+"""The family contract: all that flows/ and tasks/ know about a task family.
+
+A family (detection, segmentation, ...) is an object with the methods below; flows
+pick one by name from `FAMILIES`. Adding a family means writing one such object and
+one line in `FAMILIES`; nothing in flows/ changes.
+
+Shared formats:
+- a sample is `(image, target)`: image uint8 [3,H,W] RGB; target a dict
+  (detection: boxes_xyxy float32 [N,4] pixels + labels int64 [N]; segmentation:
+  mask uint8 [H,W], 255 = ignore), augmented by `data.augment.apply_level`;
+- a pseudo-label is a target of the same form, or None when the teacher leaves the
+  image empty; its sidecar encoding is `encode`/`decode` with extension `sidecar_ext`;
+- losses are per sample: each `loss_*` tensor has shape [B], so a mixed batch can be
+  split into its human and pseudo parts after one forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from configs import DataConfig, ModelConfig, PseudoLabelConfig
+
+
+class Family(Protocol):
+    name: str
+    metric: str  # the headline metric's key in evaluate()'s dict ("AP", "mIoU")
+    sidecar_ext: str  # "json" (boxes) or "png" (class maps)
+
+    def build_model(self, cfg: ModelConfig) -> nn.Module: ...
+
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> Dataset:
+        """Human-labeled samples; `augment_level=None` keeps original sizes (evaluation)."""
+
+    def num_classes(self, data: DataConfig) -> int: ...
+
+    def collate(self, samples: list[tuple[torch.Tensor, dict]]) -> dict:
+        """Equal-size samples -> a batch {"images": uint8 [B,3,S,S], ...}."""
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """One forward pass; {"loss_*": float32 [B]} per sample."""
+
+    def predict(self, model: nn.Module, images: list[torch.Tensor], image_size: int) -> list[Any]:
+        """Predictions in each image's own pixel frame; eval mode, whatever the module's mode."""
+
+    def label_images(
+        self, model: nn.Module, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig
+    ) -> list[dict | None]:
+        """Un-noised teacher pseudo-labels for a batch of images (None = left empty)."""
+
+    def to_pseudo_label(self, prediction: Any, rule: PseudoLabelConfig) -> dict | None: ...
+
+    def encode(self, label: dict) -> bytes: ...
+
+    def decode(self, data: bytes) -> dict: ...
+
+    def label_stats(self, label: dict, num_classes: int) -> dict:
+        """Additive statistics of one pseudo-label (ints and lists of ints)."""
+
+    def evaluate(
+        self, model: nn.Module, data: DataConfig, batch_size: int = 32, num_workers: int = 0
+    ) -> dict[str, float]:
+        """Metrics in percent on the val split, `metric` among them."""

@@ -1,0 +1,195 @@
+"""The training engine: one linear `fit()` that always resumes from its stage directory.
+
+No Prefect here: the teacher and student tasks wrap `fit` and pass a `log` callable.
+State saved every `checkpoint_every` steps (atomically) in `<stage>/checkpoint.pt`:
+model, optimizer, schedule position, extra state (the loss normalizer), and the
+digest of the stage's inputs, so a checkpoint of other inputs is never resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from configs import TrainConfig
+from tasks.rundir import atomic_torch_save
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class LossNormalizer:
+    """Joint loss of a mixed batch (Zoph et al. 2020, Sec. 3.3; DESIGN.md section 7).
+
+    normalized: L = 1/(1+a) * (L_h + a * (mavg(L_h) / mavg(L_p)) * L_p)
+    plain:      L = L_h + a * L_p
+    mavg is an exponential moving average with `decay`, updated with the detached
+    current values before use and started at the first value seen.
+    """
+
+    def __init__(self, alpha: float = 1.0, decay: float = 0.99, enabled: bool = True):
+        self.alpha, self.decay, self.enabled = alpha, decay, enabled
+        self.mavg_h: float | None = None
+        self.mavg_p: float | None = None
+
+    def _update(self, avg: float | None, value: float) -> float:
+        return value if avg is None else self.decay * avg + (1 - self.decay) * value
+
+    def __call__(self, loss_h: torch.Tensor, loss_p: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return loss_h + self.alpha * loss_p
+        self.mavg_h = self._update(self.mavg_h, float(loss_h.detach()))
+        self.mavg_p = self._update(self.mavg_p, float(loss_p.detach()))
+        ratio = self.mavg_h / max(self.mavg_p, 1e-12)
+        return (loss_h + self.alpha * ratio * loss_p) / (1 + self.alpha)
+
+    def state_dict(self) -> dict:
+        return {"mavg_h": self.mavg_h, "mavg_p": self.mavg_p}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mavg_h, self.mavg_p = state["mavg_h"], state["mavg_p"]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and normalization parameters (1-d tensors).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    match cfg.optimizer:
+        case "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+        case "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1 over warmup_steps, then cosine decay to 0 at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fit(
+    stage_dir: str | Path,
+    model: nn.Module,
+    make_batches: Callable[[int], Iterator[dict]],
+    step_loss: StepFn,
+    cfg: TrainConfig,
+    device: str | torch.device,
+    key: str,
+    extra_state: dict[str, Stateful] | None = None,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train `model` for `cfg.steps` steps, resuming from `<stage_dir>/checkpoint.pt`.
+
+    make_batches(start_step) -> endless iterator of batches (seeded by start_step).
+    step_loss(model, batch) -> (scalar loss, {name: float}) for logging.
+    key: digest of the stage's inputs; a checkpoint with another key is ignored.
+    on_step(step, logs): called after every optimizer step (hooks: tests, progress).
+    Returns {"step", "resumed_from", "seconds", "images_per_s", "last": logs}.
+    """
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    extra_state = extra_state or {}
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+
+    start = 0
+    ckpt_path = stage_dir / CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            for name, obj in extra_state.items():
+                obj.load_state_dict(state["extra"][name])
+            start = int(state["step"])
+            log(f"resuming from {ckpt_path} at step {start}/{cfg.steps}")
+        else:
+            log(f"ignoring {ckpt_path}: it belongs to other inputs")
+
+    def save(step: int) -> None:
+        atomic_torch_save(
+            {
+                "key": key,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "extra": {n: o.state_dict() for n, o in extra_state.items()},
+            },
+            ckpt_path,
+        )
+
+    model.train()
+    batches = make_batches(start) if start < cfg.steps else iter(())
+    t0 = time.perf_counter()
+    images, logs = 0, {}
+    window_t, window_images = t0, 0
+    for step in range(start, cfg.steps):
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        with autocast(device, cfg.amp):
+            loss, logs = step_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; logs {logs}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        scaler.step(optimizer)
+        scaler.update()
+        n = len(batch["images"])
+        images += n
+        window_images += n
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            rate = window_images / max(now - window_t, 1e-9)
+            window_t, window_images = now, 0
+            parts = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+            log(f"step {done}/{cfg.steps} lr={optimizer.param_groups[0]['lr']:.3g} {parts} ({rate:.1f} img/s)")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save(done)
+        if on_step is not None:
+            on_step(done, logs)
+    seconds = time.perf_counter() - t0
+    return {
+        "step": cfg.steps,
+        "resumed_from": start,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 and images else 0.0,
+        "last": logs,
+    }

@@ -1,0 +1,138 @@
+"""The shard labeling loop: one image shard in, one sidecar label shard out (no Prefect).
+
+`<pseudo>/labels-NNNNNN.tar` holds `{key}.{ext}` for the images the teacher kept, in
+the image shard's order; `<pseudo>/labels-NNNNNN.json` (written after the tar) holds
+the shard's counts and the digest of its inputs, so a finished shard is never
+labeled twice. A corrupt image is logged with its shard and key, counted, skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from configs import PseudoLabelConfig
+from data.shards import CorruptImageError, decode_image, image_bytes, iter_shard, write_shard
+from tasks.contract import Family
+from tasks.rundir import atomic_write_json, read_json
+
+log = logging.getLogger("noisy_student.labeling")
+
+
+def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    return out_dir / f"labels-{index:06d}.tar", out_dir / f"labels-{index:06d}.json"
+
+
+def empty_stats(num_classes: int) -> dict:
+    return {
+        "images": 0,
+        "kept": 0,
+        "corrupt": 0,
+        "labels": 0,
+        "class_counts": [0] * num_classes,
+        "score_hist": [0] * 10,
+    }
+
+
+def add_stats(total: dict, part: dict) -> dict:
+    """Sum additive statistics (ints add, lists add elementwise; other keys ignored)."""
+    out = dict(total)
+    for k, v in part.items():
+        if k not in out:
+            continue
+        if isinstance(v, list):
+            base = out[k] + [0] * (len(v) - len(out[k]))
+            out[k] = [a + b for a, b in zip(base, v + [0] * (len(base) - len(v)))]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = out[k] + v
+    return out
+
+
+def _decoded_batches(shard: str, batch_size: int) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
+    """(keys, images, corrupt keys) per batch, decoded one batch ahead in a thread."""
+
+    def decode(records):
+        keys, images, corrupt = [], [], []
+        for key, record in records:
+            found = image_bytes(record)
+            try:
+                if found is None:
+                    raise CorruptImageError(f"no image member in {sorted(record)}")
+                images.append(decode_image(found[1]))
+                keys.append(key)
+            except CorruptImageError as err:
+                log.warning("corrupt image skipped: shard %s key %s (%s)", shard, key, err)
+                corrupt.append(key)
+        return keys, images, corrupt
+
+    def chunks():
+        chunk = []
+        for item in iter_shard(shard):
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for chunk in chunks():
+            nxt = pool.submit(decode, chunk)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+@torch.inference_mode()
+def label_shard(
+    family: Family,
+    model: nn.Module,
+    shard: str,
+    out_tar: str | Path,
+    out_json: str | Path,
+    image_size: int,
+    rule: PseudoLabelConfig,
+    num_classes: int,
+    key: str,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Label one image shard, writing the sidecar tar then its stats json.
+
+    `key` is the digest of everything that decides the labels; if `out_json` already
+    records it and the tar exists, the shard is not relabeled. Returns the stats dict:
+    images, kept, corrupt, labels, class_counts, score_hist, shard, sidecar.
+    """
+    out_tar, out_json = Path(out_tar), Path(out_json)
+    done = read_json(out_json)
+    if done and done.get("key") == key and out_tar.exists():
+        return done
+    stats = empty_stats(num_classes)
+
+    def records():
+        nonlocal stats
+        for keys, images, corrupt in _decoded_batches(shard, rule.batch_size):
+            stats["corrupt"] += len(corrupt)
+            labels = family.label_images(model, images, image_size, rule) if images else []
+            for k, lab in zip(keys, labels):
+                stats["images"] += 1
+                if lab is None:
+                    continue
+                stats["kept"] += 1
+                stats = add_stats(stats, family.label_stats(lab, num_classes))
+                yield k, {family.sidecar_ext: family.encode(lab)}
+            if progress is not None:
+                progress(len(keys) + len(corrupt))
+
+    write_shard(out_tar, records())
+    stats.update({"key": key, "shard": str(shard), "sidecar": out_tar.name})
+    atomic_write_json(out_json, stats)
+    return stats

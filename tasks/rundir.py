@@ -1,0 +1,130 @@
+"""The run directory (DESIGN.md section 5): stage folders, digests, manifests, atomic writes.
+
+    <run>/config.yaml
+    <run>/round-0/teacher/   model.pt, checkpoint.pt, metrics.json, train.log, manifest.json
+    <run>/round-0/pseudo/    labels-000000.tar, labels-000000.json, ..., manifest.json
+    <run>/round-0/student/   model.pt, checkpoint.pt, metrics.json, train.log, manifest.json
+    <run>/summary.json, report.md
+
+A stage writes `manifest.json` last. It records the digest of the stage's inputs
+(config sections, upstream outputs); a stage whose manifest matches its inputs is
+skipped, one that does not is recomputed, and since every downstream stage includes
+its upstream's output digest in its own inputs, the stages after it are too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of the canonical JSON form of `obj` (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def read_json(path: str | Path) -> Any | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    return read_json(Path(stage_dir) / MANIFEST)
+
+
+def finished(stage_dir: str | Path, inputs: dict) -> dict | None:
+    """The stage's manifest if it finished with exactly these inputs and its files exist."""
+    m = read_manifest(stage_dir)
+    if not m or m.get("inputs_digest") != json_digest(inputs):
+        return None
+    files = m.get("outputs", {}).get("files", [])
+    if not all((Path(stage_dir) / f).exists() for f in files):
+        return None
+    return m
+
+
+def write_manifest(stage_dir: str | Path, inputs: dict, outputs: dict) -> dict:
+    """Record a finished stage. `outputs["files"]` lists files (relative) that must exist;
+    `outputs["digest"]` is what downstream stages depend on."""
+    m = {
+        "inputs_digest": json_digest(inputs),
+        "inputs": inputs,
+        "outputs": outputs,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(Path(stage_dir) / MANIFEST, m)
+    return m
+
+
+def invalidate(stage_dir: str | Path) -> None:
+    """Forget that a stage finished (its outputs stay until it is recomputed)."""
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+
+
+class RunDir:
+    """Paths of one run's stages."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage(self, round_index: int, name: str) -> Path:
+        return self.root / f"round-{round_index}" / name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"

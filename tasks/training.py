@@ -1,0 +1,162 @@
+"""Teacher and student training stages on top of `tasks.engine.fit` (no Prefect here).
+
+`model.pt` holds {"family", "model_cfg", "state"}: enough to rebuild the model
+anywhere, loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from configs import ModelConfig, RunConfig, TrainConfig
+from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
+from tasks.contract import Family
+from tasks.engine import LossNormalizer, fit
+from tasks.families import get_family
+from tasks.rundir import atomic_torch_save
+
+MODEL_FILE = "model.pt"
+
+
+def save_model(path: str | Path, family: str, model_cfg: ModelConfig, model: nn.Module) -> Path:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_torch_save({"family": family, "model_cfg": model_cfg.model_dump(mode="json"), "state": state}, path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, nn.Module]:
+    """Rebuild a model saved by `save_model`, in eval mode on `device`."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    family = get_family(ckpt["family"])
+    model = family.build_model(ModelConfig.model_validate(ckpt["model_cfg"]))
+    model.load_state_dict(ckpt["state"])
+    return family, model.to(device).eval()
+
+
+@lru_cache(maxsize=2)
+def _cached_model(path: str, mtime_ns: int, device: str) -> tuple[Family, nn.Module]:
+    return load_model(path, device)
+
+
+def shared_model(path: str | Path, device: str) -> tuple[Family, nn.Module]:
+    """One read-only model per process for the labeling tasks that run in it."""
+    p = Path(path)
+    return _cached_model(str(p.resolve()), p.stat().st_mtime_ns, device)
+
+
+def _seed(cfg: TrainConfig, start: int) -> int:
+    return cfg.seed * 1_000_003 + start
+
+
+def _check_classes(family: Family, cfg: RunConfig, model_cfg: ModelConfig) -> None:
+    n = family.num_classes(cfg.data)
+    if n != model_cfg.num_classes:
+        raise ValueError(f"model.num_classes={model_cfg.num_classes} but the dataset has {n} classes")
+
+
+def _sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(losses.values())).sum(0)
+
+
+def train_teacher(
+    cfg: RunConfig, stage_dir: str | Path, key: str, log: Callable[[str], None] = print, on_step=None
+) -> dict:
+    """Supervised training on human labels; writes `<stage_dir>/model.pt`."""
+    family = get_family(cfg.family)
+    _check_classes(family, cfg, cfg.model)
+    tcfg = cfg.teacher
+    torch.manual_seed(tcfg.seed)
+    model = family.build_model(cfg.model)
+    dataset = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
+    log(f"teacher: {len(dataset)} labeled images, {tcfg.steps} steps of {tcfg.batch_size}")
+
+    def make_batches(start: int):
+        human = endless_loader(dataset, tcfg.batch_size, cfg.data.num_workers, _seed(tcfg, start))
+        return mixed_batches(human, None, family.collate)
+
+    def step_loss(model: nn.Module, batch: dict):
+        losses = family.losses(model, batch)
+        total = _sum_losses(losses).mean()
+        return total, {"loss": total.item(), **{k: v.mean().item() for k, v in losses.items()}}
+
+    result = fit(stage_dir, model, make_batches, step_loss, tcfg, cfg.device, key, log=log, on_step=on_step)
+    save_model(Path(stage_dir) / MODEL_FILE, cfg.family, cfg.model, model)
+    return result
+
+
+def train_student(
+    cfg: RunConfig,
+    stage_dir: str | Path,
+    key: str,
+    pseudo_pairs: list[tuple[str, str]],
+    teacher_checkpoint: str | Path,
+    log: Callable[[str], None] = print,
+    on_step=None,
+) -> dict:
+    """Joint training on human + pseudo labels with loss normalization; writes model.pt."""
+    family = get_family(cfg.family)
+    scfg = cfg.student
+    tcfg = scfg.train
+    model_cfg = cfg.student_model
+    _check_classes(family, cfg, model_cfg)
+    torch.manual_seed(tcfg.seed)
+    model = family.build_model(model_cfg)
+    if scfg.init != "scratch":
+        path = teacher_checkpoint if scfg.init == "teacher" else scfg.init_checkpoint
+        state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"student.init={scfg.init!r}: {path} does not fit the student model "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        log(f"student initialized from {path}")
+    human = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
+    n_pseudo = scfg.pseudo_per_batch
+    log(
+        f"student: {len(human)} labeled images, pseudo labels from {len(pseudo_pairs)} shards; "
+        f"batches of {tcfg.batch_size} human + {n_pseudo} pseudo, {tcfg.steps} steps"
+    )
+    normalizer = LossNormalizer(scfg.alpha, scfg.loss_ema_decay, scfg.normalize_loss)
+
+    def make_batches(start: int):
+        seed = _seed(tcfg, start)
+        pseudo = PseudoLabeledShards(
+            pseudo_pairs, family.decode, family.sidecar_ext, tcfg.augment_level, cfg.data.image_size, seed=seed
+        )
+        return mixed_batches(
+            endless_loader(human, tcfg.batch_size, cfg.data.num_workers, seed),
+            endless_loader(pseudo, n_pseudo, cfg.data.num_workers, seed + 1),
+            family.collate,
+        )
+
+    def step_loss(model: nn.Module, batch: dict):
+        per_sample = _sum_losses(family.losses(model, batch))
+        n = batch["num_human"]
+        loss_h, loss_p = per_sample[:n].mean(), per_sample[n:].mean()
+        loss = normalizer(loss_h, loss_p)
+        return loss, {"loss": loss.item(), "loss_h": loss_h.item(), "loss_p": loss_p.item()}
+
+    result = fit(
+        stage_dir,
+        model,
+        make_batches,
+        step_loss,
+        tcfg,
+        cfg.device,
+        key,
+        extra_state={"normalizer": normalizer},
+        log=log,
+        on_step=on_step,
+    )
+    save_model(Path(stage_dir) / MODEL_FILE, cfg.family, model_cfg, model)
+    return result
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, float]:
+    family, model = load_model(checkpoint, cfg.device)
+    return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers)

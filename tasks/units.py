@@ -1,0 +1,77 @@
+"""Prefect tasks: one unit of work each, wrapping the stage engines.
+
+Tasks take configs and paths and return small metadata (paths, counts, metrics),
+never tensors. Caching is ours (manifests, per-shard stats), not Prefect's, so every
+task uses `NO_CACHE` and persists no result.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from configs import RunConfig
+from tasks import labeling, training
+
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a run context (a worker process without Prefect's context)
+        return logging.getLogger("noisy_student")
+
+
+def _train_log(stage_dir: Path):
+    """Log to the Prefect run and append to <stage>/train.log."""
+    logger = _logger()
+    path = Path(stage_dir) / "train.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        logger.info(msg)
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+
+    return log
+
+
+@task(name="train-teacher", **_TASK)
+def train_teacher(cfg: RunConfig, stage_dir: str, key: str) -> dict:
+    return training.train_teacher(cfg, stage_dir, key, log=_train_log(Path(stage_dir)))
+
+
+@task(name="train-student", **_TASK)
+def train_student(
+    cfg: RunConfig, stage_dir: str, key: str, pseudo_pairs: list[tuple[str, str]], teacher_checkpoint: str
+) -> dict:
+    return training.train_student(
+        cfg, stage_dir, key, pseudo_pairs, teacher_checkpoint, log=_train_log(Path(stage_dir))
+    )
+
+
+@task(name="evaluate", **_TASK)
+def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, float]:
+    metrics = training.evaluate_checkpoint(cfg, checkpoint)
+    _logger().info("metrics of %s: %s", checkpoint, {k: round(v, 2) for k, v in metrics.items()})
+    return metrics
+
+
+@task(name="label-shard", task_run_name="label-shard-{index:06d}", **_TASK)
+def label_shard(
+    cfg: RunConfig, teacher_checkpoint: str, shard: str, index: int, out_dir: str, key: str, num_classes: int
+) -> dict:
+    family, model = training.shared_model(teacher_checkpoint, cfg.device)
+    out_tar, out_json = labeling.sidecar_paths(out_dir, index)
+    stats = labeling.label_shard(
+        family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key
+    )
+    _logger().info(
+        "shard %s: %d images, %d kept, %d labels, %d corrupt",
+        shard, stats["images"], stats["kept"], stats["labels"], stats["corrupt"],
+    )
+    return stats

@@ -1,0 +1,37 @@
+"""Shared fixtures. Prefect gets a fresh home per test session and no analytics."""
+
+import os
+import tempfile
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="noisy-student-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small embedded world: 8 train, 8 val, 16 unlabeled images in 2 shards."""
+    from data.world import WorldSpec, write_world
+
+    return write_world(tmp_path_factory.mktemp("world"), WorldSpec(), seed=3, n_train=8, n_val=8,
+                       n_unlabeled=16, per_shard=8)
+
+
+def tiny_model_config(**kw):
+    from configs import ModelConfig
+
+    base = dict(backbone="test_efficientnet", neck="fpn", neck_channels=32, head_norm="group", num_classes=3)
+    return ModelConfig(**{**base, **kw})

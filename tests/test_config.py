@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from configs import PRESET_DIR, ConfigError, build_config, load_config, parse_overrides
+
+DATA = {
+    "train_images": "i", "train_annotations": "a.json", "val_images": "i", "val_annotations": "b.json",
+}
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_shipped_preset_builds(preset):
+    cfg = load_config(preset)
+    assert cfg.data.image_size % 128 == 0
+    # Every preset says how to run it and what it costs.
+    head = (PRESET_DIR / f"{preset}.yaml").read_text().split("\n\n")[0]
+    assert "Run:" in head and "Cost:" in head
+
+
+def test_unknown_key_names_its_path_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({"data": DATA, "teacher": {"stepz": 3}})
+    msg = str(err.value)
+    assert "teacher.stepz" in msg and "did you mean 'steps'" in msg and "batch_size" in msg
+
+
+def test_bad_value_names_the_value():
+    with pytest.raises(ConfigError, match="data.image_size=200"):
+        build_config({"data": {**DATA, "image_size": 200}})
+    with pytest.raises(ConfigError, match="student.train.augment_level"):
+        build_config({"data": DATA, "student": {"train": {"augment_level": "S9"}}})
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = build_config({"data": DATA}, ["student.alpha=2", "teacher.steps=7", "pseudo.per_class_cap=3"])
+    assert cfg.student.alpha == 2.0 and cfg.teacher.steps == 7 and cfg.pseudo.per_class_cap == 3
+    assert parse_overrides(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides(["student.alpha"])
+
+
+def test_configs_are_frozen():
+    cfg = build_config({"data": DATA})
+    with pytest.raises(Exception):
+        cfg.teacher.steps = 3  # type: ignore[misc]
+
+
+def test_missing_preset_lists_presets(tmp_path: Path):
+    with pytest.raises(ConfigError, match="demo"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_student_pseudo_per_batch_follows_ratio():
+    cfg = build_config({"data": DATA, "student": {"pseudo_ratio": 0.5, "train": {"batch_size": 16}}})
+    assert cfg.student.pseudo_per_batch == 8

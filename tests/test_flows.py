@@ -1,0 +1,99 @@
+"""The quick demo end to end, as Prefect flows, and reruns checked through manifests."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+STAGES = ["round-0/teacher", "round-0/pseudo", "round-0/student"]
+
+
+def manifest_stamps(run: Path) -> dict[str, int]:
+    return {s: (run / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
+
+
+def artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {a.key for a in client.read_artifacts() if a.key}
+
+
+@pytest.fixture(scope="module")
+def quick_run(prefect_harness, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_stage_produced_its_outputs(quick_run):
+    run = quick_run / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["family"] == "detection" and summary["metric"] == "AP"
+    (r0,) = summary["rounds"]
+    for key in ("teacher_metrics", "student_metrics"):
+        assert set(r0[key]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert all(math.isfinite(v) and 0 <= v <= 100 for v in r0[key].values())
+    assert r0["pseudo"]["images"] == 48 and 0 <= r0["pseudo"]["kept"] <= 48
+    assert summary["elapsed_s"] > 0
+    for stage in ("round-0/teacher", "round-0/student"):
+        for f in ("model.pt", "metrics.json", "train.log", "manifest.json"):
+            assert (run / stage / f).stat().st_size > 0, f"{stage}/{f}"
+    pseudo = run / "round-0/pseudo"
+    assert sorted(p.name for p in pseudo.glob("labels-*.tar")) == [f"labels-{i:06d}.tar" for i in range(3)]
+    manifest = json.loads((pseudo / "manifest.json").read_text())
+    per_shard = [json.loads(p.read_text()) for p in sorted(pseudo.glob("labels-*.json"))]
+    assert manifest["outputs"]["stats"]["kept"] == sum(s["kept"] for s in per_shard)
+    assert (run / "config.yaml").exists() and (run / "report.md").read_text().startswith("# Noisy Student")
+    assert {"metrics-table", "pseudo-stats-round-0", "labeling-progress-round-0"} <= artifact_keys()
+
+
+def test_rerun_recomputes_nothing(quick_run):
+    run = quick_run / "run"
+    before = manifest_stamps(run)
+    model_before = (run / "round-0/student/model.pt").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--out", str(quick_run)]) == 0
+    assert manifest_stamps(run) == before
+    assert (run / "round-0/student/model.pt").stat().st_mtime_ns == model_before
+
+
+def test_changed_stage_invalidates_only_the_stages_after_it(quick_run):
+    run = quick_run / "run"
+    before = manifest_stamps(run)
+    assert main(["demo", "--quick", "--out", str(quick_run), "--set", "pseudo.score_threshold=0.02"]) == 0
+    after = manifest_stamps(run)
+    assert after["round-0/teacher"] == before["round-0/teacher"]
+    assert after["round-0/pseudo"] != before["round-0/pseudo"]
+    assert after["round-0/student"] != before["round-0/student"]
+    manifest = json.loads((run / "round-0/pseudo/manifest.json").read_text())
+    assert manifest["inputs"]["rule"]["score_threshold"] == 0.02
+
+
+def test_crash_redoes_only_what_is_missing(quick_run):
+    run = quick_run / "run"
+    overrides = ["--set", "pseudo.score_threshold=0.02"]
+    before = manifest_stamps(run)
+    # a crash before the student finished leaves no student manifest
+    (run / "round-0/student/manifest.json").unlink()
+    assert main(["demo", "--quick", "--out", str(quick_run), *overrides]) == 0
+    after = manifest_stamps(run)
+    assert after["round-0/teacher"] == before["round-0/teacher"]
+    assert after["round-0/pseudo"] == before["round-0/pseudo"]
+    assert (run / "round-0/student/manifest.json").exists()
+
+
+def test_stage_command_reruns_one_stage(quick_run, capsys):
+    run = quick_run / "run"
+    cfg = run / "config.yaml"  # the run's own config, written by the parent flow
+    before = manifest_stamps(run)
+    assert main(["stage", "teacher", str(cfg)]) == 0
+    assert manifest_stamps(run) == before  # up to date: skipped
+    capsys.readouterr()
+    assert main(["stage", "evaluate", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):])
+    student = json.loads((run / "round-0/student/metrics.json").read_text())
+    assert metrics["AP"] == pytest.approx(student["AP"])

@@ -1,0 +1,41 @@
+import torch
+
+from tasks.engine import LossNormalizer
+
+
+def test_matches_hand_computation():
+    norm = LossNormalizer(alpha=1.0, decay=0.5)
+    # step 1: averages start at the first values: mavg_h=2, mavg_p=4
+    # L = 1/2 * (2 + 1 * (2/4) * 4) = 2
+    assert torch.isclose(norm(torch.tensor(2.0), torch.tensor(4.0)), torch.tensor(2.0))
+    # step 2: mavg_h = .5*2 + .5*1 = 1.5, mavg_p = .5*4 + .5*1 = 2.5
+    # L = 1/2 * (1 + (1.5/2.5) * 1) = 0.8
+    lh = torch.tensor(1.0, requires_grad=True)
+    lp = torch.tensor(1.0, requires_grad=True)
+    out = norm(lh, lp)
+    assert torch.isclose(out, torch.tensor(0.8))
+    out.backward()
+    # the ratio of moving averages is a constant: no gradient flows through it
+    assert torch.isclose(lh.grad, torch.tensor(0.5)) and torch.isclose(lp.grad, torch.tensor(0.3))
+
+
+def test_alpha_weights_pseudo_loss():
+    norm = LossNormalizer(alpha=3.0, decay=0.0)
+    # decay 0: averages are the current values, ratio = 2/8
+    # L = 1/4 * (2 + 3 * 0.25 * 8) = 2
+    assert torch.isclose(norm(torch.tensor(2.0), torch.tensor(8.0)), torch.tensor(2.0))
+
+
+def test_disabled_is_plain_sum():
+    norm = LossNormalizer(alpha=2.0, enabled=False)
+    assert torch.isclose(norm(torch.tensor(1.0), torch.tensor(3.0)), torch.tensor(7.0))
+    assert norm.mavg_h is None
+
+
+def test_state_roundtrip():
+    a = LossNormalizer(1.0, 0.9)
+    a(torch.tensor(1.0), torch.tensor(2.0))
+    b = LossNormalizer(1.0, 0.9)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.tensor(0.7), torch.tensor(0.3)
+    assert torch.equal(a(x, y), b(x, y))

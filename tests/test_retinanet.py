@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from detection.family import DetectionFamily
+from detection.retinanet import LEVELS, cell_anchors
+from tests.conftest import tiny_model_config
+
+FAMILY = DetectionFamily()
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return FAMILY.build_model(tiny_model_config(**kw))
+
+
+def test_cell_anchor_values():
+    a = cell_anchors(32.0, 3, (0.5, 1.0, 2.0))
+    assert a.shape == (9, 4)
+    # octave 0, ratio 1: a 32 x 32 square centred on 0
+    assert torch.allclose(a[1], torch.tensor([-16.0, -16, 16, 16]))
+    # ratio 2 (tall): h = 32 sqrt 2, w = 32 / sqrt 2, same area
+    w, h = a[2, 2] - a[2, 0], a[2, 3] - a[2, 1]
+    assert torch.isclose(h / w, torch.tensor(2.0)) and torch.isclose(w * h, torch.tensor(1024.0))
+    # octave 2: scale 2^(2/3)
+    assert torch.isclose(a[7, 2] - a[7, 0], torch.tensor(32 * 2 ** (2 / 3)))
+
+
+def test_anchor_grid_and_output_shapes():
+    model = tiny().eval()
+    out = model(torch.zeros(2, 3, 128, 256, dtype=torch.uint8))
+    sizes = [(128 // s) * (256 // s) * 9 for s in (8, 16, 32, 64, 128)]
+    assert out["level_sizes"] == sizes
+    assert out["cls_logits"].shape == (2, sum(sizes), 3)
+    assert out["bbox_regression"].shape == (2, sum(sizes), 4)
+    anchors = out["anchors"]
+    # first anchor of p3: cell (0, 0) centred at (4, 4), size 4 * stride = 32
+    assert torch.allclose(anchors[1], torch.tensor([4.0 - 16, 4 - 16, 4 + 16, 4 + 16]))
+    # last anchor of p7 sits in the last cell, centred at (192, 64)
+    centre = (anchors[-1, :2] + anchors[-1, 2:]) / 2
+    assert torch.allclose(centre, torch.tensor([192.0, 64.0]))
+    assert set(model.strides) >= set(LEVELS)
+
+
+def test_input_not_multiple_of_128_is_refused():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        tiny()(torch.zeros(1, 3, 100, 128))
+
+
+def test_image_without_boxes_has_finite_loss_and_no_box_loss():
+    model = tiny()
+    targets = [
+        {"boxes_xyxy": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+        {"boxes_xyxy": torch.tensor([[10.0, 10, 60, 50]]), "labels": torch.tensor([2])},
+    ]
+    losses = model.loss(model(torch.zeros(2, 3, 128, 128)), targets)
+    assert losses["loss_cls"].shape == (2,) and torch.isfinite(losses["loss_cls"]).all()
+    assert losses["loss_box"][0] == 0 and losses["loss_box"][1] > 0
+
+
+def test_overfits_one_batch(small_world):
+    from data.coco import CocoDetection
+
+    ds = CocoDetection(small_world.images_dir, small_world.train_annotations, "none", 128)
+    batch = FAMILY.collate([ds[i] for i in range(4)])
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        out = FAMILY.losses(model, batch)
+        loss = sum(v.mean() for v in out.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_predict_returns_boxes_in_the_original_frame():
+    model = tiny()
+    images = [torch.randint(0, 255, (3, 60, 100), dtype=torch.uint8), torch.zeros(3, 200, 90, dtype=torch.uint8)]
+    model.train()
+    preds = FAMILY.predict(model, images, 128)
+    assert model.training  # mode restored
+    for im, p in zip(images, preds):
+        h, w = im.shape[-2:]
+        b = p["boxes_xyxy"]
+        assert len(b) <= 100
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w + 1e-3).all() and (b[:, 3] <= h + 1e-3).all()
+        assert p["scores"].shape == p["labels"].shape == (len(b),)
