@@ -1,0 +1,428 @@
+"""Webdataset-compatible tar shards: brace patterns, atomic writing, streaming reading.
+
+A shard is a plain (uncompressed) tar whose members are `{key}.{ext}`; consecutive
+members with the same key form one record `{ext: bytes}`. This is the layout that
+`webdataset.WebDataset` and `webdataset.TarWriter` use, so shards written here are
+read by webdataset and vice versa (DESIGN.md section 6).
+
+- The unlabeled pool holds `{key}.jpg` (or .png/.webp) per record.
+- A pseudo-label *sidecar* shard holds a subset of an image shard's keys, in the same
+  order; `iter_with_sidecar` reads both in lockstep.
+
+Pure Python + torch/torchvision/PIL; no Prefect here (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# Fixed tar header fields: the same records always give the same bytes, so a shard's
+# digest identifies its content (resumable stages compare digests).
+_MTIME = 0
+_MODE = 0o444
+_SIX_DIGITS = 6
+
+
+class CorruptImageError(ValueError):
+    """Image bytes that cannot be decoded (truncated, garbage, unsupported format)."""
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths named by brace patterns, in order.
+
+    `pattern` is one pattern (`pool-{000000..000012}.tar`, `{a,b}.tar`), several
+    patterns separated by whitespace in one string, or a sequence of patterns. Each is
+    expanded with `braceexpand`; the results are concatenated in the given order
+    (duplicates are kept: the caller decides). An empty string gives [].
+    """
+    if isinstance(pattern, (str, os.PathLike)):
+        parts = os.fspath(pattern).split()
+    else:
+        parts = []
+        for p in pattern:
+            if not isinstance(p, (str, os.PathLike)):
+                raise TypeError(f"shard pattern must be a string or path, got {type(p).__name__}: {p!r}")
+            parts.extend(os.fspath(p).split())
+    return [url for part in parts for url in braceexpand(part)]
+
+
+def brace_pattern(prefix: str, count: int, suffix: str = ".tar") -> str:
+    """`{prefix}-{000000..NNNNNN}{suffix}` naming `count` shards ('' when count is 0).
+
+    One shard gives the plain name `{prefix}-000000{suffix}` (no braces needed).
+    """
+    if count < 0:
+        raise ValueError(f"shard count must be >= 0, got {count}")
+    if count == 0:
+        return ""
+    if count == 1:
+        return f"{prefix}-{0:0{_SIX_DIGITS}d}{suffix}"
+    return f"{prefix}-{{{0:0{_SIX_DIGITS}d}..{count - 1:0{_SIX_DIGITS}d}}}{suffix}"
+
+
+def shard_name(prefix: str, index: int, suffix: str = ".tar") -> str:
+    """`{prefix}-{index:06d}{suffix}`."""
+    return f"{prefix}-{index:0{_SIX_DIGITS}d}{suffix}"
+
+
+# ---------------------------------------------------------------------- write / read
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key or "." in key or "/" in key:
+        raise ValueError(f"invalid shard key {key!r}: keys must be non-empty and contain no '.' or '/'")
+    return key
+
+
+def _check_ext(key: str, ext: object) -> str:
+    # Dots are allowed inside an extension (webdataset's "seg.png" style), slashes not.
+    if not isinstance(ext, str) or not ext or "/" in ext or ext.startswith("."):
+        raise ValueError(f"invalid extension {ext!r} for key {key!r}")
+    return ext
+
+
+def write_shard(path: str | os.PathLike, records: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write records to a tar shard at `path`, atomically; return the number of records.
+
+    Each record `(key, {ext: bytes})` becomes members `{key}.{ext}` (extensions in
+    sorted order), records in iteration order. Keys must be non-empty, contain no '.'
+    or '/', and be unique within the shard (ValueError naming the key otherwise);
+    values must be bytes-like (TypeError). The tar is written to a hidden temporary file
+    beside `path` and renamed into place only when complete, so `path` never holds a
+    partial shard; on any error the temporary file is removed and the error re-raised.
+    Header fields are fixed (mtime 0, mode 0444, uid/gid 0, no user names), so the same
+    records always give byte-identical files. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden name and a suffix other than .tar: a leftover from a killed process never
+    # matches a shard pattern or glob.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    seen: set[str] = set()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for key, members in records:
+                    _check_key(key)
+                    if key in seen:
+                        # A repeated key would merge or split records on reading.
+                        raise ValueError(f"duplicate shard key {key!r} in {path}")
+                    seen.add(key)
+                    for ext in sorted(members):
+                        _check_ext(key, ext)
+                        data = members[ext]
+                        if not isinstance(data, (bytes, bytearray, memoryview)):
+                            raise TypeError(f"member {key}.{ext} must be bytes, got {type(data).__name__}")
+                        data = bytes(data)
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        info.mtime = _MTIME
+                        info.mode = _MODE
+                        info.uid = info.gid = 0
+                        info.uname = info.gname = ""
+                        tar.addfile(info, io.BytesIO(data))
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the shard ordinary permissions.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return count
+
+
+# webdataset's split: the key is the member path up to the first '.' of its last path
+# component; the rest is the extension. Members without an extension are skipped.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# webdataset skips `__key__`-style meta members entirely.
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream `(key, {ext: bytes})` records from a tar shard, in member order.
+
+    The tar is read sequentially (stream mode, one member in memory at a time; gzip
+    compressed tars are accepted). Consecutive regular members with the same key are
+    grouped; key and extension are split like webdataset does (key = path up to the
+    first '.' of the file name, extension lower-cased), members without an extension
+    and `__meta__` members are skipped. A key that reappears after another key starts
+    a new record. A repeated extension within one record raises ValueError.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key: str | None = None
+        record: dict[str, bytes] = {}
+        for info in tar:
+            if not info.isreg():
+                continue
+            name = info.name
+            if _META.match(name):
+                continue
+            m = _KEY_EXT.match(name)
+            if m is None:
+                continue
+            k, ext = m.group(1), m.group(2).lower()
+            if k != key:
+                if key is not None:
+                    yield key, record
+                key, record = k, {}
+            if ext in record:
+                raise ValueError(f"duplicate member {name!r} in shard {path}")
+            member = tar.extractfile(info)
+            record[ext] = member.read() if member is not None else b""
+            # tarfile keeps every TarInfo it has seen; drop them so memory stays flat.
+            tar.members = []
+        if key is not None:
+            yield key, record
+
+
+def image_bytes(record: dict[str, bytes]) -> tuple[str, bytes] | None:
+    """The first image member of a record as `(ext, bytes)`, in IMAGE_EXTS order; None if none.
+
+    Extensions are compared case-insensitively.
+    """
+    lowered = {ext.lower(): ext for ext in record}
+    for ext in IMAGE_EXTS:
+        if ext in lowered:
+            return ext, record[lowered[ext]]
+    return None
+
+
+def iter_with_sidecar(
+    image_shard: str | os.PathLike, sidecar_shard: str | os.PathLike
+) -> Iterator[tuple[str, dict[str, bytes], dict[str, bytes]]]:
+    """Yield `(key, image_record, sidecar_record)` for keys present in both shards.
+
+    The sidecar holds a subset of the image shard's keys in the same order (images the
+    teacher left empty, or corrupt ones, are absent). Both shards are streamed once, in
+    lockstep: image records are skipped until the next sidecar key. A sidecar key that
+    is not found (absent, or out of order) raises ValueError naming both shards and the
+    key, after the matched records before it were yielded.
+    """
+    images = iter_shard(image_shard)
+    sidecar = iter_shard(sidecar_shard)
+    try:
+        for side_key, side_record in sidecar:
+            for key, record in images:
+                if key == side_key:
+                    yield key, record, side_record
+                    break
+            else:
+                raise ValueError(
+                    f"sidecar shard {os.fspath(sidecar_shard)} has key {side_key!r} that is not in "
+                    f"image shard {os.fspath(image_shard)} (or not in the same order)"
+                )
+    finally:
+        # Close both files now, also when the consumer stops early.
+        images.close()
+        sidecar.close()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_torchvision(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    # bytearray: torch.frombuffer needs a writable buffer (else it warns).
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    img = tv_decode(buf, mode=ImageReadMode.RGB)
+    if img.ndim == 4:  # animated image: first frame
+        img = img[0]
+    if img.dtype == torch.uint16:  # 16-bit PNG: keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    elif img.dtype != torch.uint8:
+        raise RuntimeError(f"unexpected decoded dtype {img.dtype}")
+    return img
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    from PIL import Image
+
+    # PIL raises on truncated files as long as ImageFile.LOAD_TRUNCATED_IMAGES is False
+    # (its default); nothing here changes that global.
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im).astype(np.int64)
+            arr = np.clip(arr >> 8 if im.mode.startswith("I;16") else arr, 0, 255).astype(np.uint8)
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        else:
+            arr = np.array(im.convert("RGB"))  # a writable copy for torch.from_numpy
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Decode JPEG/PNG/WebP bytes to a uint8 tensor [3,H,W], RGB.
+
+    Grayscale, RGBA (alpha dropped), palette and CMYK images are converted to RGB;
+    16-bit PNGs keep their high byte; an animated image gives its first frame. EXIF
+    orientation is not applied (the same pixels for teacher and student). Decoding uses
+    torchvision's native decoders and falls back to PIL for what they refuse. Raises
+    CorruptImageError for empty, garbage or truncated data.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"image data must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise CorruptImageError("empty image data")
+    try:
+        return _decode_torchvision(bytes(data))
+    except Exception as tv_err:  # torchvision raises RuntimeError for bad data
+        try:
+            return _decode_pil(bytes(data))
+        except Exception as pil_err:
+            raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {pil_err}; {tv_err}") from pil_err
+
+
+# ------------------------------------------------------------------ folder converter
+
+
+def _folder_key(rel_stem: str) -> str:
+    key = rel_stem.replace("/", "_").replace(".", "_")
+    return key or "_"
+
+
+def build_shards_from_folder(
+    image_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    per_shard: int = 1000,
+    prefix: str = "pool",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Convert an image folder (ImageNet or OpenImages layout) to webdataset shards.
+
+    Files under `image_dir` (recursively) ending in .jpg/.jpeg/.png/.webp (any case) are
+    taken in sorted relative-path order. Each is decoded once as a check; corrupt ones
+    are skipped, counted and listed. A valid image is stored with its original bytes as
+    `{key}.{ext}`, ext lower-cased and jpeg written as jpg; key = relative path without
+    extension, '/' and '.' replaced by '_', with `_1`, `_2`, ... appended on collision.
+    Shards `{prefix}-000000.tar`, ... of `per_shard` images each (the last may be
+    shorter) are written atomically, then `{out_dir}/shards.json`:
+    `{"shards": [names], "images": n, "corrupt": n, "corrupt_files": [relative paths],
+    "per_shard": N, "pattern": "pool-{000000..00000K}.tar" (None if no image was valid)}`.
+    Shard files `{prefix}-NNNNNN.tar` left in `out_dir` by an earlier, longer run are
+    removed so a glob never mixes the two. `progress(done_files, total_files)` is called
+    after each file. Raises ValueError if per_shard < 1, image_dir is not a folder, the
+    prefix is not a valid key-like name, or no image file is found.
+    """
+    if not isinstance(per_shard, int) or per_shard < 1:
+        raise ValueError(f"per_shard must be an integer >= 1, got {per_shard!r}")
+    if not prefix or "/" in prefix:
+        raise ValueError(f"invalid shard prefix {prefix!r}")
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise ValueError(f"image_dir does not exist or is not a folder: {os.fspath(image_dir)}")
+    out = Path(out_dir)
+
+    files: list[tuple[str, str]] = []  # (relative posix path, lower-case ext)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            stem, dot, ext = name.rpartition(".")
+            if dot and ext.lower() in IMAGE_EXTS:
+                rel = Path(dirpath, name).relative_to(root).as_posix()
+                files.append((rel, ext.lower()))
+    files.sort()
+    if not files:
+        raise ValueError(f"no {'/'.join(IMAGE_EXTS)} files under {os.fspath(image_dir)}")
+    total = len(files)
+
+    corrupt_files: list[str] = []
+    used: set[str] = set()
+    done = 0
+
+    def valid_records() -> Iterator[tuple[str, dict[str, bytes]]]:
+        nonlocal done
+        for rel, ext in files:
+            data = (root / rel).read_bytes()
+            try:
+                decode_image(data)
+            except CorruptImageError:
+                corrupt_files.append(rel)
+                ok = False
+            else:
+                ok = True
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            if not ok:
+                continue
+            base = _folder_key(rel[: -(len(ext) + 1)])
+            key, n = base, 0
+            while key in used:
+                n += 1
+                key = f"{base}_{n}"
+            used.add(key)
+            yield key, {"jpg" if ext == "jpeg" else ext: data}
+
+    # Stream: one shard's worth of records is pulled lazily from the file walk, so
+    # only one image is in memory at a time.
+    stream = valid_records()
+    shards: list[str] = []
+    images = 0
+    while True:
+        first = next(stream, None)
+        if first is None:
+            break
+        name = shard_name(prefix, len(shards))
+        images += write_shard(out / name, chain([first], islice(stream, per_shard - 1)))
+        shards.append(name)
+
+    manifest = {
+        "shards": shards,
+        "images": images,
+        "corrupt": len(corrupt_files),
+        "corrupt_files": corrupt_files,
+        "per_shard": per_shard,
+        "pattern": brace_pattern(prefix, len(shards)) or None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / "shards.json", json.dumps(manifest, indent=2) + "\n")
+
+    stale = re.compile(rf"^{re.escape(prefix)}-(\d{{{_SIX_DIGITS}}})\.tar$")
+    for entry in out.iterdir():
+        m = stale.match(entry.name)
+        if m and int(m.group(1)) >= len(shards) and entry.is_file():
+            entry.unlink()
+    return manifest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write text to `path` via a temporary file beside it and os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,310 @@
+"""data/shards.py: brace patterns, atomic deterministic writing, streaming reading,
+sidecar merge-join, image decoding and the folder converter."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.shards import (
+    IMAGE_EXTS,
+    CorruptImageError,
+    brace_pattern,
+    build_shards_from_folder,
+    decode_image,
+    expand_urls,
+    image_bytes,
+    iter_shard,
+    iter_with_sidecar,
+    write_shard,
+)
+
+
+def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+RECORDS = [
+    ("a", {"jpg": b"\xff\xd8one", "json": b'{"x": 1}'}),
+    ("b_2", {"png": b"\x89PNGtwo"}),
+    ("c", {"jpg": b"", "seg.png": b"three"}),  # empty member and a dotted extension
+]
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+def test_expand_urls_ranges_lists_and_whitespace():
+    assert expand_urls("d/pool-{000008..000011}.tar") == [f"d/pool-{i:06d}.tar" for i in range(8, 12)]
+    assert expand_urls("x-{a,b}.tar y.tar") == ["x-a.tar", "x-b.tar", "y.tar"]
+    assert expand_urls(["p-{0..1}.tar", "q.tar"]) == ["p-0.tar", "p-1.tar", "q.tar"]
+    assert expand_urls("") == []
+
+
+def test_brace_pattern_roundtrips_through_expand():
+    assert expand_urls(brace_pattern("pool", 13)) == [f"pool-{i:06d}.tar" for i in range(13)]
+    assert brace_pattern("pool", 1) == "pool-000000.tar"
+    assert brace_pattern("pool", 0) == ""
+
+
+# ---------------------------------------------------------------------- write / read
+
+
+def test_roundtrip_preserves_keys_order_and_bytes(tmp_path):
+    path = tmp_path / "s.tar"
+    assert write_shard(path, iter(RECORDS)) == 3
+    assert list(iter_shard(path)) == RECORDS
+    assert [p.name for p in tmp_path.iterdir()] == ["s.tar"]  # no temp file left
+
+
+def test_write_is_deterministic(tmp_path):
+    write_shard(tmp_path / "a.tar", RECORDS)
+    # Same records with members given in another order: same bytes.
+    write_shard(tmp_path / "b.tar", [(k, dict(reversed(list(v.items())))) for k, v in RECORDS])
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def test_write_is_atomic_when_records_fail(tmp_path):
+    def records():
+        yield RECORDS[0]
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_shard(tmp_path / "s.tar", records())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rewrite_keeps_previous_shard(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, RECORDS)
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        write_shard(path, [("ok", {"jpg": b"1"}), ("bad.key", {"jpg": b"2"})])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.tar"]
+
+
+@pytest.mark.parametrize("key", ["a.b", "dir/x", ""])
+def test_invalid_key_rejected_with_key_in_message(tmp_path, key):
+    with pytest.raises(ValueError) as err:
+        write_shard(tmp_path / "s.tar", [(key, {"jpg": b"x"})])
+    assert repr(key) in str(err.value)
+    assert not (tmp_path / "s.tar").exists()
+
+
+def test_duplicate_key_rejected(tmp_path):
+    with pytest.raises(ValueError, match="'a'"):
+        write_shard(tmp_path / "s.tar", [("a", {"jpg": b"1"}), ("b", {"jpg": b"2"}), ("a", {"png": b"3"})])
+
+
+def test_reads_webdataset_tarwriter_shards(tmp_path):
+    import webdataset as wds
+
+    path = str(tmp_path / "w.tar")
+    with wds.TarWriter(path) as sink:
+        sink.write({"__key__": "k0", "jpg": b"img0", "cls": b"3"})
+        sink.write({"__key__": "k1", "jpg": b"img1"})
+    assert list(iter_shard(path)) == [("k0", {"cls": b"3", "jpg": b"img0"}), ("k1", {"jpg": b"img1"})]
+
+
+def test_webdataset_reads_our_shards(tmp_path):
+    import webdataset as wds
+
+    write_shard(tmp_path / "s.tar", RECORDS)
+    samples = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["a", "b_2", "c"]
+    assert samples[0]["jpg"] == b"\xff\xd8one" and samples[2]["seg.png"] == b"three"
+
+
+def test_image_bytes_picks_first_image_member():
+    assert image_bytes({"json": b"{}", "png": b"P", "jpg": b"J"}) == ("jpg", b"J")
+    assert image_bytes({"WEBP": b"W"}) == ("webp", b"W")
+    assert image_bytes({"json": b"{}"}) is None
+    assert IMAGE_EXTS == ("jpg", "jpeg", "png", "webp")
+
+
+# ------------------------------------------------------------------------- sidecars
+
+
+def test_sidecar_merge_join_skips_missing_keys(tmp_path):
+    keys = [f"k{i}" for i in range(6)]
+    write_shard(tmp_path / "img.tar", [(k, {"jpg": k.encode()}) for k in keys])
+    kept = ["k1", "k2", "k5"]
+    write_shard(tmp_path / "side.tar", [(k, {"json": f'"{k}"'.encode()}) for k in kept])
+    out = list(iter_with_sidecar(tmp_path / "img.tar", tmp_path / "side.tar"))
+    assert [k for k, _, _ in out] == kept
+    assert all(rec["jpg"] == k.encode() and side["json"] == f'"{k}"'.encode() for k, rec, side in out)
+
+
+def test_sidecar_unknown_key_raises_naming_shards_and_key(tmp_path):
+    write_shard(tmp_path / "img.tar", [(k, {"jpg": b"x"}) for k in ("a", "b", "c")])
+    write_shard(tmp_path / "side.tar", [(k, {"json": b"{}"}) for k in ("a", "zz")])
+    out = []
+    with pytest.raises(ValueError) as err:
+        for item in iter_with_sidecar(tmp_path / "img.tar", tmp_path / "side.tar"):
+            out.append(item[0])
+    assert out == ["a"]
+    msg = str(err.value)
+    assert "'zz'" in msg and "img.tar" in msg and "side.tar" in msg
+
+
+def test_sidecar_out_of_order_key_raises(tmp_path):
+    write_shard(tmp_path / "img.tar", [(k, {"jpg": b"x"}) for k in ("a", "b", "c")])
+    write_shard(tmp_path / "side.tar", [(k, {"json": b"{}"}) for k in ("c", "a")])
+    with pytest.raises(ValueError, match="'a'"):
+        list(iter_with_sidecar(tmp_path / "img.tar", tmp_path / "side.tar"))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_decode_lossless_formats_exactly(fmt):
+    arr = _rgb()
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode_image(_encode(arr, fmt, **kw))
+    assert out.dtype == torch.uint8 and out.shape == (3, 24, 32)
+    assert torch.equal(out, torch.from_numpy(arr).permute(2, 0, 1))
+
+
+def test_decode_jpeg_and_mode_conversions():
+    arr = _rgb()
+    jpg = decode_image(_encode(arr, "JPEG", quality=95))
+    assert jpg.shape == (3, 24, 32) and jpg.dtype == torch.uint8
+    gray = np.full((5, 7), 77, np.uint8)
+    out = decode_image(_encode(gray, "PNG"))
+    assert out.shape == (3, 5, 7) and bool((out == 77).all())
+    rgba = np.dstack([arr, np.full(arr.shape[:2], 10, np.uint8)])
+    assert torch.equal(decode_image(_encode(rgba, "PNG")), torch.from_numpy(arr).permute(2, 0, 1))
+    pal = Image.fromarray(arr).convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, "PNG")
+    expected = torch.from_numpy(np.array(pal.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(decode_image(buf.getvalue()), expected)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all" * 10, b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_decode_garbage_raises(data):
+    with pytest.raises(CorruptImageError):
+        decode_image(data)
+
+
+def test_decode_falls_back_to_pil(monkeypatch):
+    import data.shards as shards
+
+    def refuse(data):
+        raise RuntimeError("unsupported by torchvision")
+
+    monkeypatch.setattr(shards, "_decode_torchvision", refuse)
+    arr = _rgb()
+    assert torch.equal(decode_image(_encode(arr, "PNG")), torch.from_numpy(arr).permute(2, 0, 1))
+    wide = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "PNG")  # 16-bit grayscale
+    assert torch.equal(decode_image(buf.getvalue())[1], torch.from_numpy((wide >> 8).astype(np.uint8)))
+    jpg = _encode(_rgb(64, 64), "JPEG")
+    with pytest.raises(CorruptImageError):  # PIL refuses truncated data too
+        decode_image(jpg[: len(jpg) // 2])
+
+
+def test_decode_16bit_png_keeps_high_byte():
+    wide = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "PNG")
+    out = decode_image(buf.getvalue())
+    assert out.dtype == torch.uint8 and out.shape == (3, 3, 4)
+    assert torch.equal(out[0], torch.from_numpy((wide >> 8).astype(np.uint8)))
+
+
+def test_decode_truncated_jpeg_raises():
+    data = _encode(_rgb(64, 64), "JPEG", quality=95)
+    with pytest.raises(CorruptImageError):
+        decode_image(data[: len(data) // 2])
+    assert issubclass(CorruptImageError, ValueError)
+
+
+# ------------------------------------------------------------------ folder converter
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    files = {
+        "train/n01/a.JPEG": _encode(_rgb(seed=1), "JPEG"),
+        "train/n01/b.png": _encode(_rgb(seed=2), "PNG"),
+        "train/n02/c.webp": _encode(_rgb(seed=3), "WEBP", lossless=True),
+        "train/n02/d.v2.jpg": _encode(_rgb(seed=4), "JPEG"),
+        "train/n02/broken.jpg": b"\xff\xd8\xff\xe0 definitely not a jpeg",
+        "flat_x.jpg": _encode(_rgb(seed=5), "JPEG"),
+        "train_n01_a.png": _encode(_rgb(seed=6), "PNG"),  # key collides with train/n01/a.JPEG
+        "notes.txt": b"ignored",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root, files
+
+
+def test_build_shards_from_folder(image_folder, tmp_path):
+    root, files = image_folder
+    out = tmp_path / "shards"
+    calls = []
+    report = build_shards_from_folder(root, out, per_shard=2, prefix="pool", progress=lambda d, t: calls.append((d, t)))
+
+    assert report["images"] == 6 and report["corrupt"] == 1
+    assert report["corrupt_files"] == ["train/n02/broken.jpg"]
+    assert report["shards"] == ["pool-000000.tar", "pool-000001.tar", "pool-000002.tar"]
+    assert report["pattern"] == "pool-{000000..000002}.tar" and report["per_shard"] == 2
+    assert json.loads((out / "shards.json").read_text()) == report
+    assert calls[-1] == (7, 7) and len(calls) == 7
+
+    records = [r for name in expand_urls(str(out / report["pattern"])) for r in iter_shard(name)]
+    assert [len(list(iter_shard(out / n))) for n in report["shards"]] == [2, 2, 2]
+    keys = [k for k, _ in records]
+    # Sorted relative paths; '/' and '.' -> '_'; collision gets a counter.
+    assert keys == ["flat_x", "train_n01_a", "train_n01_b", "train_n02_c", "train_n02_d_v2", "train_n01_a_1"]
+    by_key = dict(records)
+    assert by_key["train_n01_a"] == {"jpg": files["train/n01/a.JPEG"]}  # jpeg -> jpg, original bytes
+    assert by_key["train_n01_a_1"] == {"png": files["train_n01_a.png"]}
+    assert by_key["train_n02_c"] == {"webp": files["train/n02/c.webp"]}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_build_shards_removes_stale_shards_of_a_longer_run(image_folder, tmp_path):
+    root, _ = image_folder
+    out = tmp_path / "shards"
+    build_shards_from_folder(root, out, per_shard=1)
+    assert (out / "pool-000005.tar").exists()
+    report = build_shards_from_folder(root, out, per_shard=4)
+    assert sorted(p.name for p in out.glob("*.tar")) == report["shards"] == ["pool-000000.tar", "pool-000001.tar"]
+
+
+def test_build_shards_rejects_bad_arguments(image_folder, tmp_path):
+    root, _ = image_folder
+    with pytest.raises(ValueError, match="per_shard"):
+        build_shards_from_folder(root, tmp_path / "o", per_shard=0)
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=str(missing)):
+        build_shards_from_folder(missing, tmp_path / "o")
+
+
+def test_written_tar_headers_are_fixed(tmp_path):
+    write_shard(tmp_path / "s.tar", RECORDS)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == ["a.jpg", "a.json", "b_2.png", "c.jpg", "c.seg.png"]
+    assert {(i.mtime, i.mode, i.uid, i.gid, i.uname) for i in infos} == {(0, 0o444, 0, 0, "")}
+    assert oct(os.stat(tmp_path / "s.tar").st_mode & 0o777) == oct(0o644)
