@@ -18,6 +18,19 @@ from data.augment import apply_level
 from data.shards import decode_image, image_bytes, iter_with_sidecar
 
 
+# Loader workers start from a fork server, not by forking the training process: a
+# process that has initialized CUDA, or that runs Prefect's threads and event loop,
+# cannot be forked safely (forked workers of a Prefect task die at exit with code 1).
+WORKER_CONTEXT = "forkserver"
+
+
+def loader_options(num_workers: int) -> dict:
+    """DataLoader keyword arguments for `num_workers` worker processes."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": WORKER_CONTEXT}
+
+
 def list_collate(samples: list) -> list:
     """Keep a loader's batch as a list of samples (the family collates the mix)."""
     return samples
@@ -113,9 +126,9 @@ def endless_loader(
     common = dict(
         batch_size=batch_size,
         collate_fn=list_collate,
-        num_workers=num_workers,
         generator=g,
         persistent_workers=num_workers > 0,
+        **loader_options(num_workers),
         prefetch_factor=4 if num_workers > 0 else None,
         drop_last=True,
     )

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
 from data.augment import letterbox
 from data.coco import CocoDetection
-from data.mixing import list_collate
+from data.mixing import list_collate, loader_options
 from detection import evaluate as coco_eval
 from detection import pseudo
 from detection.backbone import build_backbone
@@ -25,6 +25,7 @@ class DetectionFamily:
     name = "detection"
     metric = "AP"
     sidecar_ext = "json"
+    label_unit = "boxes"
 
     # ------------------------------------------------------------------ model
 
@@ -50,8 +51,11 @@ class DetectionFamily:
             return CocoDetection(data.val_images, data.val_annotations, augment_level, data.image_size)
         raise ValueError(f"unknown split {split!r}; valid: train, val")
 
+    def class_names(self, data: DataConfig) -> list[str]:
+        return self.labeled_dataset(data, "val", None).class_names
+
     def num_classes(self, data: DataConfig) -> int:
-        return self.labeled_dataset(data, "val", None).num_classes
+        return len(self.class_names(data))
 
     def collate(self, samples: list[tuple[torch.Tensor, dict]]) -> dict:
         """Samples of equal size -> {"images": uint8 [B,3,S,S], "targets": [dict]}."""
@@ -128,7 +132,7 @@ class DetectionFamily:
     ) -> dict[str, float]:
         """COCO box metrics (percent) on the val split."""
         dataset = self.labeled_dataset(data, "val", None)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list_collate)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list_collate, **loader_options(num_workers))
         results = []
         for samples in loader:
             preds = self.predict(model, [s[0] for s in samples], data.image_size)

@@ -61,9 +61,9 @@ def metrics_table_single(checkpoint: str, metrics: dict) -> None:
     create_table_artifact(rows, key="evaluation", description=f"Metrics of {checkpoint}")
 
 
-def pseudo_stats(round_index: int, total: dict, family: str, class_names: list[str]) -> None:
+def pseudo_stats(round_index: int, total: dict, unit: str, class_names: list[str]) -> None:
+    """`unit`: what a label counts (the family's `label_unit`: boxes, pixels)."""
     kept = max(1, total["kept"])
-    unit = "boxes" if family == "detection" else "labels"
     lines = [
         f"## Pseudo-labels, round {round_index}",
         "",

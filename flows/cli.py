@@ -84,6 +84,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from data.shards import build_shards_from_folder
 
         report = build_shards_from_folder(args.image_dir, args.out_dir, args.per_shard, args.prefix, _progress)
+        if report.get("pattern"):  # absolute, ready for data.unlabeled_shards
+            report["pattern"] = str(Path(args.out_dir).resolve() / report["pattern"])
         print(json.dumps({k: v for k, v in report.items() if k != "shards"}, indent=2))
         return 0
     if args.command == "world":

@@ -203,7 +203,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     total = empty_stats(num_classes)
     for s in per_shard:
         total = add_stats(total, s)
-    artifacts.pseudo_stats(round_index, total, family.name, _class_names(cfg))
+    artifacts.pseudo_stats(round_index, total, family.label_unit, family.class_names(cfg.data))
     outputs = {
         "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
         "pairs": [[s["shard"], str(stage / s["sidecar"])] for s in per_shard],
@@ -216,10 +216,6 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     )
     return finish(stage, inputs, outputs)
 
-
-def _class_names(cfg: RunConfig) -> list[str]:
-    dataset = get_family(cfg.family).labeled_dataset(cfg.data, "val", None)
-    return list(getattr(dataset, "class_names", [str(i) for i in range(cfg.model.num_classes)]))
 
 
 @flow(name="student", flow_run_name="student-round-{round_index}")

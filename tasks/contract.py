@@ -29,11 +29,15 @@ class Family(Protocol):
     name: str
     metric: str  # the headline metric's key in evaluate()'s dict ("AP", "mIoU")
     sidecar_ext: str  # "json" (boxes) or "png" (class maps)
+    label_unit: str  # what pseudo-label counts count: "boxes", "pixels"
 
     def build_model(self, cfg: ModelConfig) -> nn.Module: ...
 
     def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> Dataset:
         """Human-labeled samples; `augment_level=None` keeps original sizes (evaluation)."""
+
+    def class_names(self, data: DataConfig) -> list[str]:
+        """Names of the classes, in label order."""
 
     def num_classes(self, data: DataConfig) -> int: ...
 

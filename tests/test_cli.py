@@ -1,0 +1,34 @@
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from data.shards import expand_urls, iter_shard
+from flows.cli import main
+
+
+def test_shards_build_converts_an_image_folder(tmp_path, capsys):
+    src = tmp_path / "train"
+    for cls in ("n01", "n02"):
+        (src / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 16), (i * 40, 0, 0)).save(src / cls / f"img{i}.JPEG")
+    (src / "n02" / "broken.jpg").write_bytes(b"not an image")
+    assert main(["shards", "build", str(src), str(tmp_path / "out"), "--per-shard", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 6 and report["corrupt"] == 1
+    shards = expand_urls(str(tmp_path / "out" / report["pattern"]))
+    assert len(shards) == 2
+    keys = [k for s in shards for k, _ in iter_shard(s)]
+    assert len(keys) == 6 and all("." not in k for k in keys)
+
+
+def test_bad_override_exits_with_a_message(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--set", "teacher.stepz=3"]) == 2
+    assert "teacher.stepz" in capsys.readouterr().err
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(SystemExit):
+        main(["stage", "labelling", "demo"])
