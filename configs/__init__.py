@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PRESET_DIR = Path(__file__).parent
 
-AugmentLevel = Literal["none", "S1"]
+AugmentLevel = Literal["none", "S1", "S2", "S3", "S4"]
 
 
 class _Config(BaseModel):

@@ -9,6 +9,23 @@ Levels:
 - "none": letterbox (resize the long side to `size`, pad bottom/right); evaluation
   and teacher inputs use this.
 - "S1": horizontal flip, scale jitter (0.8, 1.2), then random crop/pad to `size`.
+- "S2": S1, then the AutoAugment detection policy v0 (POLICY_V0): one of its 5
+  sub-policies picked uniformly per image, each op applied with its probability
+  (`*_Only_BBoxes` ops always run and draw their probability per box).
+- "S3": as S2 with scale jitter (0.5, 2.0).
+- "S4": flip, scale jitter (0.5, 2.0), crop/pad, then RandAugment: RANDAUGMENT_N ops
+  (default 2) drawn uniformly with replacement from RANDAUGMENT_OPS, each applied at
+  magnitude RANDAUGMENT_M (default 10), a fresh random sign per signed op.
+
+Order: flip + jitter + crop/pad come first and the policy acts on the `size` x `size`
+training image. The policy's pixel constants (set for 640 px) then scale with the
+training size alone (`size / 640`), whatever the source image size, so a magnitude
+means the same fraction of the network input on every dataset; and the ops work on
+the (often smaller) cropped image, which is cheaper. The price: fill from a translate
+or rotate always lands inside the training frame instead of being partly cropped away.
+(The reference EfficientDet pipeline runs the policy first, on the source image.)
+
+The ops, their table OPS and their magnitude map `op_param` live in data/augment_ops.py.
 """
 
 from __future__ import annotations
@@ -17,16 +34,39 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-FILL = 128  # image padding value (RECIPE.md: fill value 128)
-IGNORE = 255  # mask padding value
+from data.augment_ops import (  # noqa: F401  (re-exported: the public constants and ops)
+    FILL,
+    GEOMETRIC_OPS,
+    IGNORE,
+    MIN_SIDE,
+    MIN_VISIBLE,
+    ONLY_BBOXES_OPS,
+    OPS,
+    op_param,
+    rand,
+    set_boxes,
+)
 
-LEVELS = ("none", "S1")
-SCALE_RANGE = {"S1": (0.8, 1.2)}
+LEVELS = ("none", "S1", "S2", "S3", "S4")
+SCALE_RANGE = {"S1": (0.8, 1.2), "S2": (0.8, 1.2), "S3": (0.5, 2.0), "S4": (0.5, 2.0)}
 
-# A box cropped to less than this fraction of its area is dropped: too little is left
-# of the object to call it one.
-MIN_VISIBLE = 0.25
-MIN_SIDE = 1.0  # pixels
+# AutoAugment detection policy v0: sub-policies of (op, probability, magnitude 0-10).
+POLICY_V0: tuple[tuple[tuple[str, float, float], ...], ...] = (
+    (("TranslateX_BBox", 0.6, 4), ("Equalize", 0.8, 10)),
+    (("TranslateY_Only_BBoxes", 0.2, 2), ("Cutout", 0.8, 8)),
+    (("Sharpness", 0.0, 8), ("ShearX_BBox", 0.4, 0)),
+    (("ShearY_BBox", 1.0, 2), ("TranslateY_Only_BBoxes", 0.6, 6)),
+    (("Rotate_BBox", 0.6, 10), ("Color", 1.0, 6)),
+)
+POLICIES = {"S2": POLICY_V0, "S3": POLICY_V0}
+
+RANDAUGMENT_N = 2  # ops per image
+RANDAUGMENT_M = 10  # magnitude, 0-10
+RANDAUGMENT_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
+    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "Cutout", "SolarizeAdd",
+)
 
 
 def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
@@ -78,19 +118,9 @@ def crop_pad(
         m[:ch, :cw] = target["mask"][top : top + ch, left : left + cw]
         out["mask"] = m
     if "boxes_xyxy" in target:
-        b = target["boxes_xyxy"] - torch.tensor([left, top, left, top], dtype=torch.float32)
-        area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
         # Clip to the part of the window the image actually covers.
-        c = torch.stack(
-            [b[:, 0].clamp(0, cw), b[:, 1].clamp(0, ch), b[:, 2].clamp(0, cw), b[:, 3].clamp(0, ch)], 1
-        )
-        cw_, ch_ = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
-        keep = (cw_ >= MIN_SIDE) & (ch_ >= MIN_SIDE) & (cw_ * ch_ >= MIN_VISIBLE * area)
-        out["boxes_xyxy"] = c[keep]
-        out["labels"] = target["labels"][keep]
-        for k in ("scores",):
-            if k in target:
-                out[k] = target[k][keep]
+        b = target["boxes_xyxy"] - torch.tensor([left, top, left, top], dtype=torch.float32)
+        out = set_boxes(out, b, cw, ch)
     return canvas, out
 
 
@@ -104,26 +134,82 @@ def letterbox(image: torch.Tensor, target: dict, size: int) -> tuple[torch.Tenso
     return image, target, scale
 
 
+def autoaugment(
+    image: torch.Tensor, target: dict, policy=POLICY_V0, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict]:
+    """One sub-policy of `policy`, picked uniformly; each op applied with its probability.
+
+    `*_Only_BBoxes` ops always run and use the probability per box (RECIPE.md).
+    """
+    sub = policy[int(torch.randint(0, len(policy), (), generator=generator))]
+    for name, prob, level in sub:
+        if name in ONLY_BBOXES_OPS:
+            image, target = OPS[name](image, target, level, generator, prob=prob)
+        elif rand(generator) < prob:
+            image, target = OPS[name](image, target, level, generator)
+    return image, target
+
+
+def randaugment(
+    image: torch.Tensor,
+    target: dict,
+    n: int = RANDAUGMENT_N,
+    m: float = RANDAUGMENT_M,
+    generator: torch.Generator | None = None,
+    ops: tuple[str, ...] = RANDAUGMENT_OPS,
+) -> tuple[torch.Tensor, dict]:
+    """`n` ops drawn uniformly with replacement from `ops`, each always applied at magnitude `m`."""
+    for _ in range(n):
+        name = ops[int(torch.randint(0, len(ops), (), generator=generator))]
+        image, target = OPS[name](image, target, m, generator)
+    return image, target
+
+
+def flip_jitter_crop(
+    image: torch.Tensor,
+    target: dict,
+    size: int,
+    scale_range: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Horizontal flip (p=0.5), scale jitter of the letterboxed size, random crop/pad to `size`."""
+    if torch.rand((), generator=generator).item() < 0.5:
+        image, target = hflip(image, target)
+    # Scale jitter relative to the letterboxed size: the long side becomes size * s.
+    h, w = image.shape[-2:]
+    s = _uniform(*scale_range, generator)
+    image, target = resize(image, target, size * s / max(h, w))
+    h, w = image.shape[-2:]
+    top = int(torch.randint(0, max(1, h - size + 1), (), generator=generator))
+    left = int(torch.randint(0, max(1, w - size + 1), (), generator=generator))
+    return crop_pad(image, target, top, left, size)
+
+
 def apply_level(
     image: torch.Tensor,
     target: dict,
     level: str,
     size: int,
     generator: torch.Generator | None = None,
+    *,
+    randaugment_n: int | None = None,
+    randaugment_m: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Augment one sample at `level`; returns a `size` x `size` image and its target."""
+    """Augment one sample at `level`; returns a `size` x `size` image and its target.
+
+    `randaugment_n` / `randaugment_m` override RANDAUGMENT_N / RANDAUGMENT_M at S4 (other
+    levels ignore them).
+    """
     if level == "none":
         image, target, _ = letterbox(image, target, size)
         return image, target
     if level not in SCALE_RANGE:
         raise ValueError(f"unknown augment level {level!r}; known: {', '.join(LEVELS)}")
-    if torch.rand((), generator=generator).item() < 0.5:
-        image, target = hflip(image, target)
-    # Scale jitter relative to the letterboxed size: the long side becomes size * s.
-    h, w = image.shape[-2:]
-    s = _uniform(*SCALE_RANGE[level], generator)
-    image, target = resize(image, target, size * s / max(h, w))
-    h, w = image.shape[-2:]
-    top = int(torch.randint(0, max(1, h - size + 1), (), generator=generator))
-    left = int(torch.randint(0, max(1, w - size + 1), (), generator=generator))
-    return crop_pad(image, target, top, left, size)
+    image, target = flip_jitter_crop(image, target, size, SCALE_RANGE[level], generator)
+    if level in POLICIES:
+        image, target = autoaugment(image, target, POLICIES[level], generator)
+    elif level == "S4":
+        n = RANDAUGMENT_N if randaugment_n is None else randaugment_n
+        m = RANDAUGMENT_M if randaugment_m is None else randaugment_m
+        image, target = randaugment(image, target, n, m, generator)
+    return image, target

@@ -62,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--n-val", type=int, default=200)
     world.add_argument("--n-unlabeled", type=int, default=2000)
     world.add_argument("--per-shard", type=int, default=250)
+
+    from typing import get_args
+
+    from configs import AugmentLevel
+
+    augment = sub.add_parser("augment", help="augmentation levels")
+    augment_sub = augment.add_subparsers(dest="augment_command", required=True)
+    preview = augment_sub.add_parser(
+        "preview", help="PNG grid of augmented labeled train samples (boxes and masks drawn)"
+    )
+    preview.add_argument("out", metavar="OUT.png")
+    preview.add_argument("--level", default="S3", choices=list(get_args(AugmentLevel)))
+    preview.add_argument("--n", type=int, default=16, help="number of samples in the grid")
+    preview.add_argument(
+        "--config", default=None, help="YAML file or preset name (default: the embedded demo world)"
+    )
+    preview.add_argument("--seed", type=int, default=0, help="sample order and augmentation seed")
+    _add_set(preview)
     return parser
 
 
@@ -99,6 +117,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"  COCO: {paths.train_annotations}, {paths.val_annotations}")
         print(f"  VOC:  {paths.voc_root}")
         print(f"  unlabeled shards: {paths.unlabeled_pattern}")
+        return 0
+    if args.command == "augment" and args.augment_command == "preview":
+        from flows.preview import preview
+
+        report = preview(args.out, args.level, args.n, args.config, args.seed, args.overrides)
+        print(json.dumps(report, indent=2))
         return 0
 
     # Prefect is imported only for the commands that run flows.
