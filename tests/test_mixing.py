@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.mixing import InfiniteSampler, PseudoLabeledShards, endless_loader, mixed_batches
+from data.mixing import InfiniteSampler, PseudoLabeledShards, endless_loader, loader_options, mixed_batches
 from data.shards import write_shard
 from detection import pseudo
 
@@ -73,7 +73,7 @@ def test_pseudo_stream_reads_only_kept_images_and_covers_them(tmp_path):
 def test_workers_split_the_stream_without_duplicates(tmp_path):
     pairs = pseudo_shards(tmp_path, n_shards=1, per_shard=8)  # fewer shards than workers
     stream = PseudoLabeledShards(pairs, pseudo.decode, "json", "none", 128, loop=False)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, **loader_options(2))
     colors = sorted(int(img[0, 0, 0]) for img, _ in loader)
     assert len(colors) == 4  # every kept image exactly once
 
