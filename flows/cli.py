@@ -5,6 +5,7 @@
     noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
+    noisy-student augment preview OUT.png [--level S3] [--n 16] [--config CONFIG] [--seed N]
 """
 
 from __future__ import annotations
