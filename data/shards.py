@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from braceexpand import braceexpand
 
+from data.files import atomic_write
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Fixed tar header fields: the same records always give the same bytes, so a shard's
@@ -411,18 +413,4 @@ def build_shards_from_folder(
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to `path` via a temporary file beside it and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
