@@ -9,7 +9,6 @@ from detection.backbone import build_backbone, load_checkpoint
 from detection.necks import (
     FPN,
     NASFPN,
-    NASFPN_CELLS,
     NASFPNStage,
     build_neck,
     global_attention,
