@@ -19,7 +19,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, islice
 from pathlib import Path
@@ -113,46 +112,35 @@ def write_shard(path: str | os.PathLike, records: Iterable[tuple[str, dict[str, 
     records always give byte-identical files. Parent folders are created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden name and a suffix other than .tar: a leftover from a killed process never
-    # matches a shard pattern or glob.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
     seen: set[str] = set()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key, members in records:
-                    _check_key(key)
-                    if key in seen:
-                        # A repeated key would merge or split records on reading.
-                        raise ValueError(f"duplicate shard key {key!r} in {path}")
-                    seen.add(key)
-                    for ext in sorted(members):
-                        _check_ext(key, ext)
-                        data = members[ext]
-                        if not isinstance(data, (bytes, bytearray, memoryview)):
-                            raise TypeError(f"member {key}.{ext} must be bytes, got {type(data).__name__}")
-                        data = bytes(data)
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size = len(data)
-                        info.mtime = _MTIME
-                        info.mode = _MODE
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the shard ordinary permissions.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    def write(f) -> None:
+        nonlocal count
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for key, members in records:
+                _check_key(key)
+                if key in seen:
+                    # A repeated key would merge or split records on reading.
+                    raise ValueError(f"duplicate shard key {key!r} in {path}")
+                seen.add(key)
+                for ext in sorted(members):
+                    _check_ext(key, ext)
+                    data = members[ext]
+                    if not isinstance(data, (bytes, bytearray, memoryview)):
+                        raise TypeError(f"member {key}.{ext} must be bytes, got {type(data).__name__}")
+                    data = bytes(data)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = _MTIME
+                    info.mode = _MODE
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+
+    # Hidden temporary name not ending in .tar: a leftover never matches a shard pattern.
+    atomic_write(path, write)
     return count
 
 

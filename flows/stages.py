@@ -217,7 +217,6 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     return finish(stage, inputs, outputs)
 
 
-
 @flow(name="student", flow_run_name="student-round-{round_index}")
 def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Train the noised student on human + pseudo labels, evaluate it."""
