@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent
 
@@ -39,8 +39,16 @@ class DataConfig(_Config):
     val_images: str | None = None
     val_annotations: str | None = None
     voc_root: str | None = None
-    voc_train_split: str = "train"
+    voc_train_split: str = Field(
+        "train", description="id list ImageSets/Segmentation/<split>.txt (train_aug: the SBD-augmented set)"
+    )
     voc_val_split: str = "val"
+    voc_train_masks: str = Field(
+        "SegmentationClass", description="mask folder of the train split (SegmentationClassAug for SBD)"
+    )
+    voc_classes: tuple[str, ...] | None = Field(
+        None, description="class names in label order, background first; None: the 21 VOC classes"
+    )
     labeled_limit: int | None = Field(
         None, ge=1, description="use only the first N labeled images (a label fraction)"
     )
@@ -112,6 +120,17 @@ class PseudoLabelConfig(_Config):
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = Field(None, description="scheduler address; None starts a LocalCluster")
     shard_limit: int | None = Field(None, ge=1, description="label only the first N shards")
+    scales: tuple[float, ...] = Field(
+        (1.0,), min_length=1, description="segmentation teacher: average softmax over these input scales"
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [s for s in v if not 0 < s <= 4]
+        if bad:
+            raise ValueError(f"pseudo.scales must lie in (0, 4], got {bad}")
+        return v
 
 
 class StudentConfig(_Config):

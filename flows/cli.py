@@ -1,6 +1,6 @@
 """`noisy-student` command line.
 
-    noisy-student demo [--quick] [--seed N] [--out DIR] [--device cpu]
+    noisy-student demo [--family detection|segmentation] [--quick] [--seed N] [--out DIR] [--device cpu]
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="world and training seed")
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     demo.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    demo.add_argument(
+        "--family", default="detection", choices=["detection", "segmentation"],
+        help="detection (COCO boxes, AP) or segmentation (VOC class maps, mIoU)",
+    )
     _add_set(demo)
 
     run = sub.add_parser("run", help="all stages and rounds of a config")
@@ -133,10 +137,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flows import stages
 
     if args.command == "demo":
-        from flows.demo import demo_config, format_summary
+        from flows.demo import demo_config, demo_preset, format_summary
 
-        out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
-        cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides)
+        out = args.out or f"runs/{demo_preset(args.family, args.quick)}"
+        cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides, args.family)
         summary = stages.noisy_student_flow(cfg)
         title = (
             f"\nNoisy Student on the embedded world ({summary['family']}, seed {args.seed}, "

@@ -3,6 +3,7 @@
 `noisy-student demo` generates the world (once; it is cached under <out>/world),
 runs `noisy_student_flow` with the `demo` preset and prints teacher vs student.
 `--quick` uses a tiny model on a few images (about a minute; the test suite runs it).
+`--family segmentation` runs the same flow on the world's VOC layout (class maps).
 """
 
 from __future__ import annotations
@@ -14,40 +15,68 @@ import yaml
 from configs import RunConfig, build_config, merge, resolve_preset
 from data.world import WorldSpec, write_world
 
-# World sizes per preset: labeled train / val / unlabeled pool, images per shard.
+# World sizes: labeled train / val / unlabeled pool, images per shard.
 WORLDS = {
-    "demo": dict(n_train=200, n_val=200, n_unlabeled=2000, per_shard=250),
-    "demo-quick": dict(n_train=16, n_val=16, n_unlabeled=48, per_shard=16),
+    "full": dict(n_train=200, n_val=200, n_unlabeled=2000, per_shard=250),
+    "quick": dict(n_train=16, n_val=16, n_unlabeled=48, per_shard=16),
 }
+FAMILY_NAMES = ("detection", "segmentation")
+
+
+def demo_preset(family: str = "detection", quick: bool = False) -> str:
+    """Preset name of the demo: demo, demo-quick, demo-segmentation, demo-segmentation-quick."""
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILY_NAMES)}")
+    name = "demo" if family == "detection" else f"demo-{family}"
+    return f"{name}-quick" if quick else name
+
+
+def _world_data(family: str, world) -> tuple[dict, int]:
+    """The data section pointing at the world, and the model's class count."""
+    if family == "segmentation":
+        data = {
+            "format": "voc",
+            "voc_root": str(world.voc_root),
+            "voc_classes": ["background", *world.class_names],
+        }
+        return data, world.num_classes + 1
+    data = {
+        "format": "coco",
+        "train_images": str(world.images_dir),
+        "train_annotations": str(world.train_annotations),
+        "val_images": str(world.images_dir),
+        "val_annotations": str(world.val_annotations),
+    }
+    return data, world.num_classes
 
 
 def demo_config(
-    out: str | Path, seed: int = 0, quick: bool = False, device: str = "cpu", overrides: list[str] | None = None
+    out: str | Path,
+    seed: int = 0,
+    quick: bool = False,
+    device: str = "cpu",
+    overrides: list[str] | None = None,
+    family: str = "detection",
 ) -> tuple[RunConfig, dict]:
     """Write the world under <out>/world and return the run's config and world facts."""
-    preset = "demo-quick" if quick else "demo"
+    preset = demo_preset(family, quick)
+    sizes = WORLDS["quick" if quick else "full"]
     out = Path(out)
-    world = write_world(out / "world", WorldSpec(), seed=seed, **WORLDS[preset])
+    world = write_world(out / "world", WorldSpec(), seed=seed, **sizes)
+    data, num_classes = _world_data(family, world)
     raw = yaml.safe_load(resolve_preset(preset).read_text())
     raw = merge(
         raw,
         {
             "out_dir": str(out / "run"),
             "device": device,
-            "data": {
-                "format": "coco",
-                "train_images": str(world.images_dir),
-                "train_annotations": str(world.train_annotations),
-                "val_images": str(world.images_dir),
-                "val_annotations": str(world.val_annotations),
-                "unlabeled_shards": str(world.unlabeled_pattern),
-            },
-            "model": {"num_classes": world.num_classes},
+            "data": {**data, "unlabeled_shards": str(world.unlabeled_pattern)},
+            "model": {"num_classes": num_classes},
             "teacher": {"seed": seed},
             "student": {"train": {"seed": seed}},
         },
     )
-    return build_config(raw, overrides), {"classes": list(world.class_names), **WORLDS[preset]}
+    return build_config(raw, overrides), {"classes": list(world.class_names), **sizes}
 
 
 def format_summary(summary: dict, title: str) -> str:

@@ -30,22 +30,33 @@ def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
 
 
 def empty_stats(num_classes: int) -> dict:
+    """Counts every family has; a family's `label_stats` may add more additive keys."""
     return {
         "images": 0,
         "kept": 0,
         "corrupt": 0,
         "labels": 0,
         "class_counts": [0] * num_classes,
-        "score_hist": [0] * 10,
     }
 
 
+ADDITIVE_SKIP = frozenset({"key", "shard", "sidecar"})
+
+
 def add_stats(total: dict, part: dict) -> dict:
-    """Sum additive statistics (ints add, lists add elementwise; other keys ignored)."""
+    """Sum additive statistics: ints add, lists add elementwise; a key new to `total`
+    starts at zero; the bookkeeping keys (key, shard, sidecar) are not summed."""
     out = dict(total)
     for k, v in part.items():
-        if k not in out:
+        if k in ADDITIVE_SKIP:
             continue
+        if k not in out:
+            if isinstance(v, list):
+                out[k] = [0] * len(v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = 0
+            else:
+                continue
         if isinstance(v, list):
             base = out[k] + [0] * (len(v) - len(out[k]))
             out[k] = [a + b for a, b in zip(base, v + [0] * (len(base) - len(v)))]
@@ -109,7 +120,8 @@ def label_shard(
 
     `key` is the digest of everything that decides the labels; if `out_json` already
     records it and the tar exists, the shard is not relabeled. Returns the stats dict:
-    images, kept, corrupt, labels, class_counts, score_hist, shard, sidecar.
+    images, kept, corrupt, labels, class_counts, the family's own additive counts,
+    shard, sidecar.
     """
     out_tar, out_json = Path(out_tar), Path(out_json)
     done = read_json(out_json)
