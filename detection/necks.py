@@ -84,7 +84,7 @@ def global_attention(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return hi + lo * torch.sigmoid(torch.amax(hi, dim=(2, 3), keepdim=True))
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def norm2d(kind: str, channels: int) -> nn.Module:
     match kind:
         case "none":
             return nn.Identity()
@@ -115,14 +115,14 @@ class FPN(nn.Module):
         bias = norm == "none"  # a norm right after the conv makes its bias redundant
         self.lateral = nn.ModuleDict(
             {
-                lvl: nn.Sequential(nn.Conv2d(in_channels[lvl], out_channels, 1, bias=bias), _norm(norm, out_channels))
+                lvl: nn.Sequential(nn.Conv2d(in_channels[lvl], out_channels, 1, bias=bias), norm2d(norm, out_channels))
                 for lvl in IN_LEVELS
             }
         )
         self.output = nn.ModuleDict(
             {
                 lvl: nn.Sequential(
-                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), _norm(norm, out_channels)
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), norm2d(norm, out_channels)
                 )
                 for lvl in IN_LEVELS
             }

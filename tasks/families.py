@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from detection.family import DetectionFamily
+from segmentation.family import SegmentationFamily
 from tasks.contract import Family
 
 FAMILIES: dict[str, Family] = {
     "detection": DetectionFamily(),
+    "segmentation": SegmentationFamily(),
 }
 
 

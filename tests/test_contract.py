@@ -20,12 +20,29 @@ def family(request):
     return FAMILIES[request.param]
 
 
-def data_config(world) -> DataConfig:
-    return DataConfig(
-        format="coco", train_images=str(world.images_dir), train_annotations=str(world.train_annotations),
-        val_images=str(world.images_dir), val_annotations=str(world.val_annotations),
-        unlabeled_shards=world.unlabeled_pattern, image_size=128, num_workers=0,
-    )
+def data_config(world, family) -> DataConfig:
+    """The world's data in the family's format (COCO boxes or VOC class maps)."""
+    if family.name == "segmentation":
+        where = dict(format="voc", voc_root=str(world.voc_root), voc_classes=["background", *world.class_names])
+    else:
+        where = dict(
+            format="coco", train_images=str(world.images_dir), train_annotations=str(world.train_annotations),
+            val_images=str(world.images_dir), val_annotations=str(world.val_annotations),
+        )
+    return DataConfig(**where, unlabeled_shards=world.unlabeled_pattern, image_size=128, num_workers=0)
+
+
+def without_labels(target: dict) -> dict:
+    """The same image with nothing labeled: no boxes, or a mask that is all ignore."""
+    out = {}
+    for k, v in target.items():
+        if k == "mask":
+            out[k] = torch.full_like(v, 255)
+        elif isinstance(v, torch.Tensor):
+            out[k] = v[:0]
+        else:
+            out[k] = v
+    return out
 
 
 def test_family_has_every_contract_method(family):
@@ -44,7 +61,7 @@ def test_unknown_family_lists_valid_names():
 
 
 def test_samples_collate_and_give_per_sample_losses(family, small_world):
-    cfg = data_config(small_world)
+    cfg = data_config(small_world, family)
     ds = family.labeled_dataset(cfg, "train", "S1")
     batch = family.collate([ds[i] for i in range(3)])
     assert batch["images"].shape == (3, 3, 128, 128) and batch["images"].dtype == torch.uint8
@@ -55,16 +72,18 @@ def test_samples_collate_and_give_per_sample_losses(family, small_world):
 
 
 def test_image_without_labels_trains(family, small_world):
-    cfg = data_config(small_world)
+    cfg = data_config(small_world, family)
     image, target = family.labeled_dataset(cfg, "train", "S1")[0]
-    empty = {k: (v[:0] if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in target.items()}
+    empty = without_labels(target)
     model = family.build_model(tiny_model_config(num_classes=family.num_classes(cfg)))
-    losses = family.losses(model, family.collate([(image, empty), (image, empty)]))
+    losses = family.losses(model, family.collate([(image, empty), (image, target)]))
     assert all(torch.isfinite(v).all() for v in losses.values())
+    total = sum(losses.values())
+    assert float(total[1].detach()) > 0  # the labeled copy has a loss, the empty one a finite one
 
 
 def test_empty_predictions_give_no_pseudo_label_and_zero_metrics(family, small_world):
-    cfg = data_config(small_world)
+    cfg = data_config(small_world, family)
     model = family.build_model(tiny_model_config(num_classes=family.num_classes(cfg)))
     images = [family.labeled_dataset(cfg, "val", None)[i][0] for i in range(2)]
     # a threshold above any score leaves every image empty
@@ -75,7 +94,7 @@ def test_empty_predictions_give_no_pseudo_label_and_zero_metrics(family, small_w
 
 
 def test_pseudo_label_roundtrip_through_sidecar_bytes(family, small_world):
-    cfg = data_config(small_world)
+    cfg = data_config(small_world, family)
     torch.manual_seed(0)
     model = family.build_model(tiny_model_config(num_classes=family.num_classes(cfg)))
     with torch.no_grad():  # large random weights: confident, arbitrary predictions
@@ -94,7 +113,7 @@ def test_pseudo_label_roundtrip_through_sidecar_bytes(family, small_world):
 
 
 def test_evaluate_returns_the_headline_metric(family, small_world):
-    cfg = data_config(small_world)
+    cfg = data_config(small_world, family)
     model = family.build_model(tiny_model_config(num_classes=family.num_classes(cfg)))
     metrics = family.evaluate(model, cfg, batch_size=4)
     assert family.metric in metrics and 0.0 <= metrics[family.metric] <= 100.0

@@ -1,0 +1,171 @@
+"""The segmentation family: a NAS-FPN segmenter, PASCAL VOC data, pixel pseudo-labels, mIoU.
+
+`SegmentationFamily` satisfies the family contract of `tasks/contract.py`; it is the
+only place where segmentation reads configuration. Class 0 is background, so a VOC
+config has 21 classes and `model.num_classes` counts the background.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from configs import DataConfig, ModelConfig, PseudoLabelConfig
+from data.augment import crop_pad, resize
+from data.mixing import list_collate, loader_options
+from data.voc import VOC_CLASSES, VOCSegmentation
+from detection.backbone import build_backbone
+from detection.necks import build_neck
+from segmentation import evaluate as seg_eval
+from segmentation import pseudo
+from segmentation.model import Segmenter
+
+
+@torch.no_grad()
+def probabilities(
+    model: Segmenter, images: list[torch.Tensor], image_size: int, scales: tuple[float, ...] = (1.0,)
+) -> list[torch.Tensor]:
+    """Class probabilities float32 [K,H,W] per image, in its own pixel frame (on the CPU).
+
+    At each scale s the image's long side is resized to s * image_size and padded to a
+    multiple of the model's size divisibility; the softmax maps, cropped to the image and
+    resized back to its size, are averaged over the scales (the multi-scale teacher).
+    """
+    device = next(model.parameters()).device
+    total: list[torch.Tensor | None] = [None] * len(images)
+    for s in scales:
+        long_side = max(1, round(image_size * s))
+        padded = math.ceil(long_side / model.size_divisibility) * model.size_divisibility
+        batch, windows = [], []
+        for im in images:
+            h, w = im.shape[-2:]
+            factor = long_side / max(h, w)
+            boxed, _ = resize(im, {}, factor) if factor != 1.0 else (im, {})
+            windows.append(tuple(boxed.shape[-2:]))
+            batch.append(crop_pad(boxed, {}, 0, 0, padded)[0])
+        probs = model(torch.stack(batch).to(device)).float().softmax(1)
+        for i, (im, (nh, nw)) in enumerate(zip(images, windows)):
+            p = probs[i : i + 1, :, :nh, :nw]
+            if (nh, nw) != tuple(im.shape[-2:]):
+                p = F.interpolate(p, size=tuple(im.shape[-2:]), mode="bilinear", align_corners=False)
+            p = p[0].cpu()
+            total[i] = p if total[i] is None else total[i] + p
+    return [t / len(scales) for t in total]
+
+
+class SegmentationFamily:
+    name = "segmentation"
+    metric = "mIoU"
+    sidecar_ext = "png"
+    label_unit = "pixels"
+
+    # ------------------------------------------------------------------ model
+
+    def build_model(self, cfg: ModelConfig) -> Segmenter:
+        if cfg.num_classes < 2:
+            raise ValueError(f"model.num_classes={cfg.num_classes}: a segmenter needs background and a class")
+        backbone = build_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate, checkpoint=cfg.backbone_checkpoint)
+        neck = build_neck(
+            cfg.neck, backbone.channels, cfg.neck_channels, num_repeats=cfg.nasfpn_repeats, separable=cfg.separable
+        )
+        return Segmenter(backbone, neck, cfg.num_classes, head_norm=cfg.head_norm, dropout=cfg.dropout)
+
+    # ------------------------------------------------------------------ data
+
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> VOCSegmentation:
+        if data.format != "voc":
+            raise ValueError(f"segmentation reads data.format='voc', got {data.format!r}")
+        common = dict(size=data.image_size, num_classes=self.num_classes(data))
+        if split == "train":
+            return VOCSegmentation(
+                data.voc_root, data.voc_train_split, augment_level, limit=data.labeled_limit,
+                masks=data.voc_train_masks, **common,
+            )
+        if split == "val":
+            return VOCSegmentation(data.voc_root, data.voc_val_split, augment_level, **common)
+        raise ValueError(f"unknown split {split!r}; valid: train, val")
+
+    def class_names(self, data: DataConfig) -> list[str]:
+        return list(data.voc_classes or VOC_CLASSES)
+
+    def num_classes(self, data: DataConfig) -> int:
+        return len(self.class_names(data))
+
+    def collate(self, samples: list[tuple[torch.Tensor, dict]]) -> dict:
+        """Samples of equal size -> {"images": uint8 [B,3,S,S], "masks": uint8 [B,S,S]}."""
+        return {
+            "images": torch.stack([s[0] for s in samples]),
+            "masks": torch.stack([s[1]["mask"] for s in samples]),
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-image cross-entropy {loss_seg: [B]} over labeled pixels."""
+        device = next(model.parameters()).device
+        logits = model(batch["images"].to(device, non_blocking=True))
+        return {"loss_seg": Segmenter.loss(logits, batch["masks"])}
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def predict(
+        self, model: Segmenter, images: list[torch.Tensor], image_size: int, scales: tuple[float, ...] = (1.0,)
+    ) -> list[dict]:
+        """{"mask": uint8 [H,W] argmax class, "score": float32 [H,W] its probability} per image.
+
+        Eval mode whatever the module's mode (restored afterwards).
+        """
+        if not images:
+            return []
+        was_training = model.training
+        model.eval()
+        try:
+            probs = probabilities(model, images, image_size, scales)
+        finally:
+            model.train(was_training)
+        out = []
+        for p in probs:
+            score, cls = p.max(0)
+            out.append({"mask": cls.to(torch.uint8), "score": score})
+        return out
+
+    def label_images(self, model: Segmenter, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
+        """Pixel pseudo-labels (None for an image without a confident pixel), optionally multi-scale."""
+        preds = self.predict(model, images, image_size, scales=rule.scales)
+        return [self.to_pseudo_label(p, rule) for p in preds]
+
+    def to_pseudo_label(self, prediction: dict, rule: PseudoLabelConfig) -> dict | None:
+        return pseudo.select_pixels(prediction, rule.score_threshold)
+
+    def encode(self, label: dict) -> bytes:
+        return pseudo.encode(label)
+
+    def decode(self, data: bytes) -> dict:
+        return pseudo.decode(data)
+
+    def label_stats(self, label: dict, num_classes: int) -> dict:
+        return pseudo.stats(label, num_classes)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: Segmenter, data: DataConfig, batch_size: int = 32, num_workers: int = 0
+    ) -> dict[str, float]:
+        """mIoU, pixel accuracy and per-class IoU (percent) on the val split, single scale."""
+        dataset = self.labeled_dataset(data, "val", None)
+        names = self.class_names(data)
+        if getattr(model, "num_classes", len(names)) != len(names):
+            raise ValueError(f"model predicts {model.num_classes} classes, data has {len(names)}: {names}")
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list_collate, **loader_options(num_workers))
+        conf = torch.zeros(len(names), len(names), dtype=torch.int64)
+        for samples in loader:
+            preds = self.predict(model, [s[0] for s in samples], data.image_size)
+            for (_, target), pred in zip(samples, preds):
+                conf += seg_eval.confusion_matrix(pred["mask"], target["mask"], len(names))
+        return seg_eval.miou(conf, names)
