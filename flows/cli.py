@@ -97,6 +97,9 @@ def _progress(done: int, total: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     # No network is assumed: Prefect's server would otherwise try to send telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary server gets 20 s to start by default; a machine busy with
+    # training (or a slow disk) can need longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)

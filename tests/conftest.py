@@ -5,6 +5,7 @@ import tempfile
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="noisy-student-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
