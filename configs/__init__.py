@@ -106,6 +106,29 @@ class TrainConfig(_Config):
     seed: int = 0
     amp: bool = Field(False, description="autocast (bf16 on CPU, fp16 on CUDA)")
     channels_last: bool = False
+    processes: int = Field(
+        1,
+        ge=1,
+        description="training processes on this machine (torch.distributed ranks, one GPU each on CUDA); "
+        "each draws batch_size/processes samples of the global batch",
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend with processes > 1; auto: nccl on CUDA, gloo on CPU"
+    )
+    sync_batchnorm: bool = Field(
+        True,
+        description="with processes > 1, BatchNorm uses statistics of the global batch, as one process would; "
+        "off: each process normalizes over its own batch_size/processes samples",
+    )
+
+    @model_validator(mode="after")
+    def _check_split(self) -> TrainConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by processes={self.processes}: "
+                "each process draws batch_size/processes samples of the global batch"
+            )
+        return self
 
 
 class PseudoLabelConfig(_Config):
