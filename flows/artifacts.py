@@ -80,13 +80,17 @@ def pseudo_stats(round_index: int, total: dict, unit: str, class_names: list[str
     n = max(1, sum(total["class_counts"]))
     for name, c in zip(class_names, total["class_counts"]):
         lines.append(f"| {name} | {c} | {100 * c / n:.1f}% |")
-    hist = total.get("score_hist") or []
-    if any(hist):
-        lines += ["", "| score | count |", "|---|---|"]
-        bins = len(hist)
-        for i, c in enumerate(hist):
-            if c:
-                lines.append(f"| {i / bins:.1f}-{(i + 1) / bins:.1f} | {c} |")
+    if total.get("pixels"):
+        lines.insert(9, f"| share of kept images' {unit} labeled | {100 * total['labels'] / total['pixels']:.1f}% |")
+    # Histograms a family adds (score_hist: per label; kept_share_hist: per image), in tenths.
+    for key in sorted(k for k in total if k.endswith("_hist")):
+        hist = total[key] or []
+        if any(hist):
+            lines += ["", f"| {key.removesuffix('_hist').replace('_', ' ')} | count |", "|---|---|"]
+            bins = len(hist)
+            for i, c in enumerate(hist):
+                if c:
+                    lines.append(f"| {i / bins:.1f}-{(i + 1) / bins:.1f} | {c} |")
     create_markdown_artifact(
         "\n".join(lines), key=f"pseudo-stats-round-{round_index}", description="Pseudo-label statistics"
     )

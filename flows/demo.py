@@ -80,14 +80,16 @@ def demo_config(
 
 
 def format_summary(summary: dict, title: str) -> str:
-    metric = summary["metric"]
+    from tasks.families import get_family
+
+    metric, unit = summary["metric"], get_family(summary["family"]).label_unit
     lines = [title, f"{'round':>5}  {'teacher ' + metric:>11}  {'student ' + metric:>11}  {'gain':>6}  pseudo-labels"]
     for r in summary["rounds"]:
         t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
         p = r["pseudo"]
         lines.append(
             f"{r['round']:>5}  {t:>11.2f}  {s:>11.2f}  {s - t:>+6.2f}  "
-            f"{p['kept']}/{p['images']} images kept, {p['labels']} labels"
+            f"{p['kept']}/{p['images']} images kept, {p['labels']} {unit}"
         )
     lines.append(f"elapsed {summary['elapsed_s']:.0f} s; run directory {summary['run_dir']}")
     return "\n".join(lines)

@@ -45,3 +45,34 @@ def test_student_from_teacher_with_process_pool_labeling(prefect_harness, tmp_pa
     summary = run_quick(tmp_path, "student.init=teacher", "pseudo.runner=process", "student.normalize_loss=false")
     assert_finite(summary)
     assert summary["rounds"][0]["pseudo"]["images"] == 48
+
+
+def test_segmentation_demo_end_to_end(prefect_harness, tmp_path, capsys):
+    """Teacher -> pixel pseudo-labels (two-scale teacher) -> noised student, reported in mIoU."""
+    from data.shards import iter_shard
+    from segmentation.pseudo import decode
+
+    args = ["demo", "--family", "segmentation", "--quick", "--out", str(tmp_path),
+            "--set", "pseudo.scales=[0.5,1.0]", "--set", "student.train.augment_level=S3"]
+    assert main(args) == 0
+    assert "student mIoU" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["family"] == "segmentation" and summary["metric"] == "mIoU"
+    r0 = summary["rounds"][0]
+    assert_finite(summary)
+    assert {"mIoU", "pixel_accuracy"} <= set(r0["teacher_metrics"])
+    pseudo = r0["pseudo"]
+    assert pseudo["images"] == 48 and 0 < pseudo["kept"] <= 48
+    sidecars = sorted((tmp_path / "run" / "round-0" / "pseudo").glob("labels-*.tar"))
+    assert len(sidecars) == 3
+    kept_pixels = 0
+    for tar in sidecars:
+        for _, record in iter_shard(str(tar)):
+            mask = decode(record["png"])["mask"]
+            assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 255}
+            kept_pixels += int((mask != 255).sum())
+    assert kept_pixels == pseudo["labels"]
+    shard_stats = [json.loads(t.with_suffix(".json").read_text()) for t in sidecars]
+    assert sum(sum(s["class_counts"]) for s in shard_stats) == kept_pixels
+    assert sum(s["pixels"] for s in shard_stats) >= kept_pixels
+    assert "scales:\n    - 0.5\n    - 1.0" in (tmp_path / "run" / "config.yaml").read_text()
