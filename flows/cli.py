@@ -3,6 +3,7 @@
     noisy-student demo [--family detection|segmentation] [--quick] [--seed N] [--out DIR] [--device cpu]
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
+    noisy-student serve [--name local] [--limit N]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
     noisy-student augment preview OUT.png [--level S3] [--n 16] [--config CONFIG] [--seed N]
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--round", type=int, default=0, dest="round_index")
     stage.add_argument("--checkpoint", default=None, help="evaluate: model file (default: the round's student)")
     _add_set(stage)
+
+    serve = sub.add_parser(
+        "serve", help="serve every flow as a deployment on this machine (needs PREFECT_API_URL for the UI)"
+    )
+    serve.add_argument("--name", default="local", help="deployment name: <flow>/<name> (default local)")
+    serve.add_argument("--limit", type=int, default=None, help="at most N flow runs at once")
 
     shards = sub.add_parser("shards", help="webdataset shards of unlabeled images")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
@@ -137,6 +144,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     # Prefect is imported only for the commands that run flows.
+    if args.command == "serve":
+        from flows.serve import serve_all
+
+        serve_all(args.name, args.limit)
+        return 0
+
     from flows import stages
 
     if args.command == "demo":
