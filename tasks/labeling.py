@@ -2,8 +2,12 @@
 
 `<pseudo>/labels-NNNNNN.tar` holds `{key}.{ext}` for the images the teacher kept, in
 the image shard's order; `<pseudo>/labels-NNNNNN.json` (written after the tar) holds
-the shard's counts and the digest of its inputs, so a finished shard is never
-labeled twice. A corrupt image is logged with its shard and key, counted, skipped.
+the shard's counts and the digest of its inputs (its `key`), so a finished shard is
+never labeled twice: a run killed mid-way resumes with the shards whose json is
+missing or records another key. Both files are written to a temporary name and
+renamed, so a final name never holds a partial file, and the json's presence means
+its tar is complete. A corrupt image is logged with its shard and key, counted,
+skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ log = logging.getLogger("noisy_student.labeling")
 def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     return out_dir / f"labels-{index:06d}.tar", out_dir / f"labels-{index:06d}.json"
+
+
+def finished_shard(out_tar: str | Path, out_json: str | Path, key: str) -> dict | None:
+    """The stats a finished shard recorded, if they carry `key` and its tar exists; else None."""
+    done = read_json(out_json)
+    if isinstance(done, dict) and done.get("key") == key and Path(out_tar).exists():
+        return done
+    return None
 
 
 def empty_stats(num_classes: int) -> dict:
@@ -124,8 +136,7 @@ def label_shard(
     shard, sidecar.
     """
     out_tar, out_json = Path(out_tar), Path(out_json)
-    done = read_json(out_json)
-    if done and done.get("key") == key and out_tar.exists():
+    if done := finished_shard(out_tar, out_json, key):
         return done
     stats = empty_stats(num_classes)
 

@@ -65,8 +65,16 @@ def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, float]:
 def label_shard(
     cfg: RunConfig, teacher_checkpoint: str, shard: str, index: int, out_dir: str, key: str, num_classes: int
 ) -> dict:
-    family, model = training.shared_model(teacher_checkpoint, cfg.device)
+    """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict).
+
+    A shard already labeled with this `key` is returned as it is, before the teacher is
+    loaded, so a retried or resumed task costs a file read.
+    """
     out_tar, out_json = labeling.sidecar_paths(out_dir, index)
+    if done := labeling.finished_shard(out_tar, out_json, key):
+        _logger().info("shard %s: already labeled (%s); skipped", shard, out_json.name)
+        return done
+    family, model = training.shared_model(teacher_checkpoint, cfg.device)
     stats = labeling.label_shard(
         family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key
     )
