@@ -4,6 +4,16 @@ A mixed batch holds exactly `n_human` human samples first, then `n_pseudo` pseud
 samples (DESIGN.md section 7; 1:1 by default, as in the paper). Both streams are
 endless and seeded, so a training stage restarted at step k gets a fresh stream
 seeded by (seed, k).
+
+With several training processes (ranks), each draws its own part of the global batch:
+- human samples: every rank walks the same seeded global order and takes its block of
+  each step's global batch (rank r: positions [r*b, (r+1)*b) of the step's B = N*b), so
+  the N per-rank batches of a step together are exactly the one-process batch;
+- pseudo samples: the shards are split over (rank, loader worker) pairs, so no image
+  shard is read by two processes (when there are fewer shards than pairs, the samples
+  are split instead). Each rank's stream is fixed by the seed; their union covers the
+  pool, but a step's pseudo samples differ from a one-process run's.
+Augmentation randomness is drawn per rank (`rank_seed`), never shared between ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from data.augment import apply_level
 from data.shards import decode_image, image_bytes, iter_with_sidecar
-
 
 # Loader workers start from a fork server, not by forking the training process: a
 # process that has initialized CUDA, or that runs Prefect's threads and event loop,
@@ -31,31 +40,59 @@ def loader_options(num_workers: int) -> dict:
     return {"num_workers": num_workers, "multiprocessing_context": WORKER_CONTEXT}
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """`seed` for rank 0; for other ranks a 63-bit seed derived from (seed, rank)."""
+    return seed if rank == 0 else random.Random(f"{seed}-rank-{rank}").getrandbits(63)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+
+
 def list_collate(samples: list) -> list:
     """Keep a loader's batch as a list of samples (the family collates the mix)."""
     return samples
 
 
 class InfiniteSampler(Sampler[int]):
-    """Endless reshuffled passes over range(n), seeded."""
+    """Endless reshuffled passes over range(n), seeded; this rank's share of it.
 
-    def __init__(self, n: int, seed: int = 0):
+    The global stream is the same on every rank (same seed). It is cut into blocks of
+    `block` indices (a rank's batch size) dealt round-robin: rank r gets blocks r, r+N,
+    r+2N, ... With world_size=1 it is the whole stream.
+    """
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, block: int = 1):
         if n < 1:
             raise ValueError("cannot sample from an empty dataset")
+        _check_rank(rank, world_size)
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
         self.n, self.seed = n, seed
+        self.rank, self.world_size, self.block = rank, world_size, block
 
-    def __iter__(self) -> Iterator[int]:
+    def _global(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed)
         while True:
             yield from torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        if self.world_size == 1:
+            yield from self._global()
+            return
+        for position, index in enumerate(self._global()):
+            if (position // self.block) % self.world_size == self.rank:
+                yield index
 
 
 class PseudoLabeledShards(IterableDataset):
     """Endless stream of augmented pseudo-labeled samples from (image shard, sidecar) pairs.
 
     Each image shard is read in lockstep with its sidecar (`iter_with_sidecar`), so only
-    kept images appear. Loader workers split the shards; samples pass through a shuffle
-    buffer. Yields `(image uint8 [3,S,S], target)` like a labeled dataset.
+    kept images appear. The (rank, loader worker) pairs split the shards; samples pass
+    through a shuffle buffer. Yields `(image uint8 [3,S,S], target)` like a labeled
+    dataset. `rank`/`world_size`: this training process among all of them.
     """
 
     def __init__(
@@ -68,38 +105,44 @@ class PseudoLabeledShards(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 256,
         loop: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if not pairs:
             raise ValueError("no pseudo-label shards to read")
+        _check_rank(rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.pairs = list(pairs)
         self.decode_label = decode_label
         self.sidecar_ext = sidecar_ext
         self.augment_level, self.size = augment_level, size
         self.seed, self.shuffle_buffer, self.loop = seed, shuffle_buffer, loop
 
-    def _records(self, rng: random.Random, worker: int, workers: int):
+    def _records(self, rng: random.Random, reader: int, readers: int):
         order = list(self.pairs)
         rng.shuffle(order)
-        if len(order) >= workers:
-            for image_shard, sidecar in order[worker::workers]:
+        if len(order) >= readers:
+            for image_shard, sidecar in order[reader::readers]:
                 for _, record, side in iter_with_sidecar(image_shard, sidecar):
                     yield record, side
-        else:  # fewer shards than workers: split samples instead
+        else:  # fewer shards than readers: split samples instead
             i = 0
             for image_shard, sidecar in order:
                 for _, record, side in iter_with_sidecar(image_shard, sidecar):
-                    if i % workers == worker:
+                    if i % readers == reader:
                         yield record, side
                     i += 1
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # readers: every loader worker of every rank; with one rank, reader == worker
+        reader, readers = self.rank * workers + worker, self.world_size * workers
         epoch = 0
         while True:
-            rng = random.Random(f"{self.seed}-{epoch}-{worker}")
+            rng = random.Random(f"{self.seed}-{epoch}-{reader}")
             buffer: list = []
-            for item in self._records(random.Random(f"{self.seed}-{epoch}"), worker, workers):
+            for item in self._records(random.Random(f"{self.seed}-{epoch}"), reader, readers):
                 buffer.append(item)
                 if len(buffer) >= self.shuffle_buffer:
                     yield self._sample(buffer.pop(rng.randrange(len(buffer))))
@@ -119,10 +162,17 @@ class PseudoLabeledShards(IterableDataset):
 
 
 def endless_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, seed: int
+    dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> Iterator[list]:
-    """Endless iterator of lists of `batch_size` samples (map-style or iterable dataset)."""
-    g = torch.Generator().manual_seed(seed)
+    """Endless iterator of lists of `batch_size` samples (map-style or iterable dataset).
+
+    batch_size: this rank's share of the global batch. A map-style dataset is read in
+    the global order of `InfiniteSampler(seed)`, this rank's blocks; an iterable dataset
+    splits itself by rank (build it with the same rank). Loader workers' random seeds
+    come from `rank_seed(seed, rank)`.
+    """
+    _check_rank(rank, world_size)
+    g = torch.Generator().manual_seed(rank_seed(seed, rank))
     common = dict(
         batch_size=batch_size,
         collate_fn=list_collate,
@@ -134,7 +184,8 @@ def endless_loader(
     )
     if isinstance(dataset, IterableDataset):
         return iter(DataLoader(dataset, **common))
-    return iter(DataLoader(dataset, sampler=InfiniteSampler(len(dataset), seed), **common))
+    sampler = InfiniteSampler(len(dataset), seed, rank, world_size, block=batch_size)
+    return iter(DataLoader(dataset, sampler=sampler, **common))
 
 
 def mixed_batches(
