@@ -4,6 +4,12 @@ No Prefect here: the teacher and student tasks wrap `fit` and pass a `log` calla
 State saved every `checkpoint_every` steps (atomically) in `<stage>/checkpoint.pt`:
 model, optimizer, schedule position, extra state (the loss normalizer), and the
 digest of the stage's inputs, so a checkpoint of other inputs is never resumed.
+
+The same `fit` runs in every training process (tasks/distributed.py): every rank
+resumes from the checkpoint, the model trains as a DistributedDataParallel replica,
+logged values and the loss normalizer's averages are means over ranks (so every rank
+holds the same state), and only rank 0 writes the checkpoint. With one process the
+distributed helpers are the identity.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import nn
 
 from configs import TrainConfig
+from tasks import distributed
 from tasks.rundir import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
@@ -36,7 +43,9 @@ class LossNormalizer:
     normalized: L = 1/(1+a) * (L_h + a * (mavg(L_h) / mavg(L_p)) * L_p)
     plain:      L = L_h + a * L_p
     mavg is an exponential moving average with `decay`, updated with the detached
-    current values before use and started at the first value seen.
+    current values before use and started at the first value seen. With several
+    processes the averages see the means of L_h and L_p over all ranks, so every rank
+    holds the same state and the same ratio.
     """
 
     def __init__(self, alpha: float = 1.0, decay: float = 0.99, enabled: bool = True):
@@ -50,8 +59,9 @@ class LossNormalizer:
     def __call__(self, loss_h: torch.Tensor, loss_p: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return loss_h + self.alpha * loss_p
-        self.mavg_h = self._update(self.mavg_h, float(loss_h.detach()))
-        self.mavg_p = self._update(self.mavg_p, float(loss_p.detach()))
+        mean_h, mean_p = distributed.average_over_ranks(torch.stack([loss_h.float(), loss_p.float()])).tolist()
+        self.mavg_h = self._update(self.mavg_h, mean_h)
+        self.mavg_p = self._update(self.mavg_p, mean_p)
         ratio = self.mavg_h / max(self.mavg_p, 1e-12)
         return (loss_h + self.alpha * ratio * loss_p) / (1 + self.alpha)
 
@@ -108,10 +118,14 @@ def fit(
     """Train `model` for `cfg.steps` steps, resuming from `<stage_dir>/checkpoint.pt`.
 
     make_batches(start_step) -> endless iterator of batches (seeded by start_step).
-    step_loss(model, batch) -> (scalar loss, {name: float}) for logging.
+    step_loss(model, batch) -> (scalar loss, {name: float}) for logging; `model` is
+    the module being trained (a DDP replica with several processes).
     key: digest of the stage's inputs; a checkpoint with another key is ignored.
     on_step(step, logs): called after every optimizer step (hooks: tests, progress).
-    Returns {"step", "resumed_from", "seconds", "images_per_s", "last": logs}.
+    With several processes (tasks/distributed.py) each rank calls fit with its own
+    batches (its share of the global batch); logs are means over ranks.
+    Returns {"step", "resumed_from", "seconds", "images_per_s" (all ranks), "processes",
+    "last": logs}.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +152,12 @@ def fit(
         else:
             log(f"ignoring {ckpt_path}: it belongs to other inputs")
 
+    net = distributed.prepare_model(model, device, cfg.sync_batchnorm)
+    ranks = distributed.world_size()
+
     def save(step: int) -> None:
+        if not distributed.is_main():
+            return
         atomic_torch_save(
             {
                 "key": key,
@@ -151,7 +170,7 @@ def fit(
             ckpt_path,
         )
 
-    model.train()
+    net.train()
     batches = make_batches(start) if start < cfg.steps else iter(())
     t0 = time.perf_counter()
     images, logs = 0, {}
@@ -161,9 +180,12 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         with autocast(device, cfg.amp):
-            loss, logs = step_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; logs {logs}")
+            loss, logs = step_loss(net, batch)
+        # One all-reduce: every rank logs global means and stops together on a bad loss.
+        logs = distributed.mean_over_ranks({**logs, "_loss": float(loss.detach())})
+        total = logs.pop("_loss")
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at step {step}; logs {logs}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip is not None:
@@ -171,7 +193,7 @@ def fit(
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         scaler.step(optimizer)
         scaler.update()
-        n = len(batch["images"])
+        n = len(batch["images"]) * ranks
         images += n
         window_images += n
         done = step + 1
@@ -191,5 +213,6 @@ def fit(
         "resumed_from": start,
         "seconds": seconds,
         "images_per_s": images / seconds if seconds > 0 and images else 0.0,
+        "processes": ranks,
         "last": logs,
     }

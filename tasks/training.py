@@ -2,6 +2,11 @@
 
 `model.pt` holds {"family", "model_cfg", "state"}: enough to rebuild the model
 anywhere, loaded with `weights_only=True`.
+
+`train_teacher` and `train_student` train on `processes` processes of their
+TrainConfig (tasks/distributed.py): with one process the stage runs here; with N, the
+same `_*_rank` function runs once per rank, each rank reading batch_size/N human (and
+pseudo) samples per step, and rank 0 writes checkpoint.pt and model.pt.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 
 from configs import ModelConfig, RunConfig, TrainConfig
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
+from tasks import distributed
 from tasks.contract import Family
 from tasks.engine import LossNormalizer, fit
 from tasks.families import get_family
@@ -62,20 +68,48 @@ def _sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(losses.values())).sum(0)
 
 
+def _seed_rank_noise(tcfg: TrainConfig) -> None:
+    """After the (identical) model init: distinct augmentation/dropout noise per rank."""
+    if distributed.world_size() > 1:
+        torch.manual_seed(distributed.rank_seed(tcfg.seed))
+
+
+def _processes_note(tcfg: TrainConfig) -> str:
+    n = tcfg.processes
+    return f" on {n} processes of {tcfg.batch_size // n}" if n > 1 else ""
+
+
+def _write_model(stage_dir: str | Path, family_name: str, model_cfg: ModelConfig, model: nn.Module) -> None:
+    """Rank 0 writes model.pt; every rank returns once it exists."""
+    if distributed.is_main():
+        save_model(Path(stage_dir) / MODEL_FILE, family_name, model_cfg, model)
+    distributed.barrier()
+
+
 def train_teacher(
     cfg: RunConfig, stage_dir: str | Path, key: str, log: Callable[[str], None] = print, on_step=None
 ) -> dict:
-    """Supervised training on human labels; writes `<stage_dir>/model.pt`."""
+    """Supervised training on human labels on `cfg.teacher.processes` processes; writes model.pt."""
+    tcfg = cfg.teacher
+    return distributed.launch(
+        _teacher_rank, (cfg, str(stage_dir), key), tcfg.processes, cfg.device, tcfg.dist_backend, log, on_step
+    )
+
+
+def _teacher_rank(cfg: RunConfig, stage_dir: str, key: str, *, device: torch.device, log, on_step) -> dict:
     family = get_family(cfg.family)
     _check_classes(family, cfg, cfg.model)
     tcfg = cfg.teacher
+    rank, ranks = distributed.rank(), distributed.world_size()
+    batch = distributed.per_rank(tcfg.batch_size, ranks)
     torch.manual_seed(tcfg.seed)
     model = family.build_model(cfg.model)
+    _seed_rank_noise(tcfg)
     dataset = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
-    log(f"teacher: {len(dataset)} labeled images, {tcfg.steps} steps of {tcfg.batch_size}")
+    log(f"teacher: {len(dataset)} labeled images, {tcfg.steps} steps of {tcfg.batch_size}{_processes_note(tcfg)}")
 
     def make_batches(start: int):
-        human = endless_loader(dataset, tcfg.batch_size, cfg.data.num_workers, _seed(tcfg, start))
+        human = endless_loader(dataset, batch, cfg.data.num_workers, _seed(tcfg, start), rank, ranks)
         return mixed_batches(human, None, family.collate)
 
     def step_loss(model: nn.Module, batch: dict):
@@ -83,8 +117,8 @@ def train_teacher(
         total = _sum_losses(losses).mean()
         return total, {"loss": total.item(), **{k: v.mean().item() for k, v in losses.items()}}
 
-    result = fit(stage_dir, model, make_batches, step_loss, tcfg, cfg.device, key, log=log, on_step=on_step)
-    save_model(Path(stage_dir) / MODEL_FILE, cfg.family, cfg.model, model)
+    result = fit(stage_dir, model, make_batches, step_loss, tcfg, device, key, log=log, on_step=on_step)
+    _write_model(stage_dir, cfg.family, cfg.model, model)
     return result
 
 
@@ -97,12 +131,43 @@ def train_student(
     log: Callable[[str], None] = print,
     on_step=None,
 ) -> dict:
-    """Joint training on human + pseudo labels with loss normalization; writes model.pt."""
+    """Joint training on human + pseudo labels with loss normalization, on
+    `cfg.student.train.processes` processes; writes model.pt."""
+    tcfg = cfg.student.train
+    distributed.per_rank(cfg.student.pseudo_per_batch, tcfg.processes, PSEUDO_PER_BATCH)
+    return distributed.launch(
+        _student_rank,
+        (cfg, str(stage_dir), key, list(pseudo_pairs), str(teacher_checkpoint)),
+        tcfg.processes,
+        cfg.device,
+        tcfg.dist_backend,
+        log,
+        on_step,
+    )
+
+
+PSEUDO_PER_BATCH = "pseudo images per batch (round(student.train.batch_size * student.pseudo_ratio))"
+
+
+def _student_rank(
+    cfg: RunConfig,
+    stage_dir: str,
+    key: str,
+    pseudo_pairs: list[tuple[str, str]],
+    teacher_checkpoint: str,
+    *,
+    device: torch.device,
+    log,
+    on_step,
+) -> dict:
     family = get_family(cfg.family)
     scfg = cfg.student
     tcfg = scfg.train
     model_cfg = cfg.student_model
     _check_classes(family, cfg, model_cfg)
+    rank, ranks = distributed.rank(), distributed.world_size()
+    n_human = distributed.per_rank(tcfg.batch_size, ranks)
+    n_pseudo = distributed.per_rank(scfg.pseudo_per_batch, ranks, PSEUDO_PER_BATCH)
     torch.manual_seed(tcfg.seed)
     model = family.build_model(model_cfg)
     if scfg.init != "scratch":
@@ -115,22 +180,24 @@ def train_student(
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
         log(f"student initialized from {path}")
+    _seed_rank_noise(tcfg)
     human = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
-    n_pseudo = scfg.pseudo_per_batch
     log(
         f"student: {len(human)} labeled images, pseudo labels from {len(pseudo_pairs)} shards; "
-        f"batches of {tcfg.batch_size} human + {n_pseudo} pseudo, {tcfg.steps} steps"
+        f"batches of {tcfg.batch_size} human + {scfg.pseudo_per_batch} pseudo, {tcfg.steps} steps"
+        + (f" on {ranks} processes of {n_human} + {n_pseudo}" if ranks > 1 else "")
     )
     normalizer = LossNormalizer(scfg.alpha, scfg.loss_ema_decay, scfg.normalize_loss)
 
     def make_batches(start: int):
         seed = _seed(tcfg, start)
         pseudo = PseudoLabeledShards(
-            pseudo_pairs, family.decode, family.sidecar_ext, tcfg.augment_level, cfg.data.image_size, seed=seed
+            pseudo_pairs, family.decode, family.sidecar_ext, tcfg.augment_level, cfg.data.image_size, seed=seed,
+            rank=rank, world_size=ranks,
         )
         return mixed_batches(
-            endless_loader(human, tcfg.batch_size, cfg.data.num_workers, seed),
-            endless_loader(pseudo, n_pseudo, cfg.data.num_workers, seed + 1),
+            endless_loader(human, n_human, cfg.data.num_workers, seed, rank, ranks),
+            endless_loader(pseudo, n_pseudo, cfg.data.num_workers, seed + 1, rank, ranks),
             family.collate,
         )
 
@@ -147,13 +214,13 @@ def train_student(
         make_batches,
         step_loss,
         tcfg,
-        cfg.device,
+        device,
         key,
         extra_state={"normalizer": normalizer},
         log=log,
         on_step=on_step,
     )
-    save_model(Path(stage_dir) / MODEL_FILE, cfg.family, model_cfg, model)
+    _write_model(stage_dir, cfg.family, model_cfg, model)
     return result
 
 
