@@ -21,9 +21,9 @@
 Why not torchrun: its ranks are fresh interpreters that would re-import torch, timm
 and the model code (about 15 s each on a busy 2-core machine) and re-read the config
 from a file; results and failures would come back through files and exit codes.
-Forked from a server that has imported the training module, a rank starts in well
-under a second, takes the pydantic config and the run's arguments as they are, and
-hands its result back. Elastic restarts are not needed: a failed stage is rerun as a
+Forked from a server that has imported the training module (once per launching
+process), a rank starts in about half a second, takes the pydantic config and the
+run's arguments as they are, and hands its result back. Elastic restarts are not needed: a failed stage is rerun as a
 task and `fit` resumes from its checkpoint. Only one machine is covered (`processes`
 per node); multi-node training would need a rendezvous address instead of 127.0.0.1.
 The fork server (not fork) keeps ranks clear of the launching process's threads
@@ -406,7 +406,8 @@ def launch(
     reports = tempfile.mkdtemp(prefix="noisy-student-ranks-")
     store = dist.TCPStore(HOST, 0, world_size=None, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     threads = max(1, torch.get_num_threads() // processes)
-    log(f"training on {processes} processes ({backend}, {_rank_device(device, 0)}...)")
+    devices = "cpu" if device.type == "cpu" else f"{_rank_device(device, 0)}..{_rank_device(device, processes - 1)}"
+    log(f"training on {processes} processes ({backend}, {devices})")
     context = torch_mp.start_processes(
         _run_rank,
         args=(fn, args, processes, store.port, backend, device, threads, events, replies, on_step is not None, reports),

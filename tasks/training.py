@@ -74,11 +74,6 @@ def _seed_rank_noise(tcfg: TrainConfig) -> None:
         torch.manual_seed(distributed.rank_seed(tcfg.seed))
 
 
-def _processes_note(tcfg: TrainConfig) -> str:
-    n = tcfg.processes
-    return f" on {n} processes of {tcfg.batch_size // n}" if n > 1 else ""
-
-
 def _write_model(stage_dir: str | Path, family_name: str, model_cfg: ModelConfig, model: nn.Module) -> None:
     """Rank 0 writes model.pt; every rank returns once it exists."""
     if distributed.is_main():
@@ -101,15 +96,18 @@ def _teacher_rank(cfg: RunConfig, stage_dir: str, key: str, *, device: torch.dev
     _check_classes(family, cfg, cfg.model)
     tcfg = cfg.teacher
     rank, ranks = distributed.rank(), distributed.world_size()
-    batch = distributed.per_rank(tcfg.batch_size, ranks)
+    n_human = distributed.per_rank(tcfg.batch_size, ranks)
     torch.manual_seed(tcfg.seed)
     model = family.build_model(cfg.model)
     _seed_rank_noise(tcfg)
     dataset = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
-    log(f"teacher: {len(dataset)} labeled images, {tcfg.steps} steps of {tcfg.batch_size}{_processes_note(tcfg)}")
+    log(
+        f"teacher: {len(dataset)} labeled images, {tcfg.steps} steps of {tcfg.batch_size}"
+        + (f" on {ranks} processes of {n_human}" if ranks > 1 else "")
+    )
 
     def make_batches(start: int):
-        human = endless_loader(dataset, batch, cfg.data.num_workers, _seed(tcfg, start), rank, ranks)
+        human = endless_loader(dataset, n_human, cfg.data.num_workers, _seed(tcfg, start), rank, ranks)
         return mixed_batches(human, None, family.collate)
 
     def step_loss(model: nn.Module, batch: dict):
@@ -120,6 +118,9 @@ def _teacher_rank(cfg: RunConfig, stage_dir: str, key: str, *, device: torch.dev
     result = fit(stage_dir, model, make_batches, step_loss, tcfg, device, key, log=log, on_step=on_step)
     _write_model(stage_dir, cfg.family, cfg.model, model)
     return result
+
+
+PSEUDO_PER_BATCH = "pseudo images per batch (round(student.train.batch_size * student.pseudo_ratio))"
 
 
 def train_student(
@@ -144,9 +145,6 @@ def train_student(
         log,
         on_step,
     )
-
-
-PSEUDO_PER_BATCH = "pseudo images per batch (round(student.train.batch_size * student.pseudo_ratio))"
 
 
 def _student_rank(
