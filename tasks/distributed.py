@@ -441,10 +441,11 @@ def launch(
             try:
                 msg = events.get(timeout=_POLL_S)
             except queue.Empty:
-                if context.join(timeout=0):
-                    break
-                continue
-            handle(msg)
+                msg = None
+            if msg is not None:
+                handle(msg)
+            if context.join(timeout=0):  # raises as soon as a rank has failed
+                break
         drain()
     except torch_mp.ProcessRaisedException as err:
         drain(only_logs=True)
