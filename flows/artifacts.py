@@ -6,6 +6,8 @@ so the UI lists each artifact's history under one key.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -17,10 +19,11 @@ from prefect.artifacts import (
 class LabelingProgress:
     """A progress artifact advanced as shards finish (percent of shards)."""
 
-    def __init__(self, round_index: int, num_shards: int):
-        self.total, self.done, self.images = num_shards, 0, 0
+    def __init__(self, round_index: int, num_shards: int, finished: Sequence[dict] = ()):
+        """`finished`: stats of the shards an earlier, interrupted run labeled."""
+        self.total, self.done, self.images = num_shards, len(finished), sum(s["images"] for s in finished)
         self.id = create_progress_artifact(
-            0.0,
+            100.0 * self.done / max(1, num_shards),
             key=f"labeling-progress-round-{round_index}",
             description=f"Pseudo-labeling round {round_index}: shards done of {num_shards}",
         )
