@@ -139,9 +139,15 @@ class PseudoLabelConfig(_Config):
     max_boxes: int = Field(100, ge=1)
     per_class_cap: int | None = Field(None, ge=1, description="at most N labels of a class per image")
     batch_size: int = Field(32, ge=1)
-    runner: Literal["thread", "process", "dask"] = "thread"
-    max_workers: int = Field(2, ge=1)
-    dask_address: str | None = Field(None, description="scheduler address; None starts a LocalCluster")
+    runner: Literal["thread", "process", "dask"] = Field(
+        "thread", description="thread or process: a pool on this machine; dask: a Dask cluster, one task per shard"
+    )
+    max_workers: int = Field(
+        2, ge=1, description="pool size, or worker processes of the LocalCluster the dask runner starts"
+    )
+    dask_address: str | None = Field(
+        None, description="running Dask scheduler (tcp://host:8786); None: the dask runner starts a LocalCluster"
+    )
     shard_limit: int | None = Field(None, ge=1, description="label only the first N shards")
     scales: tuple[float, ...] = Field(
         (1.0,), min_length=1, description="segmentation teacher: average softmax over these input scales"
