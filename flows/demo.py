@@ -21,6 +21,12 @@ WORLDS = {
     "quick": dict(n_train=16, n_val=16, n_unlabeled=48, per_shard=16),
 }
 FAMILY_NAMES = ("detection", "segmentation")
+# The world per family. Segmentation tells shapes apart pixel by pixel from stride-8
+# features, so its world draws larger shapes (a 16 px triangle is two P3 cells wide).
+WORLD_SPECS = {
+    "detection": WorldSpec(),
+    "segmentation": WorldSpec(object_size=(24.0, 64.0)),
+}
 
 
 def demo_preset(family: str = "detection", quick: bool = False) -> str:
@@ -62,7 +68,7 @@ def demo_config(
     preset = demo_preset(family, quick)
     sizes = WORLDS["quick" if quick else "full"]
     out = Path(out)
-    world = write_world(out / "world", WorldSpec(), seed=seed, **sizes)
+    world = write_world(out / "world", WORLD_SPECS[family], seed=seed, **sizes)
     data, num_classes = _world_data(family, world)
     raw = yaml.safe_load(resolve_preset(preset).read_text())
     raw = merge(
