@@ -6,6 +6,7 @@ so the UI lists each artifact's history under one key.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from prefect.artifacts import (
@@ -17,25 +18,36 @@ from prefect.artifacts import (
 
 
 class LabelingProgress:
-    """A progress artifact advanced as shards finish (percent of shards)."""
+    """A progress artifact advanced as shards finish (percent of shards).
 
-    def __init__(self, round_index: int, num_shards: int, finished: Sequence[dict] = ()):
+    The artifact is updated at most once per `min_interval_s`, and when the last shard
+    finishes: one API call per shard would cost more than a small shard's labeling.
+    """
+
+    def __init__(
+        self, round_index: int, num_shards: int, finished: Sequence[dict] = (), min_interval_s: float = 1.0
+    ):
         """`finished`: stats of the shards an earlier, interrupted run labeled."""
         self.total, self.done, self.images = num_shards, len(finished), sum(s["images"] for s in finished)
+        self.min_interval_s = min_interval_s
         self.id = create_progress_artifact(
             100.0 * self.done / max(1, num_shards),
             key=f"labeling-progress-round-{round_index}",
             description=f"Pseudo-labeling round {round_index}: shards done of {num_shards}",
         )
+        self._updated = time.monotonic()
 
     def advance(self, shard_stats: dict) -> None:
         self.done += 1
         self.images += shard_stats["images"]
+        if self.done < self.total and time.monotonic() - self._updated < self.min_interval_s:
+            return
         update_progress_artifact(
             self.id,
             100.0 * self.done / self.total,
             description=f"{self.done}/{self.total} shards, {self.images} images labeled",
         )
+        self._updated = time.monotonic()
 
 
 def _fmt(v: float) -> str:

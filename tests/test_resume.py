@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 
 from configs import dump_config
@@ -135,3 +135,30 @@ def test_a_shard_is_relabeled_unless_its_json_records_the_key(prefect_harness, t
     assert label_shard_runs(state.state_details.flow_run_id) == 1
     assert (pseudo / "labels-000000.tar").stat().st_mtime_ns == kept
     assert tar.read_bytes() == reference and json.loads(js.read_text())["key"] != "another teacher"
+
+
+def test_progress_starts_from_resumed_shards_and_updates_sparingly(prefect_harness, monkeypatch):
+    from prefect import flow
+
+    from flows import artifacts
+
+    updates = []
+    update = artifacts.update_progress_artifact
+    monkeypatch.setattr(artifacts, "update_progress_artifact", lambda *a, **k: updates.append(a[1]) or update(*a, **k))
+
+    @flow
+    def label_eight(resumed: int) -> list[float]:
+        progress = artifacts.LabelingProgress(7, 8, finished=[{"images": 4}] * resumed, min_interval_s=3600)
+        seen = [read_progress(progress.id)]
+        for _ in range(8 - resumed):
+            progress.advance({"images": 4})
+        return seen + [read_progress(progress.id)]
+
+    assert label_eight(2) == [25.0, 100.0]
+    assert updates == [100.0]  # only the last shard's advance reached the API
+
+
+def read_progress(artifact_id) -> float:
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
+    return float(artifact.data)
