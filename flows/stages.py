@@ -232,8 +232,8 @@ def _started(runner, rule: PseudoLabelConfig, device: str, logger):
                     f"cannot reach the Dask scheduler at {rule.dask_address!r} (pseudo.dask_address): {err}"
                 ) from err
             need = dask_annotations(rule, device).get("resources", {})
-            workers = client.scheduler_info()["workers"].values()
-            if need and not any(w.get("resources", {}).get(r, 0) >= n for w in workers for r, n in need.items()):
+            offers = [w.get("resources", {}) for w in client.scheduler_info()["workers"].values()] if need else []
+            if need and not any(all(o.get(r, 0) >= n for r, n in need.items()) for o in offers):
                 logger.warning(
                     "no worker of the Dask scheduler at %s offers the resources %s yet; the labeling tasks "
                     "wait for one (start workers with `dask worker ADDRESS --nthreads 1 --resources GPU=1`)",

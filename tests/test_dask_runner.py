@@ -152,3 +152,18 @@ def test_workers_report_to_the_flows_temporary_server(prefect_harness):
 
     before, flow_api, during = settings_seen_by_tasks()
     assert not before and during == flow_api
+
+
+@pytest.mark.parametrize("offered", [{}, {"GPU": 1}])
+def test_a_cuda_run_warns_when_no_worker_offers_a_gpu(offered, caplog):
+    logger = logging.getLogger("test_dask_runner")
+    with LocalCluster(n_workers=1, processes=False, resources=offered, dashboard_address=":0") as cluster:
+        rule = stages.PseudoLabelConfig(runner="dask", dask_address=cluster.scheduler_address)
+        runner = stages._task_runner(rule, "cuda")
+        with caplog.at_level(logging.WARNING, logger="test_dask_runner"):
+            with stages._started(runner, rule, "cuda", logger):
+                pass
+    warned = [r.getMessage() for r in caplog.records if "offers the resources" in r.getMessage()]
+    assert bool(warned) == (not offered)
+    if warned:
+        assert cluster.scheduler_address in warned[0]
