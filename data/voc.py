@@ -20,14 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.augment import apply_level
+from data.augment import IGNORE, apply_level
 from data.shards import decode_image
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
-IGNORE = 255
 
 
 def read_ids(path: str | Path) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = 255
+from data.augment import IGNORE
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

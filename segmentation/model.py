@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.augment import IGNORE
 from detection.necks import norm2d
 from detection.retinanet import IMAGENET_MEAN, IMAGENET_STD
-
-IGNORE = 255
 
 
 class SegmentationHead(nn.Module):

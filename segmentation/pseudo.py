@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE = 255
+from data.augment import IGNORE
+
 SHARE_BINS = 10  # histogram of the kept-pixel share per image, in tenths
 
 
