@@ -26,7 +26,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from configs import DataConfig, ModelConfig, TrainConfig
-from data.mixing import list_collate
 from segmentation import evaluate as seg_eval
 from tasks.engine import build_optimizer, lr_factor
 from tasks.families import get_family
@@ -91,8 +90,7 @@ def main() -> int:
         loader = DataLoader(train, batch_size=args.batch, shuffle=True, collate_fn=family.collate, drop_last=True)
         batches = itertools.chain.from_iterable(itertools.repeat(loader))
         val = family.labeled_dataset(data, "val", None)
-        eval_samples = list(DataLoader(val, batch_size=50, collate_fn=list_collate))
-        eval_samples = [s for chunk in eval_samples for s in chunk]
+        eval_samples = [val[i] for i in range(len(val))]
 
     start, smoothed = time.perf_counter(), None
     for step in range(args.steps):
