@@ -22,8 +22,32 @@ PRESET_DIR = Path(__file__).parent
 AugmentLevel = Literal["none", "S1", "S2", "S3", "S4"]
 
 
+def run_setting(default: Any, **kwargs: Any) -> Any:
+    """A field that says how a stage runs, not what it computes (workers, logging,
+    process count, ...). It is left out of `digest_view`, so changing it neither
+    restarts a stage nor invalidates the stages after it."""
+    return Field(default, json_schema_extra={"digest": False}, **kwargs)
+
+
+def _digested(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("digest") is False)
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest_view(self) -> dict[str, Any]:
+        """The JSON form of the fields that decide a stage's result (all but the
+        `run_setting` ones), nested configs included: what stage digests are made of."""
+        dumped = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            if not _digested(field):
+                continue
+            value = getattr(self, name)
+            out[name] = value.digest_view() if isinstance(value, _Config) else dumped[name]
+        return out
 
 
 class DataConfig(_Config):
@@ -52,11 +76,13 @@ class DataConfig(_Config):
     labeled_limit: int | None = Field(
         None, ge=1, description="use only the first N labeled images (a label fraction)"
     )
-    unlabeled_shards: str = Field(
-        "", description="webdataset image shards, brace pattern such as pool-{000000..000012}.tar"
+    unlabeled_shards: str = run_setting(
+        "",
+        description="webdataset image shards, brace pattern such as pool-{000000..000012}.tar "
+        "(the pseudo-label stage digests the shards themselves)",
     )
     image_size: int = Field(640, ge=128, description="square training/eval size; multiple of 128")
-    num_workers: int = Field(1, ge=0, description="DataLoader workers per loader")
+    num_workers: int = run_setting(1, ge=0, description="DataLoader workers per loader")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -101,18 +127,18 @@ class TrainConfig(_Config):
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float | None = Field(10.0, gt=0)
     augment_level: AugmentLevel = "S1"
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(25, ge=1)
+    checkpoint_every: int = run_setting(100, ge=1)
+    log_every: int = run_setting(25, ge=1)
     seed: int = 0
     amp: bool = Field(False, description="autocast (bf16 on CPU, fp16 on CUDA)")
-    channels_last: bool = False
-    processes: int = Field(
+    channels_last: bool = run_setting(False)
+    processes: int = run_setting(
         1,
         ge=1,
         description="training processes on this machine (torch.distributed ranks, one GPU each on CUDA); "
-        "each draws batch_size/processes samples of the global batch",
+        "each draws batch_size/processes samples of the global batch; a checkpoint resumes on any number",
     )
-    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+    dist_backend: Literal["auto", "gloo", "nccl"] = run_setting(
         "auto", description="torch.distributed backend with processes > 1; auto: nccl on CUDA, gloo on CPU"
     )
     sync_batchnorm: bool = Field(
@@ -138,14 +164,14 @@ class PseudoLabelConfig(_Config):
     nms_iou: float = Field(0.5, gt=0, le=1)
     max_boxes: int = Field(100, ge=1)
     per_class_cap: int | None = Field(None, ge=1, description="at most N labels of a class per image")
-    batch_size: int = Field(32, ge=1)
-    runner: Literal["thread", "process", "dask"] = Field(
+    batch_size: int = run_setting(32, ge=1)
+    runner: Literal["thread", "process", "dask"] = run_setting(
         "thread", description="thread or process: a pool on this machine; dask: a Dask cluster, one task per shard"
     )
-    max_workers: int = Field(
+    max_workers: int = run_setting(
         2, ge=1, description="pool size, or worker processes of the LocalCluster the dask runner starts"
     )
-    dask_address: str | None = Field(
+    dask_address: str | None = run_setting(
         None, description="running Dask scheduler (tcp://host:8786); None: the dask runner starts a LocalCluster"
     )
     shard_limit: int | None = Field(None, ge=1, description="label only the first N shards")
@@ -189,10 +215,10 @@ class RunConfig(_Config):
     """A whole Noisy Student run: all stages of all rounds."""
 
     family: str = "detection"
-    out_dir: str = "runs/default"
-    rounds: int = Field(1, ge=1)
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
-    eval_batch_size: int = Field(32, ge=1)
+    out_dir: str = run_setting("runs/default")
+    rounds: int = run_setting(1, ge=1, description="self-training rounds (each round's stages are digested alone)")
+    device: str = run_setting("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    eval_batch_size: int = run_setting(32, ge=1)
     data: DataConfig
     model: ModelConfig = ModelConfig()
     teacher: TrainConfig = TrainConfig()

@@ -41,23 +41,19 @@ from tasks.training import MODEL_FILE
 # ----------------------------------------------------------------------------- inputs
 
 
-def _data_inputs(cfg: RunConfig) -> dict:
-    return cfg.data.model_dump(mode="json", exclude={"num_workers", "unlabeled_shards"})
+# Stage inputs hold each config section's `digest_view()`: the settings that decide
+# the result. How a stage runs (processes, workers, logging; `run_setting` fields in
+# configs/) stays out, so changing it neither restarts nor invalidates anything.
 
 
 def teacher_inputs(cfg: RunConfig) -> dict:
     return {
         "stage": "teacher",
         "family": cfg.family,
-        "data": _data_inputs(cfg),
-        "model": cfg.model.model_dump(mode="json"),
-        "train": cfg.teacher.model_dump(mode="json"),
+        "data": cfg.data.digest_view(),
+        "model": cfg.model.digest_view(),
+        "train": cfg.teacher.digest_view(),
     }
-
-
-def _rule_inputs(rule: PseudoLabelConfig) -> dict:
-    # How the labeling is spread over workers does not change the labels.
-    return rule.model_dump(mode="json", exclude={"runner", "max_workers", "dask_address", "batch_size"})
 
 
 def _shard_identity(path: str) -> dict:
@@ -72,7 +68,7 @@ def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
         "stage": "pseudo",
         "family": cfg.family,
         "teacher": teacher["digest"],
-        "rule": _rule_inputs(cfg.pseudo),
+        "rule": cfg.pseudo.digest_view(),
         "image_size": cfg.data.image_size,
         "shards": [_shard_identity(s) for s in shards],
     }
@@ -82,9 +78,10 @@ def student_inputs(cfg: RunConfig, teacher: dict, pseudo: dict) -> dict:
     return {
         "stage": "student",
         "family": cfg.family,
-        "data": _data_inputs(cfg),
-        "model": cfg.student_model.model_dump(mode="json"),
-        "student": cfg.student.model_dump(mode="json", exclude={"model"}),
+        "data": cfg.data.digest_view(),
+        "model": cfg.student_model.digest_view(),
+        # student.model stands under "model", resolved (None: the teacher's architecture)
+        "student": {k: v for k, v in cfg.student.digest_view().items() if k != "model"},
         "pseudo": pseudo["digest"],
         "teacher": teacher["digest"] if cfg.student.init == "teacher" else None,
     }

@@ -3,7 +3,9 @@
 No Prefect here: the teacher and student tasks wrap `fit` and pass a `log` callable.
 State saved every `checkpoint_every` steps (atomically) in `<stage>/checkpoint.pt`:
 model, optimizer, schedule position, extra state (the loss normalizer), and the
-digest of the stage's inputs, so a checkpoint of other inputs is never resumed.
+digest of the stage's inputs, so a checkpoint of other inputs is never resumed. That
+digest leaves out how the stage runs (`processes` among it): with the same global
+batch, a checkpoint resumes on another number of processes.
 
 The same `fit` runs in every training process (tasks/distributed.py): every rank
 resumes from the checkpoint, the model trains as a DistributedDataParallel replica,
@@ -154,6 +156,12 @@ def fit(
 
     net = distributed.prepare_model(model, device, cfg.sync_batchnorm)
     ranks = distributed.world_size()
+    if start:
+        # A checkpoint holds no per-rank state: like the data streams, the noise drawn
+        # from the global RNG (dropout, drop path, in-process augmentation) continues as a
+        # fresh stream of (seed, start step, rank), not a replay of step 0's, so a stage
+        # resumes on any number of processes.
+        torch.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + start))
 
     def save(step: int) -> None:
         if not distributed.is_main():

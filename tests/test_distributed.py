@@ -357,3 +357,35 @@ def test_student_trains_on_two_processes(small_world, tmp_path):
     state = torch.load(stage / CHECKPOINT, weights_only=True)["extra"]["normalizer"]
     assert state["mavg_h"] > 0 and state["mavg_p"] > 0
     assert training.load_model(stage / training.MODEL_FILE)[1] is not None
+
+
+def test_checkpoint_resumes_on_another_number_of_processes(small_world, tmp_path):
+    """The stage key leaves `processes` out: a 1-process checkpoint resumes on 2 processes
+    (same global batch) and continues as a 1-process resume of it does."""
+    import shutil
+
+    from flows.stages import teacher_inputs
+    from tasks.rundir import json_digest
+
+    one_cfg, two_cfg = teacher_config(small_world, 1), teacher_config(small_world, 2)
+    key = json_digest(teacher_inputs(one_cfg))
+    assert json_digest(teacher_inputs(two_cfg)) == key
+    first = tmp_path / "first"
+
+    def crash_at_1(step, logs):
+        if step == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        training.train_teacher(one_cfg, first, key, log=lambda m: None, on_step=crash_at_1)
+    shutil.copytree(first, tmp_path / "again")
+    losses = {}
+    for name, cfg, stage in (("one", one_cfg, tmp_path / "again"), ("two", two_cfg, first)):
+        seen = losses.setdefault(name, {})
+        result = training.train_teacher(
+            cfg, stage, json_digest(teacher_inputs(cfg)), log=lambda m: None,
+            on_step=lambda s, logs, seen=seen: seen.__setitem__(s, logs["loss"]),
+        )
+        assert result["resumed_from"] == 1 and result["processes"] == cfg.teacher.processes
+    assert sorted(losses["two"]) == [2, 3]
+    assert rel(losses["one"][2], losses["two"][2]) < 1e-4, losses

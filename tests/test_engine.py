@@ -81,3 +81,28 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
     with pytest.raises(FloatingPointError, match="step 0"):
         fit(tmp_path, nn.Linear(4, 1), batches, bad, cfg, "cpu", key="k", log=lambda m: None)
+
+
+def test_resumed_stage_draws_fresh_noise(tmp_path):
+    """The global RNG (dropout, in-process augmentation) after a resume is not step 0's again."""
+    cfg = TrainConfig(steps=4, checkpoint_every=2, warmup_steps=0)
+    draws = []
+
+    def noisy_loss(model, batch):
+        draws.append(torch.rand(()).item())
+        return step_loss(model, batch)
+
+    def crash_at_2(step, logs):
+        if step == 2:
+            raise Crash
+
+    torch.manual_seed(0)  # as the stages seed before building the model
+    with pytest.raises(Crash):
+        fit(tmp_path, nn.Linear(4, 1), batches, noisy_loss, cfg, "cpu", key="k", log=lambda m: None,
+            on_step=crash_at_2)
+    first = list(draws)
+    draws.clear()
+    torch.manual_seed(0)
+    result = fit(tmp_path, nn.Linear(4, 1), batches, noisy_loss, cfg, "cpu", key="k", log=lambda m: None)
+    assert result["resumed_from"] == 2 and len(draws) == 2
+    assert draws != first  # not a replay of steps 1-2's noise
