@@ -64,10 +64,17 @@ class DetectionFamily:
     # ------------------------------------------------------------------ training
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-image losses {loss_cls, loss_box}, each [B] float32."""
+        """Per-image shares {loss_cls, loss_box}, each [B] float32.
+
+        The human part (the first `batch["num_human"]` images, all by default) and the
+        pseudo part are each normalised by their own number of matched anchors, so the
+        mean over either part is that part's loss (`RetinaNet.loss`).
+        """
         device = next(model.parameters()).device
         images = batch["images"].to(device, non_blocking=True)
-        return model.loss(model(images), batch["targets"])
+        b = len(batch["targets"])
+        num_human = batch.get("num_human", b)
+        return model.loss(model(images), batch["targets"], group_sizes=(num_human, b - num_human))
 
     # ------------------------------------------------------------------ inference
 

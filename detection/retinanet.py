@@ -9,6 +9,7 @@ postprocessing are separate methods, so the caller owns the exact input the mode
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -118,18 +119,28 @@ class RetinaNet(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Per-image losses, each a float32 tensor [B].
+    def loss(
+        self, outputs: dict, targets: list[dict], group_sizes: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-image shares of the group losses, each a float32 tensor [B].
 
         loss_cls: sigmoid focal loss (alpha 0.25, gamma 2) summed over anchors that are
-        not ignored (IoU in [0.4, 0.5)), over the image's number of matched anchors;
-        loss_box: L1 on box-coder deltas of matched anchors, same normaliser.
-        An image without boxes contributes only background classification.
+        not ignored (IoU in [0.4, 0.5)); loss_box: L1 on box-coder deltas of matched
+        anchors. As in the reference, both are summed over a group of images and divided
+        by the group's number of matched anchors (at least 1), so an image without
+        boxes adds its background terms but no positives to the normaliser.
+        group_sizes: consecutive groups of images, normalised separately (a student
+        batch: (num_human, num_pseudo)); default one group, the whole batch. Image i of
+        a group of n images gets n * (its summed loss) / (the group's matched anchors),
+        so the mean over a group's entries is that group's loss.
         """
         cls_logits = outputs["cls_logits"].float()
         box_reg = outputs["bbox_regression"].float()
         anchors = outputs["anchors"]
         b, a, k = cls_logits.shape
+        group_sizes = [b] if group_sizes is None else [int(n) for n in group_sizes]
+        if sum(group_sizes) != b or min(group_sizes, default=0) < 0:
+            raise ValueError(f"group sizes {group_sizes} do not split a batch of {b} images")
         cls_target = torch.zeros_like(cls_logits)
         box_target = torch.zeros_like(box_reg)
         fg = torch.zeros(b, a, dtype=torch.bool, device=anchors.device)
@@ -145,11 +156,18 @@ class RetinaNet(nn.Module):
             gt = matched[fg_i]
             cls_target[i, fg_i, t["labels"].to(anchors.device)[gt]] = 1.0
             box_target[i, fg_i] = self.box_coder.encode_single(boxes[gt], anchors[fg_i])
-        num_fg = fg.sum(1).clamp(min=1).float()
         focal = sigmoid_focal_loss(cls_logits, cls_target, reduction="none").sum(-1)
-        loss_cls = (focal * valid).sum(1) / num_fg
-        loss_box = ((box_reg - box_target).abs().sum(-1) * fg).sum(1) / num_fg
-        return {"loss_cls": loss_cls, "loss_box": loss_box}
+        sum_cls = (focal * valid).sum(1)
+        sum_box = ((box_reg - box_target).abs().sum(-1) * fg).sum(1)
+        # n / (the group's matched anchors, at least 1), repeated for each image of the group
+        fg_per_image = fg.sum(1).float()
+        scale = torch.cat(
+            [
+                torch.full((n,), n, dtype=torch.float32, device=anchors.device) / part.sum().clamp(min=1)
+                for n, part in zip(group_sizes, fg_per_image.split(group_sizes))
+            ]
+        )
+        return {"loss_cls": sum_cls * scale, "loss_box": sum_box * scale}
 
     # ------------------------------------------------------------------ inference
 

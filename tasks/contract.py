@@ -11,7 +11,10 @@ Shared formats:
 - a pseudo-label is a target of the same form, or None when the teacher leaves the
   image empty; its sidecar encoding is `encode`/`decode` with extension `sidecar_ext`;
 - losses are per sample: each `loss_*` tensor has shape [B], so a mixed batch can be
-  split into its human and pseudo parts after one forward pass.
+  split into its human and pseudo parts after one forward pass. The mean over the
+  human part (the first `batch["num_human"]` samples) and the mean over the rest are
+  each that part's loss; a family may normalize within each part (detection divides
+  a part's summed loss by the part's number of matched anchors).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class Family(Protocol):
         """Equal-size samples -> a batch {"images": uint8 [B,3,S,S], ...}."""
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """One forward pass; {"loss_*": float32 [B]} per sample."""
+        """One forward pass; {"loss_*": float32 [B]} per sample, whose means over the
+        human part and over the pseudo part are the losses of those parts."""
 
     def predict(self, model: nn.Module, images: list[torch.Tensor], image_size: int) -> list[Any]:
         """Predictions in each image's own pixel frame; eval mode, whatever the module's mode."""

@@ -87,3 +87,62 @@ def test_predict_returns_boxes_in_the_original_frame():
         assert len(b) <= 100
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= w + 1e-3).all() and (b[:, 3] <= h + 1e-3).all()
         assert p["scores"].shape == p["labels"].shape == (len(b),)
+
+
+def _fg_count(model, out, boxes):
+    from torchvision.ops import box_iou
+
+    return int((model.matcher(box_iou(boxes, out["anchors"])) >= 0).sum())
+
+
+def _slice(out, rows):
+    return {**out, "cls_logits": out["cls_logits"][rows], "bbox_regression": out["bbox_regression"][rows]}
+
+
+EMPTY = {"boxes_xyxy": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+
+
+def test_focal_loss_is_normalized_by_the_batch_positive_count():
+    # Reference normalization: the batch's summed loss over the batch's matched anchors.
+    # An image without foreground adds its background terms, not a normaliser of its
+    # own (per image it would count as 1 positive, weighing like ~100 of them).
+    model = tiny()
+    boxed = {"boxes_xyxy": torch.tensor([[10.0, 10, 60, 50], [64, 64, 120, 124]]), "labels": torch.tensor([2, 0])}
+    out = model(torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8))
+    n_fg = _fg_count(model, out, boxed["boxes_xyxy"])
+    assert n_fg > 1
+    # single-image batches give the summed losses: the boxed one over its n_fg, the empty one over 1
+    alone_boxed = model.loss(_slice(out, slice(0, 1)), [boxed])
+    alone_empty = model.loss(_slice(out, slice(1, 2)), [EMPTY])
+    both = model.loss(out, [boxed, EMPTY])
+    for k in ("loss_cls", "loss_box"):
+        total = alone_boxed[k].sum() * n_fg + alone_empty[k].sum()
+        assert torch.isclose(both[k].mean(), total / n_fg, rtol=1e-5), k
+    # the empty image's share is its background loss over the batch's positives, times B
+    assert torch.isclose(both["loss_cls"][1], 2 * alone_empty["loss_cls"][0] / n_fg, rtol=1e-5)
+    assert both["loss_box"][1] == 0
+
+
+def test_human_and_pseudo_parts_are_normalized_by_their_own_positives():
+    model = tiny()
+    boxed = {"boxes_xyxy": torch.tensor([[10.0, 10, 60, 50]]), "labels": torch.tensor([1])}
+    other = {"boxes_xyxy": torch.tensor([[30.0, 20, 110, 100]]), "labels": torch.tensor([0])}
+    targets = [boxed, EMPTY, other]
+    out = model(torch.randint(0, 255, (3, 3, 128, 128), dtype=torch.uint8))
+    split = model.loss(out, targets, group_sizes=(2, 1))
+    human = model.loss(_slice(out, slice(0, 2)), targets[:2])
+    pseudo = model.loss(_slice(out, slice(2, 3)), targets[2:])
+    for k in ("loss_cls", "loss_box"):
+        assert torch.allclose(split[k][:2], human[k], rtol=1e-5), k
+        assert torch.allclose(split[k][2:], pseudo[k], rtol=1e-5), k
+    # the family reads the split from the batch (student batches carry num_human)
+    torch.manual_seed(1)
+    images = torch.randint(0, 255, (3, 3, 128, 128), dtype=torch.uint8)
+    model.eval()  # same outputs for both calls
+    fam = FAMILY.losses(model, {"images": images, "targets": targets, "num_human": 2})
+    ref = model.loss(model(images), targets, group_sizes=(2, 1))
+    assert all(torch.allclose(fam[k], ref[k]) for k in ref)
+    whole = FAMILY.losses(model, {"images": images, "targets": targets})
+    assert not torch.allclose(whole["loss_cls"], fam["loss_cls"])
+    with pytest.raises(ValueError, match="do not split"):
+        model.loss(out, targets, group_sizes=(2, 2))
