@@ -108,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     # training (or a slow disk) can need longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
+    from tasks.runlock import RunDirLocked
+
     try:
         return _dispatch(args)
     except ConfigError as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
+    except RunDirLocked as err:
+        print(f"noisy-student: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -150,14 +155,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         serve_all(args.name, args.limit)
         return 0
 
-    from flows import stages
+    from tasks.runlock import hold_run_dir
 
     if args.command == "demo":
         from flows.demo import demo_config, demo_preset, format_summary
 
         out = args.out or f"runs/{demo_preset(args.family, args.quick)}"
-        cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides, args.family)
-        summary = stages.noisy_student_flow(cfg)
+        with hold_run_dir(Path(out) / "run"):  # before the world is written
+            cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides, args.family)
+            from flows import stages
+
+            summary = stages.noisy_student_flow(cfg)
         title = (
             f"\nNoisy Student on the embedded world ({summary['family']}, seed {args.seed}, "
             f"{world['n_train']} labeled + {world['n_unlabeled']} unlabeled images, "
@@ -167,6 +175,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     cfg = load_config(args.config, args.overrides)
+    if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
+        from flows import stages
+
+        ckpt = args.checkpoint or str(Path(cfg.out_dir) / f"round-{args.round_index}" / "student" / "model.pt")
+        print(json.dumps(stages.evaluate_flow(cfg, ckpt), indent=2))
+        return 0
+    with hold_run_dir(cfg.out_dir):
+        return _run_stages(args, cfg)
+
+
+def _run_stages(args: argparse.Namespace, cfg) -> int:
+    """`run`, or a `stage` other than evaluate, holding the run directory."""
+    from flows import stages
+
     if args.command == "run":
         from flows.demo import format_summary
 
@@ -181,9 +203,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             out = {k: v for k, v in out.items() if k in ("stats", "digest")}
         case "student":
             out = stages.student_flow(cfg, args.round_index)
-        case "evaluate":
-            ckpt = args.checkpoint or str(Path(cfg.out_dir) / f"round-{args.round_index}" / "student" / "model.pt")
-            out = stages.evaluate_flow(cfg, ckpt)
     print(json.dumps(out, indent=2))
     return 0
 

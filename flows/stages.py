@@ -36,6 +36,7 @@ from tasks.rundir import (
     read_manifest,
     write_manifest,
 )
+from tasks.runlock import holds_run_dir
 from tasks.training import MODEL_FILE
 
 # ----------------------------------------------------------------------------- inputs
@@ -119,6 +120,7 @@ def _model_outputs(stage: Path, metrics: dict, metric: str) -> dict:
 
 
 @flow(name="teacher", flow_run_name="teacher")
+@holds_run_dir
 def teacher_flow(cfg: RunConfig) -> dict:
     """Train the round-0 teacher on human labels, evaluate it (skipped when up to date)."""
     logger = get_run_logger()
@@ -240,6 +242,7 @@ def _started(runner, rule: PseudoLabelConfig, device: str, logger):
 
 
 @flow(name="pseudo-label", flow_run_name="pseudo-label-round-{round_index}")
+@holds_run_dir
 def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Label every unlabeled shard with the round's teacher, one task per shard.
 
@@ -319,6 +322,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
 
 
 @flow(name="student", flow_run_name="student-round-{round_index}")
+@holds_run_dir
 def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Train the noised student on human + pseudo labels, evaluate it."""
     logger = get_run_logger()
@@ -349,6 +353,7 @@ def evaluate_flow(cfg: RunConfig, checkpoint: str) -> dict:
 
 
 @flow(name="noisy-student", flow_run_name="noisy-student")
+@holds_run_dir
 def noisy_student_flow(cfg: RunConfig) -> dict:
     """Teacher -> (pseudo-label -> student) x rounds; the student teaches the next round.
 
