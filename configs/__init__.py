@@ -127,6 +127,13 @@ class TrainConfig(_Config):
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float | None = Field(10.0, gt=0)
     augment_level: AugmentLevel = "S1"
+    scale_jitter: tuple[float, float] | None = Field(
+        None,
+        description="scale jitter (min, max) of the training size at S1-S4; None: the level's "
+        "(S1/S2 0.8-1.2, S3/S4 0.5-2.0); the PASCAL VOC recipe uses [0.2, 1.5]",
+    )
+    randaugment_n: int = Field(2, ge=0, description="S4: RandAugment ops per image (N)")
+    randaugment_m: float = Field(10.0, ge=0, le=10, description="S4: RandAugment magnitude (M), 0-10")
     checkpoint_every: int = run_setting(100, ge=1)
     log_every: int = run_setting(25, ge=1)
     seed: int = 0
@@ -146,6 +153,13 @@ class TrainConfig(_Config):
         description="with processes > 1, BatchNorm uses statistics of the global batch, as one process would; "
         "off: each process normalizes over its own batch_size/processes samples",
     )
+
+    @field_validator("scale_jitter")
+    @classmethod
+    def _jitter_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale_jitter must be (min, max) with 0 < min <= max, got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _check_split(self) -> TrainConfig:

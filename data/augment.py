@@ -17,6 +17,10 @@ Levels:
   (default 2) drawn uniformly with replacement from RANDAUGMENT_OPS, each applied at
   magnitude RANDAUGMENT_M (default 10), a fresh random sign per signed op.
 
+The jitter range and RandAugment's N and M are settings (`Augment`, filled from a
+stage's TrainConfig); the values above are their defaults. PASCAL VOC's recipe uses
+the jitter (0.2, 1.5).
+
 Order: flip + jitter + crop/pad come first and the policy acts on the `size` x `size`
 training image. The policy's pixel constants (set for 640 px) then scale with the
 training size alone (`size / 640`), whatever the source image size, so a magnitude
@@ -29,6 +33,8 @@ The ops, their table OPS and their magnitude map `op_param` live in data/augment
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms.v2 import InterpolationMode
@@ -192,20 +198,22 @@ def apply_level(
     size: int,
     generator: torch.Generator | None = None,
     *,
+    scale_range: tuple[float, float] | None = None,
     randaugment_n: int | None = None,
     randaugment_m: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Augment one sample at `level`; returns a `size` x `size` image and its target.
 
-    `randaugment_n` / `randaugment_m` override RANDAUGMENT_N / RANDAUGMENT_M at S4 (other
-    levels ignore them).
+    `scale_range` overrides the level's SCALE_RANGE (S1-S4); `randaugment_n` /
+    `randaugment_m` override RANDAUGMENT_N / RANDAUGMENT_M at S4 (other levels ignore them).
     """
     if level == "none":
         image, target, _ = letterbox(image, target, size)
         return image, target
     if level not in SCALE_RANGE:
         raise ValueError(f"unknown augment level {level!r}; known: {', '.join(LEVELS)}")
-    image, target = flip_jitter_crop(image, target, size, SCALE_RANGE[level], generator)
+    jitter = SCALE_RANGE[level] if scale_range is None else tuple(scale_range)
+    image, target = flip_jitter_crop(image, target, size, jitter, generator)
     if level in POLICIES:
         image, target = autoaugment(image, target, POLICIES[level], generator)
     elif level == "S4":
@@ -213,3 +221,36 @@ def apply_level(
         m = RANDAUGMENT_M if randaugment_m is None else randaugment_m
         image, target = randaugment(image, target, n, m, generator)
     return image, target
+
+
+@dataclass(frozen=True)
+class Augment:
+    """An augmentation level with its settings: `Augment("S4", randaugment_n=3)(image, target, size)`.
+
+    scale_range: (min, max) of the scale jitter; None: the level's SCALE_RANGE.
+    randaugment_n, randaugment_m: RandAugment's ops per image and magnitude (0-10) at S4.
+    """
+
+    level: str
+    scale_range: tuple[float, float] | None = None
+    randaugment_n: int = RANDAUGMENT_N
+    randaugment_m: float = RANDAUGMENT_M
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown augment level {self.level!r}; known: {', '.join(LEVELS)}")
+
+    def __call__(
+        self, image: torch.Tensor, target: dict, size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        return apply_level(
+            image, target, self.level, size, generator, scale_range=self.scale_range,
+            randaugment_n=self.randaugment_n, randaugment_m=self.randaugment_m,
+        )
+
+
+def as_augment(spec: str | Augment | None) -> Augment | None:
+    """A level name (with default settings) or an `Augment` as an `Augment`; None stays None."""
+    if spec is None or isinstance(spec, Augment):
+        return spec
+    return Augment(spec)

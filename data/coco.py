@@ -15,7 +15,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from data.augment import apply_level
+from data.augment import Augment, as_augment
 from data.shards import decode_image
 
 
@@ -33,7 +33,8 @@ class CocoDetection(Dataset):
 
     target: `boxes_xyxy` float32 [N,4] pixels, `labels` int64 [N] contiguous,
     `image_id` int. With `augment_level=None` the image keeps its original size
-    (evaluation); otherwise `data.augment.apply_level` makes it `size` x `size`.
+    (evaluation); otherwise the level (a name or a `data.augment.Augment`) makes it
+    `size` x `size`.
     `limit` keeps the first N images in id order (a label fraction).
     """
 
@@ -41,7 +42,7 @@ class CocoDetection(Dataset):
         self,
         images_dir: str | Path,
         annotations: str | Path,
-        augment_level: str | None = None,
+        augment_level: str | Augment | None = None,
         size: int = 640,
         limit: int | None = None,
     ):
@@ -51,7 +52,7 @@ class CocoDetection(Dataset):
         self.cat_ids = sorted(self.coco.getCatIds())
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self._label_of = {c: i for i, c in enumerate(self.cat_ids)}
-        self.augment_level = augment_level
+        self.augment = as_augment(augment_level)
         self.size = size
 
     @property
@@ -85,6 +86,6 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image, target = self.image(index), self.target(index)
-        if self.augment_level is not None:
-            image, target = apply_level(image, target, self.augment_level, self.size)
+        if self.augment is not None:
+            image, target = self.augment(image, target, self.size)
         return image, target

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from data.augment import apply_level
+from data.augment import Augment, as_augment
 from data.shards import decode_image, image_bytes, iter_with_sidecar
 
 # Loader workers start from a fork server, not by forking the training process: a
@@ -100,7 +100,7 @@ class PseudoLabeledShards(IterableDataset):
         pairs: Sequence[tuple[str, str]],
         decode_label: Callable[[bytes], dict],
         sidecar_ext: str,
-        augment_level: str,
+        augment_level: str | Augment,
         size: int,
         seed: int = 0,
         shuffle_buffer: int = 256,
@@ -115,7 +115,7 @@ class PseudoLabeledShards(IterableDataset):
         self.pairs = list(pairs)
         self.decode_label = decode_label
         self.sidecar_ext = sidecar_ext
-        self.augment_level, self.size = augment_level, size
+        self.augment, self.size = as_augment(augment_level), size
         self.seed, self.shuffle_buffer, self.loop = seed, shuffle_buffer, loop
 
     def _records(self, rng: random.Random, reader: int, readers: int):
@@ -158,7 +158,7 @@ class PseudoLabeledShards(IterableDataset):
         _, data = image_bytes(record)
         image = decode_image(data)
         target = self.decode_label(side[self.sidecar_ext])
-        return apply_level(image, target, self.augment_level, self.size)
+        return self.augment(image, target, self.size)
 
 
 def endless_loader(

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.augment import IGNORE, apply_level
+from data.augment import IGNORE, Augment, as_augment
 from data.shards import decode_image
 
 VOC_CLASSES = (
@@ -52,7 +52,7 @@ class VOCSegmentation(Dataset):
     """Samples `(image uint8 [3,H,W], {"mask": uint8 [H,W], "image_id": str})` of one split.
 
     With `augment_level=None` image and mask keep their original size (evaluation);
-    otherwise `data.augment.apply_level` makes both `size` x `size` (masks resampled
+    otherwise the level (a name or a `data.augment.Augment`) makes both `size` x `size` (masks resampled
     nearest, padded with 255). `limit` keeps the first N ids (a label fraction).
     Mask values must be class indices below `num_classes` or 255; others raise.
     """
@@ -61,7 +61,7 @@ class VOCSegmentation(Dataset):
         self,
         root: str | Path,
         split: str = "train",
-        augment_level: str | None = None,
+        augment_level: str | Augment | None = None,
         size: int = 512,
         limit: int | None = None,
         masks: str = "SegmentationClass",
@@ -76,7 +76,8 @@ class VOCSegmentation(Dataset):
         self.mask_dir = self.root / masks
         if not self.mask_dir.is_dir():
             raise FileNotFoundError(f"VOC mask folder not found: {self.mask_dir}")
-        self.split, self.augment_level, self.size, self.num_classes = split, augment_level, size, num_classes
+        self.split, self.size, self.num_classes = split, size, num_classes
+        self.augment = as_augment(augment_level)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,6 +102,6 @@ class VOCSegmentation(Dataset):
                 f"{self.ids[index]!r}: image {tuple(image.shape[-2:])} and mask {tuple(mask.shape)} differ in size"
             )
         target = {"mask": mask, "image_id": self.ids[index]}
-        if self.augment_level is not None:
-            image, target = apply_level(image, target, self.augment_level, self.size)
+        if self.augment is not None:
+            image, target = self.augment(image, target, self.size)
         return image, target

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from configs import ModelConfig, RunConfig, TrainConfig
+from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
 from tasks import distributed
 from tasks.contract import Family
@@ -52,6 +53,11 @@ def shared_model(path: str | Path, device: str) -> tuple[Family, nn.Module]:
     """One read-only model per process for the labeling tasks that run in it."""
     p = Path(path)
     return _cached_model(str(p.resolve()), p.stat().st_mtime_ns, device)
+
+
+def augmentation(cfg: TrainConfig) -> Augment:
+    """The augmentation a training stage applies to its human and pseudo samples."""
+    return Augment(cfg.augment_level, cfg.scale_jitter, cfg.randaugment_n, cfg.randaugment_m)
 
 
 def _seed(cfg: TrainConfig, start: int) -> int:
@@ -100,7 +106,7 @@ def _teacher_rank(cfg: RunConfig, stage_dir: str, key: str, *, device: torch.dev
     torch.manual_seed(tcfg.seed)
     model = family.build_model(cfg.model)
     _seed_rank_noise(tcfg)
-    dataset = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
+    dataset = family.labeled_dataset(cfg.data, "train", augmentation(tcfg))
     log(
         f"teacher: {len(dataset)} labeled images, {tcfg.steps} steps of {tcfg.batch_size}"
         + (f" on {ranks} processes of {n_human}" if ranks > 1 else "")
@@ -179,7 +185,7 @@ def _student_rank(
             )
         log(f"student initialized from {path}")
     _seed_rank_noise(tcfg)
-    human = family.labeled_dataset(cfg.data, "train", tcfg.augment_level)
+    human = family.labeled_dataset(cfg.data, "train", augmentation(tcfg))
     log(
         f"student: {len(human)} labeled images, pseudo labels from {len(pseudo_pairs)} shards; "
         f"batches of {tcfg.batch_size} human + {scfg.pseudo_per_batch} pseudo, {tcfg.steps} steps"
@@ -190,7 +196,7 @@ def _student_rank(
     def make_batches(start: int):
         seed = _seed(tcfg, start)
         pseudo = PseudoLabeledShards(
-            pseudo_pairs, family.decode, family.sidecar_ext, tcfg.augment_level, cfg.data.image_size, seed=seed,
+            pseudo_pairs, family.decode, family.sidecar_ext, augmentation(tcfg), cfg.data.image_size, seed=seed,
             rank=rank, world_size=ranks,
         )
         return mixed_batches(
