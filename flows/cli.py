@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # training (or a slow disk) can need longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
+    from data.files import DiskFullError
     from tasks.runlock import RunDirLocked
 
     try:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
-    except RunDirLocked as err:
+    except (RunDirLocked, DiskFullError) as err:  # their messages say what happened and what to do
         print(f"noisy-student: {err}", file=sys.stderr)
         return 1
 
