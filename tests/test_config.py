@@ -54,3 +54,25 @@ def test_missing_preset_lists_presets(tmp_path: Path):
 def test_student_pseudo_per_batch_follows_ratio():
     cfg = build_config({"data": DATA, "student": {"pseudo_ratio": 0.5, "train": {"batch_size": 16}}})
     assert cfg.student.pseudo_per_batch == 8
+
+
+PRODUCTION_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("demo"))
+
+
+@pytest.mark.parametrize("preset", PRODUCTION_PRESETS)
+def test_production_student_is_noised_more_than_its_teacher(preset):
+    """The paper's student: a stronger augmentation level than the teacher's (S3 or S4)
+    plus stochastic depth; the preset's header says which."""
+    from data.augment import LEVELS
+
+    cfg = load_config(preset)
+    teacher, student = cfg.teacher.augment_level, cfg.student.train.augment_level
+    assert student in ("S3", "S4") and LEVELS.index(student) > LEVELS.index(teacher), (teacher, student)
+    assert cfg.student_model.drop_path_rate > cfg.model.drop_path_rate
+    head = (PRESET_DIR / f"{preset}.yaml").read_text().split("\n\n")[0]
+    assert f"Student, noised as in the paper: {student}" in head
+    assert f"drop_path_rate {cfg.student_model.drop_path_rate}" in head
+
+
+def test_production_presets_are_found():
+    assert {"coco-retinanet-b7", "voc-nasfpn-b7"} <= set(PRODUCTION_PRESETS)
