@@ -6,6 +6,9 @@ place where detection reads configuration.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -79,19 +82,20 @@ class DetectionFamily:
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def predict(
-        self,
-        model: RetinaNet,
-        images: list[torch.Tensor],
-        image_size: int,
-        nms_iou: float = 0.5,
-        max_detections: int = 100,
-    ) -> list[dict]:
-        """Detections in each image's own pixel coordinates, from the model in eval mode.
+    def predict(self, model: RetinaNet, images: list[torch.Tensor], image_size: int) -> list[dict]:
+        """Evaluation detections in each image's own pixel coordinates, from the model in
+        eval mode (`RetinaNet.postprocess`: score > 0.05, NMS 0.5, at most 100).
 
-        Each image is letterboxed to `image_size` (long side), as in evaluation; the
-        module's train/eval mode is restored afterwards.
+        Each image is letterboxed to `image_size` (long side); the module's train/eval
+        mode is restored afterwards.
         """
+        return self._detect(model, images, image_size, model.postprocess)
+
+    @torch.no_grad()
+    def _detect(
+        self, model: RetinaNet, images: list[torch.Tensor], image_size: int, select: Callable[..., list[dict]]
+    ) -> list[dict]:
+        """Letterbox, one eval-mode forward, `select(outputs, image_sizes)`, back to each image's frame."""
         if not images:
             return []
         was_training = model.training
@@ -104,17 +108,25 @@ class DetectionFamily:
             batch.append(boxed)
             scales.append(scale)
             sizes.append((min(image_size, round(h * scale)), min(image_size, round(w * scale))))
-        out = model(torch.stack(batch).to(device))
-        dets = model.postprocess(out, sizes, nms_iou=nms_iou, max_detections=max_detections)
-        model.train(was_training)
+        try:
+            dets = select(model(torch.stack(batch).to(device)), sizes)
+        finally:
+            model.train(was_training)
         for d, scale in zip(dets, scales):
             d["boxes_xyxy"] = (d["boxes_xyxy"] / scale).cpu()
             d["scores"], d["labels"] = d["scores"].cpu(), d["labels"].cpu()
         return dets
 
     def label_images(self, model: RetinaNet, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
-        """Teacher pseudo-labels (or None for an image left empty), RECIPE.md defaults."""
-        preds = self.predict(model, images, image_size, nms_iou=rule.nms_iou, max_detections=rule.max_boxes)
+        """Teacher pseudo-labels (or None for an image left empty), RECIPE.md defaults.
+
+        The rule owns all the filtering: the model hands over its undeduplicated
+        candidates scoring >= the rule's threshold, and `to_pseudo_label` applies the
+        threshold, NMS, the per-class cap and `max_boxes`, once each.
+        """
+        preds = self._detect(
+            model, images, image_size, partial(model.candidates, min_score=rule.score_threshold)
+        )
         return [self.to_pseudo_label(p, rule) for p in preds]
 
     def to_pseudo_label(self, prediction: dict, rule: PseudoLabelConfig) -> dict | None:

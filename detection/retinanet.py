@@ -172,6 +172,22 @@ class RetinaNet(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
+    def candidates(
+        self, outputs: dict, image_sizes: list[tuple[int, int]], min_score: float = 0.0, topk_per_level: int = 1000
+    ) -> list[dict]:
+        """Decoded detections per image before any suppression: no NMS, no cap.
+
+        Every (anchor, class) pair scoring >= `min_score`, at most `topk_per_level` per
+        level (highest first); boxes_xyxy [N,4] clipped to image_sizes (H, W), scores
+        [N], labels [N], in descending score order. A pseudo-label rule filters these.
+        """
+        results = []
+        for d in self._decode(outputs, image_sizes, min_score, topk_per_level, strict=False):
+            order = d["scores"].argsort(descending=True)
+            results.append({k: v[order] for k, v in d.items()})
+        return results
+
+    @torch.no_grad()
     def postprocess(
         self,
         outputs: dict,
@@ -181,7 +197,18 @@ class RetinaNet(nn.Module):
         max_detections: int = 100,
         topk_per_level: int = 1000,
     ) -> list[dict]:
-        """Detections per image: boxes_xyxy [N,4] (clipped to image_sizes (H, W)), scores, labels."""
+        """Evaluation detections per image (reference defaults): candidates scoring above
+        `score_thresh`, per-class NMS at `nms_iou`, the best `max_detections`.
+        boxes_xyxy [N,4] (clipped to image_sizes (H, W)), scores, labels."""
+        results = []
+        for d in self._decode(outputs, image_sizes, score_thresh, topk_per_level, strict=True):
+            keep = batched_nms(d["boxes_xyxy"], d["scores"], d["labels"], nms_iou)[:max_detections]
+            results.append({k: v[keep] for k, v in d.items()})
+        return results
+
+    def _decode(
+        self, outputs: dict, image_sizes: list[tuple[int, int]], min_score: float, topk_per_level: int, strict: bool
+    ) -> list[dict]:
         anchors = outputs["anchors"]
         sizes = outputs["level_sizes"]
         k = self.num_classes
@@ -192,7 +219,8 @@ class RetinaNet(nn.Module):
             reg_levels = outputs["bbox_regression"][i].float().split(sizes)
             for logits, reg, anc in zip(logits_levels, reg_levels, anchors.split(sizes)):
                 scores = torch.sigmoid(logits).flatten()
-                keep = torch.nonzero(scores > score_thresh).squeeze(1)
+                above = scores > min_score if strict else scores >= min_score
+                keep = torch.nonzero(above).squeeze(1)
                 if keep.numel() > topk_per_level:
                     keep = keep[scores[keep].topk(topk_per_level).indices]
                 anchor_idx = torch.div(keep, k, rounding_mode="floor")
@@ -200,8 +228,7 @@ class RetinaNet(nn.Module):
                 boxes_all.append(clip_boxes_to_image(boxes, hw))
                 scores_all.append(scores[keep])
                 labels_all.append(keep % k)
-            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
-            results.append({"boxes_xyxy": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(
+                {"boxes_xyxy": torch.cat(boxes_all), "scores": torch.cat(scores_all), "labels": torch.cat(labels_all)}
+            )
         return results
-

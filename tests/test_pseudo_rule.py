@@ -48,3 +48,61 @@ def test_encode_decode_roundtrip_and_stats():
     s = pseudo.stats(back, num_classes=3)
     assert s["labels"] == 2 and s["class_counts"] == [1, 0, 1]
     assert sum(s["score_hist"]) == 2 and s["score_hist"][9] == 1 and s["score_hist"][5] == 1
+
+
+# ---------------------------------------------------------------- the rule owns the filtering
+
+
+def _teacher(score: float | list[float] | None = None, num_classes: int = 3):
+    from detection.family import DetectionFamily
+    from tests.conftest import tiny_model_config
+
+    torch.manual_seed(0)
+    model = DetectionFamily().build_model(tiny_model_config(num_classes=num_classes))
+    with torch.no_grad():
+        if score is None:  # large random weights: confident, varied predictions
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        else:  # every anchor scores `score` (or score[c] for class c)
+            cls = model.head.classification_head.cls_logits
+            cls.weight.zero_()
+            per_class = torch.tensor(score).expand(num_classes)
+            cls.bias.copy_(torch.logit(per_class).repeat(cls.bias.numel() // num_classes))
+    return model
+
+
+IMAGES = [torch.full((3, 96, 128), 100, dtype=torch.uint8), torch.full((3, 128, 64), 30, dtype=torch.uint8)]
+
+
+def test_threshold_below_the_evaluation_floor_keeps_low_scores():
+    from configs import PseudoLabelConfig
+    from detection.family import DetectionFamily
+
+    family, model = DetectionFamily(), _teacher(score=0.02)
+    labels = family.label_images(model, IMAGES, 128, PseudoLabelConfig(score_threshold=0.01))
+    for lab in labels:
+        assert lab is not None and len(lab["scores"]) > 0
+        assert torch.allclose(lab["scores"], torch.tensor(0.02), atol=1e-4)
+        assert len(lab["scores"]) <= 100
+    assert family.label_images(model, IMAGES, 128, PseudoLabelConfig(score_threshold=0.03)) == [None, None]
+    # evaluation keeps its own floor: nothing above 0.05 here
+    assert all(len(p["scores"]) == 0 for p in family.predict(model, IMAGES, 128))
+
+
+def test_per_class_cap_and_max_boxes_are_applied_once_after_nms():
+    # Capping to max_boxes before the per-class cap would leave fewer boxes than the
+    # rule allows: with one box per class and three classes, three boxes must come out.
+    from configs import PseudoLabelConfig
+    from detection.family import DetectionFamily
+
+    family = DetectionFamily()
+    model = _teacher(score=[0.9, 0.5, 0.3])  # class 0 outscores the others everywhere
+    rule = PseudoLabelConfig(score_threshold=0.2, max_boxes=3, per_class_cap=1)
+    for lab in family.label_images(model, IMAGES, 128, rule):
+        assert lab["labels"].tolist() == [0, 1, 2]
+    model = _teacher()
+    rule = PseudoLabelConfig(score_threshold=0.0, max_boxes=150, nms_iou=0.5)
+    cands = family._detect(model, IMAGES, 128, lambda out, sizes: model.candidates(out, sizes))
+    for lab, cand in zip(family.label_images(model, IMAGES, 128, rule), cands):
+        assert len(lab["scores"]) == min(150, len(pseudo.select_boxes(cand, 0.0, 0.5, 10**6)["scores"]))
+        assert (lab["scores"][:-1] >= lab["scores"][1:]).all()
