@@ -45,9 +45,12 @@ class LossNormalizer:
     normalized: L = 1/(1+a) * (L_h + a * (mavg(L_h) / mavg(L_p)) * L_p)
     plain:      L = L_h + a * L_p
     mavg is an exponential moving average with `decay`, updated with the detached
-    current values before use and started at the first value seen. With several
-    processes the averages see the means of L_h and L_p over all ranks, so every rank
-    holds the same state and the same ratio.
+    current values before use. Each average starts at the first positive value it
+    sees and ignores the values before it: a first pseudo loss of 0 (say, crops that
+    are all ignore) would otherwise make the ratio huge for hundreds of steps. Until
+    both averages have started the ratio is 1. With several processes the averages
+    see the means of L_h and L_p over all ranks, so every rank holds the same state
+    and the same ratio.
     """
 
     def __init__(self, alpha: float = 1.0, decay: float = 0.99, enabled: bool = True):
@@ -55,8 +58,17 @@ class LossNormalizer:
         self.mavg_h: float | None = None
         self.mavg_p: float | None = None
 
-    def _update(self, avg: float | None, value: float) -> float:
-        return value if avg is None else self.decay * avg + (1 - self.decay) * value
+    def _update(self, avg: float | None, value: float) -> float | None:
+        if avg is None:
+            return value if value > 0 else None
+        return self.decay * avg + (1 - self.decay) * value
+
+    @property
+    def ratio(self) -> float:
+        """mavg(L_h) / mavg(L_p), or 1 while either average has not started."""
+        if self.mavg_h is None or self.mavg_p is None:
+            return 1.0
+        return self.mavg_h / max(self.mavg_p, 1e-12)
 
     def __call__(self, loss_h: torch.Tensor, loss_p: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -64,8 +76,7 @@ class LossNormalizer:
         mean_h, mean_p = distributed.average_over_ranks(torch.stack([loss_h.float(), loss_p.float()])).tolist()
         self.mavg_h = self._update(self.mavg_h, mean_h)
         self.mavg_p = self._update(self.mavg_p, mean_p)
-        ratio = self.mavg_h / max(self.mavg_p, 1e-12)
-        return (loss_h + self.alpha * ratio * loss_p) / (1 + self.alpha)
+        return (loss_h + self.alpha * self.ratio * loss_p) / (1 + self.alpha)
 
     def state_dict(self) -> dict:
         return {"mavg_h": self.mavg_h, "mavg_p": self.mavg_p}
