@@ -225,6 +225,10 @@ class StudentConfig(_Config):
         return max(1, round(self.train.batch_size * self.pseudo_ratio))
 
 
+# The data format each family reads (the families themselves: tasks/families.py).
+FAMILY_DATA_FORMATS: dict[str, str] = {"detection": "coco", "segmentation": "voc"}
+
+
 class RunConfig(_Config):
     """A whole Noisy Student run: all stages of all rounds."""
 
@@ -238,6 +242,16 @@ class RunConfig(_Config):
     teacher: TrainConfig = TrainConfig()
     pseudo: PseudoLabelConfig = PseudoLabelConfig()
     student: StudentConfig = StudentConfig()
+
+    @model_validator(mode="after")
+    def _check_family_reads_the_format(self) -> RunConfig:
+        # A family added at run time (a benchmark's no-op family) has no known format.
+        want = FAMILY_DATA_FORMATS.get(self.family)
+        if want is not None and self.data.format != want:
+            raise ValueError(
+                f"family={self.family!r} reads data.format={want!r}, but data.format={self.data.format!r}"
+            )
+        return self
 
     @property
     def student_model(self) -> ModelConfig:

@@ -76,3 +76,24 @@ def test_production_student_is_noised_more_than_its_teacher(preset):
 
 def test_production_presets_are_found():
     assert {"coco-retinanet-b7", "voc-nasfpn-b7"} <= set(PRODUCTION_PRESETS)
+
+
+VOC = {"format": "voc", "voc_root": "/data/VOC2012"}
+
+
+@pytest.mark.parametrize(
+    "family, data, want",
+    [("detection", VOC, "coco"), ("segmentation", {"format": "coco", **DATA}, "voc")],
+)
+def test_family_and_data_format_must_match(family, data, want):
+    with pytest.raises(ConfigError) as err:
+        build_config({"family": family, "data": data})
+    msg = str(err.value)
+    assert f"family={family!r}" in msg and f"data.format={data['format']!r}" in msg and repr(want) in msg
+
+
+def test_every_family_has_its_data_format():
+    from configs import FAMILY_DATA_FORMATS
+    from tasks.families import FAMILIES
+
+    assert set(FAMILY_DATA_FORMATS) == set(FAMILIES)
