@@ -2,12 +2,16 @@
 
 Runs the demo for several generator seeds (each in its own process; `--jobs N` runs
 N at a time, `--threads T` gives each T torch threads) and prints one JSON object: per
-seed the teacher and student metric, the gain and the wall time, then the mean gain.
+seed the teacher and student metric, the gain, the images kept, the wall time and that
+time in reference steps, then the mean gain. The reference step (one bare B0 + FPN
+detector step, batch 16 at 128 px; benchmarks/train_step_time.py) is measured just
+before the first seed and just after the last: the demo's budget is 900 of them.
 
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 [--family segmentation] \
         [--jobs 1] [--threads T] [--out runs/bench] [--set key=value ...]
 
-Cost: about the demo's time per seed (12 minutes each on a 2-core CPU, one at a time).
+Cost: about the demo's time per seed, one at a time. An interrupted invocation resumes:
+seeds with a finished run and a recorded wall time (seed-N/wall.json) are not run again.
 Wall times of seeds run side by side are not the demo's time on an idle machine.
 """
 
@@ -23,6 +27,13 @@ import time
 from pathlib import Path
 
 
+def measure_reference() -> float:
+    """Seconds of one bare reference step (benchmarks/train_step_time.py), in a fresh process."""
+    script = Path(__file__).with_name("train_step_time.py")
+    out = subprocess.run([sys.executable, str(script), "--reference"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["runs"][0]["s_per_step"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -31,11 +42,24 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at the same time")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference-step measurements")
     args = parser.parse_args()
+    reference = []
+    if not args.no_reference:
+        reference.append(measure_reference())
+        print(json.dumps({"reference_step_s": reference[-1]}), file=sys.stderr, flush=True)
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    pending, running, walls = list(args.seeds), {}, {}
+    pending, running, walls = [], {}, {}
+    for seed in args.seeds:
+        # A seed finished by an earlier, interrupted invocation keeps its measured time.
+        done = Path(args.out) / f"seed-{seed}" / "wall.json"
+        if done.exists() and (done.parent / "run" / "summary.json").exists():
+            walls[seed] = json.loads(done.read_text())["wall_s"]
+            print(json.dumps({"seed": seed, "finished_earlier": str(done)}), file=sys.stderr, flush=True)
+        else:
+            pending.append(seed)
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
@@ -57,7 +81,12 @@ def main() -> int:
                 if proc.returncode:
                     raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {Path(args.out) / f'seed-{seed}' / 'demo.log'}")
                 walls[seed] = time.perf_counter() - t0
+                wall = Path(args.out) / f"seed-{seed}" / "wall.json"
+                wall.write_text(json.dumps({"wall_s": round(walls[seed], 1), "jobs": args.jobs}) + "\n")
                 del running[seed]
+    if not args.no_reference:
+        reference.append(measure_reference())
+    ref = statistics.fmean(reference) if reference else None
     rows = []
     for seed in args.seeds:
         out, wall = Path(args.out) / f"seed-{seed}", walls[seed]
@@ -68,7 +97,8 @@ def main() -> int:
         rows.append(
             {"seed": seed, f"teacher_{metric}": round(t, 2), f"student_{metric}": round(s, 2),
              "gain": round(s - t, 2), "pseudo_kept": r["pseudo"]["kept"],
-             "pseudo_labels": r["pseudo"]["labels"], "wall_s": round(wall, 1)}
+             "pseudo_labels": r["pseudo"]["labels"], "wall_s": round(wall, 1),
+             "reference_steps": round(wall / ref) if ref else None}
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gains = [r["gain"] for r in rows]
@@ -79,6 +109,9 @@ def main() -> int:
         "mean_gain": round(statistics.mean(gains), 2),
         "min_gain": min(gains),
         "mean_wall_s": round(statistics.mean(r["wall_s"] for r in rows), 1),
+        # measured before the first and after the last seed; their mean converts wall times
+        "reference_step_s": [round(x, 3) for x in reference],
+        "mean_reference_steps": round(statistics.mean(r["wall_s"] for r in rows) / ref) if ref else None,
         "overrides": args.overrides,
         "jobs": args.jobs,
         "threads": args.threads,

@@ -1,10 +1,13 @@
 """Seconds per training step of the demo models at 128 px, on random tensors (no data loading).
 
-    .venv/bin/python benchmarks/train_step_time.py [--steps 4]
+    .venv/bin/python benchmarks/train_step_time.py [--steps 4] [--reference]
 
 Prints one JSON object: per (family, neck, width, repeats, batch) the mean wall time of
 a forward + backward + AdamW step after two warm-up steps, with torch's default
-threads. Multiply by a preset's steps to see where a demo's time goes.
+threads. Multiply by a preset's steps to see where a demo's time goes. The last case
+(B0 + FPN detector, batch 16, 128 px) is the *reference step*: time budgets (the demo's
+900 reference steps) are stated in it, because machines of one kind differ about 2x
+from day to day. `--reference` measures only that case.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ CASES = [  # family, neck, channels, repeats, batch
     ("segmentation", "nasfpn", 32, 1, 16),
     ("detection", "fpn", 64, 1, 16),
 ]
+REFERENCE = CASES[-1]  # the reference step of every time budget
 
 
 def batch(family: str, n: int) -> dict:
@@ -35,27 +39,40 @@ def batch(family: str, n: int) -> dict:
     return {"images": images, "targets": [box] * n}
 
 
+def step_time(name: str, neck: str, channels: int, repeats: int, n: int, steps: int = 4) -> float:
+    """Mean seconds of one bare training step (after two warm-up steps)."""
+    torch.manual_seed(0)
+    family = FAMILIES[name]
+    cfg = ModelConfig(backbone="tf_efficientnet_b0", neck=neck, neck_channels=channels,
+                      nasfpn_repeats=repeats, head_norm="group", num_classes=4 if name == "segmentation" else 3)
+    model = family.build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    b = batch(name, n)
+    for i in range(2 + steps):
+        if i == 2:
+            t0 = time.perf_counter()
+        loss = sum(v.mean() for v in family.losses(model, b).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def reference_step(steps: int = 4) -> float:
+    """The reference step that time budgets are stated in: B0 + FPN detector, batch 16, 128 px."""
+    return step_time("detection", "fpn", 64, 1, 16, steps)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--reference", action="store_true", help="only the reference step (B0 + FPN, batch 16)")
     args = parser.parse_args()
     rows = []
-    for name, neck, channels, repeats, n in CASES:
-        family = FAMILIES[name]
-        cfg = ModelConfig(backbone="tf_efficientnet_b0", neck=neck, neck_channels=channels,
-                          nasfpn_repeats=repeats, head_norm="group", num_classes=4 if name == "segmentation" else 3)
-        model = family.build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), 1e-3)
-        b = batch(name, n)
-        for i in range(2 + args.steps):
-            if i == 2:
-                t0 = time.perf_counter()
-            loss = sum(v.mean() for v in family.losses(model, b).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for name, neck, channels, repeats, n in [REFERENCE] if args.reference else CASES:
+        s = step_time(name, neck, channels, repeats, n, args.steps)
         rows.append({"family": name, "neck": neck, "channels": channels, "repeats": repeats, "batch": n,
-                     "s_per_step": round((time.perf_counter() - t0) / args.steps, 3)})
+                     "s_per_step": round(s, 3)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "train_step_time", "threads": torch.get_num_threads(), "runs": rows}, indent=2))
     return 0

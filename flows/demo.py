@@ -66,12 +66,19 @@ def demo_config(
     device: str = "cpu",
     overrides: list[str] | None = None,
     family: str = "detection",
+    world_dir: str | Path | None = None,
+    sizes: dict | None = None,
 ) -> tuple[RunConfig, dict]:
-    """Write the world under <out>/world and return the run's config and world facts."""
+    """Write the world under `world_dir` (default <out>/world) and return the run's config
+    and world facts. `sizes` replaces some of the world's counts (n_train, n_val,
+    n_unlabeled, per_shard); several runs can share one world directory."""
     preset = demo_preset(family, quick)
-    sizes = WORLDS["quick" if quick else "full"]
+    sizes = {**WORLDS["quick" if quick else "full"], **(sizes or {})}
+    unknown = set(sizes) - set(WORLDS["full"])
+    if unknown:
+        raise ValueError(f"unknown world sizes {sorted(unknown)}; valid: {', '.join(WORLDS['full'])}")
     out = Path(out)
-    world = write_world(out / "world", WORLD_SPECS[family], seed=seed, **sizes)
+    world = write_world(Path(world_dir) if world_dir else out / "world", WORLD_SPECS[family], seed=seed, **sizes)
     data, num_classes = _world_data(family, world)
     raw = yaml.safe_load(resolve_preset(preset).read_text())
     raw = merge(

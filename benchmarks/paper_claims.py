@@ -1,0 +1,394 @@
+"""The paper's claims at the embedded world's scale: one JSON, a report.md and one plot per claim.
+
+    .venv/bin/python benchmarks/paper_claims.py [--seeds 0 1 2] [--claims a b c d e] \
+        [--scale small] [--family detection] [--out runs/claims]
+
+Claims (Zoph et al. 2020, *Rethinking Pre-training and Self-training*; Xie et al. 2020):
+  a  gain vs augmentation level: students at S1, S2, S3 and S4 from one teacher; in the
+     paper gains hold or grow with stronger augmentation.
+  b  loss normalization on vs off, at S3, with per-step human and pseudo loss curves; in
+     the paper training without it is less stable and gains less.
+  c  label fraction: 50, 100 and 200 labeled images; self-training helps at each.
+  d  iteration: the round-1 student teaches a round-2 student; round 2 matches or beats
+     round 1.
+  e  pseudo-label score threshold 0.3, 0.5 and 0.7.
+
+Every cell is a run of the product's own `noisy_student_flow` in its own run directory,
+`<out>/seed-N/<cell>`, on one world per seed (`<out>/seed-N/world`). Cells that share a
+stage with the seed's base cell (the teacher; the teacher and its pseudo-labels; round 0
+for the round-2 cell) start from a hard-linked copy of the base cell's finished stage
+folders, so those stages are not trained again: their manifests match and the flow skips
+them. An interrupted benchmark resumes where it stopped (stages resume from their
+checkpoints, finished stages are skipped), and a rerun costs a few seconds per cell.
+
+Each cell's figure is a mean +- standard deviation over the seeds. The verdict of each
+claim is computed from those means (see `CLAIMS`); a claim that does not hold is
+reported as not holding.
+
+Scales (`SCALES`): `small` is sized to finish within 90 minutes on a 2-core CPU for 3
+seeds (see its comment); `tiny` runs the quick demo's toy model in seconds per cell and
+only checks that the machinery works (its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Each scale: the world's counts, the steps of the teacher and student, and the preset.
+SCALES = {
+    # The demo's world and preset with fewer student steps and a smaller unlabeled pool:
+    # per seed 3 teachers and 10 students (see CELLS).
+    "small": {
+        "quick": False,
+        "world": {"n_train": 200, "n_val": 200, "n_unlabeled": 1000, "per_shard": 250},
+        "overrides": ["student.train.log_every=5"],
+    },
+    "tiny": {
+        "quick": True,
+        "world": {"n_train": 16, "n_val": 8, "n_unlabeled": 16, "per_shard": 8},
+        "overrides": ["teacher.steps=2", "student.train.steps=2", "student.train.log_every=1"],
+    },
+}
+LEVELS = ("S1", "S2", "S3", "S4")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run directory per seed. `shares`: stage folders copied from the base cell."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    shares: tuple[str, ...] = ()
+    rounds: int = 1
+
+
+def cells_for(claims: list[str], base_level: str) -> list[Cell]:
+    """The cells the chosen claims need; the base cell (the preset's student) first."""
+    out = {"base": Cell("base")}
+
+    def add(cell: Cell) -> None:
+        out.setdefault(cell.name, cell)
+
+    shared = ("round-0/teacher", "round-0/pseudo")
+    if "a" in claims or "b" in claims:
+        for level in LEVELS if "a" in claims else ("S3",):
+            if level != base_level:
+                add(Cell(f"level-{level}", (f"student.train.augment_level={level}",), shared))
+    if "b" in claims:
+        add(Cell("norm-off-S3", ("student.train.augment_level=S3", "student.normalize_loss=false"), shared))
+    if "c" in claims:
+        for n in (50, 100):
+            add(Cell(f"labels-{n}", (f"data.labeled_limit={n}",)))
+    if "d" in claims:
+        add(Cell("round-2", (), ("round-0/teacher", "round-0/pseudo", "round-0/student"), rounds=2))
+    if "e" in claims:
+        for t in (0.3, 0.7):
+            add(Cell(f"threshold-{t}", (f"pseudo.score_threshold={t}",), ("round-0/teacher",)))
+    return list(out.values())
+
+
+def level_cell(level: str, base_level: str) -> str:
+    return "base" if level == base_level else f"level-{level}"
+
+
+# ------------------------------------------------------------------------- running
+
+
+def link_stage(src: Path, dst: Path) -> None:
+    """Hard-link copy of a finished stage folder (the base cell's files stay untouched)."""
+    if dst.exists() or not (src / "manifest.json").exists():
+        return
+    tmp = dst.with_name(dst.name + ".linking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=os.link)
+    tmp.rename(dst)
+
+
+def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_level: str) -> dict:
+    """Run (or skip, when finished) one cell; returns its per-round results."""
+    from flows import stages
+    from flows.demo import demo_config
+
+    seed_dir = root / f"seed-{seed}"
+    run_dir = seed_dir / cell.name
+    for stage in cell.shares:
+        (run_dir / stage).parent.mkdir(parents=True, exist_ok=True)
+        link_stage(seed_dir / "base" / stage, run_dir / stage)
+    overrides = [*scale["overrides"], *cell.overrides, f"rounds={cell.rounds}"]
+    cfg, _ = demo_config(
+        run_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
+    )
+    t0 = time.perf_counter()
+    summary = stages.noisy_student_flow(cfg)
+    metric = summary["metric"]
+    rounds = [
+        {
+            "teacher": r["teacher_metrics"][metric],
+            "student": r["student_metrics"][metric],
+            "gain": r["student_metrics"][metric] - r["teacher_metrics"][metric],
+            "kept": r["pseudo"]["kept"],
+            "labels": r["pseudo"]["labels"],
+        }
+        for r in summary["rounds"]
+    ]
+    curve = loss_curve(run_dir / f"round-{cell.rounds - 1}" / "student" / "train.log")
+    return {"metric": metric, "rounds": rounds, "loss_curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+_STEP = re.compile(r"^step (\d+)/\d+ (.*?) \(")
+
+
+def loss_curve(train_log: Path) -> dict[str, list[float]]:
+    """Per logged step: loss_h, loss_p (and the total) from a student's train.log."""
+    by_step: dict[int, dict[str, float]] = {}
+    if train_log.exists():
+        for line in train_log.read_text().splitlines():
+            m = _STEP.match(line)
+            if m:
+                parts = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
+                by_step[int(m.group(1))] = {k: float(v) for k, v in parts.items() if k.startswith("loss")}
+    steps = sorted(by_step)  # a resumed run logs some steps twice: the last one counts
+    keys = sorted({k for v in by_step.values() for k in v})
+    return {"step": steps, **{k: [by_step[s].get(k, math.nan) for s in steps] for k in keys}}
+
+
+# ----------------------------------------------------------------------- aggregating
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value), rounded to 2 decimals.
+    Non-finite values (a loss curve too short to measure) are left out; none left: NaN."""
+    vals = [float(v) for v in values if math.isfinite(v)]
+    if not vals:
+        return {"mean": math.nan, "std": math.nan, "n": 0, "values": []}
+    return {
+        "mean": round(statistics.fmean(vals), 2),
+        "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+        "values": [round(v, 2) for v in vals],
+    }
+
+
+def row(label: str, results: dict[int, dict], round_index: int = 0) -> dict:
+    """Teacher, student and gain of one cell over seeds (`results`: seed -> run_cell)."""
+    rs = [res["rounds"][round_index] for _, res in sorted(results.items())]
+    return {
+        "value": label,
+        "teacher": mean_std([r["teacher"] for r in rs]),
+        "student": mean_std([r["student"] for r in rs]),
+        "gain": mean_std([r["gain"] for r in rs]),
+        "kept": mean_std([r["kept"] for r in rs]),
+    }
+
+
+def jitter(curve: dict[str, list[float]], key: str) -> float:
+    """Mean absolute step-to-step change of a logged loss over the second half of training."""
+    vals = [v for v in curve.get(key, []) if math.isfinite(v)]
+    half = vals[len(vals) // 2 :]
+    if len(half) < 2:
+        return math.nan
+    return statistics.fmean(abs(b - a) for a, b in zip(half, half[1:]))
+
+
+def aggregate(results: dict[str, dict[int, dict]], claims: list[str], base_level: str) -> dict:
+    """Per claim: rows of mean +- std over seeds, the expectation and whether it holds.
+
+    `results[cell][seed]` is what `run_cell` returned. Pure function (tested on its own)."""
+    out: dict[str, dict] = {}
+    if "a" in claims:
+        rows = [row(level, results[level_cell(level, base_level)]) for level in LEVELS]
+        g = {r["value"]: r["gain"]["mean"] for r in rows}
+        out["a"] = {
+            "title": "Gain vs augmentation level",
+            "expected": "every level gains, and the strongest levels (S3, S4) gain at least as much as S1",
+            "rows": rows,
+            "holds": all(v > 0 for v in g.values()) and max(g["S3"], g["S4"]) >= g["S1"],
+        }
+    if "b" in claims:
+        on, off = results[level_cell("S3", base_level)], results["norm-off-S3"]
+        rows = [row("normalized", on), row("not normalized", off)]
+        for r, res in zip(rows, (on, off)):
+            r["pseudo_loss_jitter"] = mean_std([jitter(v["loss_curve"], "loss_p") for v in res.values()])
+            r["human_loss_jitter"] = mean_std([jitter(v["loss_curve"], "loss_h") for v in res.values()])
+        out["b"] = {
+            "title": "Loss normalization at S3",
+            "expected": "normalized training gains at least as much as unnormalized training",
+            "rows": rows,
+            "holds": rows[0]["gain"]["mean"] >= rows[1]["gain"]["mean"],
+            "curves": {
+                "normalized": {s: v["loss_curve"] for s, v in sorted(on.items())},
+                "not normalized": {s: v["loss_curve"] for s, v in sorted(off.items())},
+            },
+        }
+    if "c" in claims:
+        rows = [row(str(n), results["base" if n == 200 else f"labels-{n}"]) for n in (50, 100, 200)]
+        out["c"] = {
+            "title": "Label fraction",
+            "expected": "self-training gains with 50, 100 and 200 labeled images",
+            "rows": rows,
+            "holds": all(r["gain"]["mean"] > 0 for r in rows),
+        }
+    if "d" in claims:
+        r2 = results["round-2"]
+        rows = [row("round 1", r2, 0), row("round 2", r2, 1)]
+        out["d"] = {
+            "title": "Iteration",
+            "expected": "the round-2 student matches or beats the round-1 student",
+            "rows": rows,
+            "holds": rows[1]["student"]["mean"] >= rows[0]["student"]["mean"],
+        }
+    if "e" in claims:
+        cells = {0.3: "threshold-0.3", 0.5: "base", 0.7: "threshold-0.7"}
+        rows = [row(str(t), results[c]) for t, c in cells.items()]
+        best = max(rows, key=lambda r: r["gain"]["mean"])["value"]
+        out["e"] = {
+            "title": "Pseudo-label threshold",
+            "expected": "each threshold gains; the recipe's 0.5 is as good as the others",
+            "rows": rows,
+            "best": best,
+            "holds": all(r["gain"]["mean"] > 0 for r in rows) and best == "0.5",
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _pm(c: dict) -> str:
+    return f"{c['mean']:.2f} ± {c['std']:.2f}"
+
+
+def plot_claim(key: str, claim: dict, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = claim["rows"]
+    labels = [r["value"] for r in rows]
+    x = range(len(rows))
+    if key == "b":
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        for ax, part in zip(axes[:2], ("loss_h", "loss_p")):
+            for name, style in (("normalized", "-"), ("not normalized", "--")):
+                for seed, curve in claim["curves"][name].items():
+                    if curve.get(part):
+                        ax.plot(curve["step"], curve[part], style, lw=1, label=f"{name}, seed {seed}")
+            ax.set_title(f"student {'human' if part == 'loss_h' else 'pseudo'} loss per step")
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        ax = axes[2]
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for part, colour in (("teacher", "tab:gray"), ("student", "tab:blue")):
+        ax.errorbar(
+            list(x), [r[part]["mean"] for r in rows], yerr=[r[part]["std"] for r in rows],
+            marker="o", capsize=3, color=colour, label=part,
+        )
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel(f"val {metric} (mean ± std over seeds)")
+    ax.set_title(f"({key}) {claim['title']}: {'holds' if claim['holds'] else 'does not hold'}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_markdown(result: dict) -> str:
+    metric = result["metric"]
+    lines = [
+        f"# The paper's claims on the embedded world ({result['family']}, scale {result['scale']})",
+        "",
+        f"Seeds {', '.join(map(str, result['seeds']))}; each cell: mean ± std over seeds of val {metric}. "
+        f"Wall time {result['elapsed_s'] / 60:.1f} min.",
+        "",
+    ]
+    for key, claim in result["claims"].items():
+        lines += [
+            f"## ({key}) {claim['title']}: {'holds' if claim['holds'] else 'does not hold'}",
+            "",
+            f"Expected: {claim['expected']}.",
+            "",
+            f"| setting | teacher {metric} | student {metric} | gain | images kept |",
+            "|---|---|---|---|---|",
+        ]
+        for r in claim["rows"]:
+            lines.append(
+                f"| {r['value']} | {_pm(r['teacher'])} | {_pm(r['student'])} | {_pm(r['gain'])} | {r['kept']['mean']:.0f} |"
+            )
+        if key == "b":
+            lines += ["", "Mean step-to-step change of the loss over the second half of training:", ""]
+            for r in claim["rows"]:
+                lines.append(
+                    f"- {r['value']}: human {_pm(r['human_loss_jitter'])}, pseudo {_pm(r['pseudo_loss_jitter'])}"
+                )
+        lines += ["", f"![claim {key}]({claim['plot']})", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--claims", nargs="+", default=list("abcde"), choices=list("abcde"))
+    p.add_argument("--scale", default="small", choices=sorted(SCALES))
+    p.add_argument("--family", default="detection")
+    p.add_argument("--out", default="runs/claims")
+    args = p.parse_args(argv)
+
+    from flows.demo import demo_preset
+    from configs import load_config
+
+    scale = SCALES[args.scale]
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    preset = load_config(demo_preset(args.family, scale["quick"]), [])
+    base_level = preset.student.train.augment_level
+    cells = cells_for(args.claims, base_level)
+    t0 = time.perf_counter()
+    results: dict[str, dict[int, dict]] = {c.name: {} for c in cells}
+    for seed in args.seeds:
+        for cell in cells:  # the base cell first: the others link its stages
+            res = run_cell(root, seed, cell, scale, args.family, base_level)
+            results[cell.name][seed] = res
+            print(json.dumps({"seed": seed, "cell": cell.name, **res["rounds"][-1], "s": res["seconds"]}),
+                  file=sys.stderr, flush=True)
+    metric = next(iter(results["base"].values()))["metric"]
+    claims = aggregate(results, args.claims, base_level)
+    for key, claim in claims.items():
+        claim["plot"] = f"claim-{key}.png"
+        plot_claim(key, claim, metric, root / claim["plot"])
+    result = {
+        "benchmark": "paper_claims",
+        "family": args.family,
+        "scale": args.scale,
+        "scale_settings": scale,
+        "seeds": args.seeds,
+        "metric": metric,
+        "claims": claims,
+        "cells": {name: {str(s): {k: v for k, v in r.items() if k != "loss_curve"} for s, r in per.items()}
+                  for name, per in results.items()},
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+    }
+    (root / "claims.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / "report.md").write_text(report_markdown(result))
+    summary = {k: {"holds": c["holds"], "rows": [{"value": r["value"], "gain": r["gain"]["mean"]} for r in c["rows"]]}
+               for k, c in claims.items()}
+    print(json.dumps({"benchmark": "paper_claims", "out": str(root), "claims": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""benchmarks/paper_claims.py: cells, aggregation over seeds, verdicts, the report; a tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pc = _load()
+
+
+def _res(teacher, student, kept=10, curve=None):
+    return {
+        "metric": "AP",
+        "rounds": [{"teacher": teacher, "student": student, "gain": student - teacher, "kept": kept, "labels": kept}],
+        "loss_curve": curve or {"step": [], "loss_h": [], "loss_p": []},
+        "seconds": 1.0,
+    }
+
+
+def test_mean_std_over_seeds():
+    m = pc.mean_std([1.0, 2.0, 4.0])
+    assert m["mean"] == pytest.approx(2.33, abs=0.01)
+    assert m["std"] == pytest.approx(1.53, abs=0.01)  # sample std (n - 1)
+    assert m["n"] == 3
+    assert pc.mean_std([5.0])["std"] == 0.0
+
+
+def test_cells_share_the_base_stages():
+    cells = {c.name: c for c in pc.cells_for(list("abcde"), "S2")}
+    assert list(cells)[0] == "base"
+    assert "level-S2" not in cells and {"level-S1", "level-S3", "level-S4"} <= set(cells)
+    assert cells["level-S3"].shares == ("round-0/teacher", "round-0/pseudo")
+    assert cells["labels-50"].shares == () and "data.labeled_limit=50" in cells["labels-50"].overrides
+    assert cells["round-2"].rounds == 2 and "round-0/student" in cells["round-2"].shares
+    assert cells["threshold-0.3"].shares == ("round-0/teacher",)
+    # b alone still needs its S3 cell
+    assert {c.name for c in pc.cells_for(["b"], "S1")} == {"base", "level-S3", "norm-off-S3"}
+
+
+def test_aggregate_rows_and_verdicts():
+    seeds = (0, 1)
+    gains = {"base": 2.0, "level-S1": 1.0, "level-S3": 3.0, "level-S4": 4.0, "norm-off-S3": -1.0,
+             "labels-50": 0.5, "labels-100": 1.5, "threshold-0.3": 1.0, "threshold-0.7": -0.5}
+    results = {name: {s: _res(20.0 + s, 20.0 + s + g + s) for s in seeds} for name, g in gains.items()}
+    results["round-2"] = {
+        s: {**_res(20.0, 22.0), "rounds": [_res(20.0, 22.0)["rounds"][0], _res(22.0, 21.0)["rounds"][0]]}
+        for s in seeds
+    }
+    out = pc.aggregate(results, list("abcde"), "S2")
+    a = {r["value"]: r for r in out["a"]["rows"]}
+    # gain per seed: g + s, so mean g + 0.5 and std of (g, g + 1) = 0.71
+    assert a["S2"]["gain"]["mean"] == pytest.approx(2.5)
+    assert a["S4"]["gain"]["std"] == pytest.approx(0.71, abs=0.01)
+    assert out["a"]["holds"] is True
+    assert out["b"]["holds"] is True and out["b"]["rows"][1]["gain"]["mean"] == pytest.approx(-0.5)
+    assert out["c"]["holds"] is True and [r["value"] for r in out["c"]["rows"]] == ["50", "100", "200"]
+    assert out["d"]["holds"] is False  # round 2's student (21) is below round 1's (22)
+    assert out["e"]["best"] == "0.5" and out["e"]["holds"] is False  # 0.7 loses
+
+
+def test_loss_curve_reads_the_last_log_of_each_step(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "student: 16 human + 16 pseudo\n"
+        "step 5/10 lr=0.001 loss=1.5 loss_h=1 loss_p=2 grad_norm=3 (10.0 img/s)\n"
+        "resuming from checkpoint.pt at step 5/10\n"
+        "step 5/10 lr=0.001 loss=1.25 loss_h=0.5 loss_p=2 grad_norm=3 (10.0 img/s)\n"
+        "step 10/10 lr=0 loss=1 loss_h=0.75 loss_p=1.25 grad_norm=3 (10.0 img/s)\n"
+    )
+    curve = pc.loss_curve(log)
+    assert curve["step"] == [5, 10]
+    assert curve["loss_h"] == [0.5, 0.75] and curve["loss_p"] == [2.0, 1.25]
+    assert math.isnan(pc.jitter({"loss_p": [1.0]}, "loss_p"))
+    assert pc.jitter({"loss_p": [4.0, 1.0, 2.0, 4.0]}, "loss_p") == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_tiny_claims_run_resumes_and_reports(tmp_path):
+    """Claims d and e at the tiny scale, 2 seeds, through the product's flows; a rerun skips every stage."""
+    out = tmp_path / "claims"
+    assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "d", "e", "--out", str(out)]) == 0
+    result = json.loads((out / "claims.json").read_text())
+    assert set(result["claims"]) == {"d", "e"}
+    for claim in result["claims"].values():
+        assert (out / claim["plot"]).stat().st_size > 1000
+        for r in claim["rows"]:
+            assert r["student"]["n"] == 2
+    # threshold cells reuse the base teacher: same teacher metric per seed
+    e = {r["value"]: r for r in result["claims"]["e"]["rows"]}
+    assert e["0.3"]["teacher"]["values"] == e["0.5"]["teacher"]["values"]
+    assert (out / "seed-0" / "threshold-0.3" / "round-0" / "teacher" / "model.pt").stat().st_nlink == 2
+    assert "(e) Pseudo-label threshold" in (out / "report.md").read_text()
+    # the round-2 cell trains only round 1: its round-0 student is the base's, hard-linked
+    r2 = out / "seed-1" / "round-2"
+    assert (r2 / "round-0" / "student" / "model.pt").samefile(out / "seed-1" / "base" / "round-0" / "student" / "model.pt")
+    assert (r2 / "round-1" / "student" / "model.pt").exists()
+    first = {(c, s): v["seconds"] for c, per in result["cells"].items() for s, v in per.items()}
+    assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "d", "e", "--out", str(out)]) == 0
+    again = json.loads((out / "claims.json").read_text())
+    assert again["claims"]["e"]["rows"] == result["claims"]["e"]["rows"]
+    assert sum(v["seconds"] for per in again["cells"].values() for v in per.values()) < sum(first.values())
