@@ -12,7 +12,6 @@ half the previous one; anything else raises ValueError before any compute.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -84,6 +83,16 @@ def global_attention(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return hi + lo * torch.sigmoid(torch.amax(hi, dim=(2, 3), keepdim=True))
 
 
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups for `channels`: 32 as in the GroupNorm paper, else the largest
+    divisor of `channels` below it (40 -> 20, 48 -> 24)."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(channels), channels)
+
+
 def norm2d(kind: str, channels: int) -> nn.Module:
     match kind:
         case "none":
@@ -91,8 +100,7 @@ def norm2d(kind: str, channels: int) -> nn.Module:
         case "batch":
             return nn.BatchNorm2d(channels)
         case "group":
-            # 32 groups as in the GroupNorm paper, fewer when the width is not a multiple.
-            return nn.GroupNorm(math.gcd(32, channels), channels)
+            return group_norm(channels)
     raise ValueError(f"unknown norm {kind!r}; valid: none, batch, group")
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_focal_loss
+
+from detection.necks import group_norm
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +42,7 @@ def norm_layer(kind: str):
         case "batch":
             return nn.BatchNorm2d
         case "group":
-            return partial(nn.GroupNorm, 32)
+            return group_norm
     raise ValueError(f"unknown head norm {kind!r}; valid: none, batch, group")
 
 

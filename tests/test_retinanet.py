@@ -146,3 +146,24 @@ def test_human_and_pseudo_parts_are_normalized_by_their_own_positives():
     assert not torch.allclose(whole["loss_cls"], fam["loss_cls"])
     with pytest.raises(ValueError, match="do not split"):
         model.loss(out, targets, group_sizes=(2, 2))
+
+
+@pytest.mark.parametrize("family_name", ["detection", "segmentation"])
+@pytest.mark.parametrize("channels, groups", [(40, 20), (48, 24)])
+def test_group_norm_heads_accept_widths_not_divisible_by_32(family_name, channels, groups):
+    from segmentation.family import SegmentationFamily
+
+    family = FAMILY if family_name == "detection" else SegmentationFamily()
+    torch.manual_seed(0)
+    model = family.build_model(tiny_model_config(neck_channels=channels, head_norm="group"))
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == groups and m.num_channels == channels for m in norms)
+    out = model(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    first = out["cls_logits"] if isinstance(out, dict) else out
+    assert torch.isfinite(first).all()
+
+
+def test_group_count_is_the_largest_divisor_up_to_32():
+    from detection.necks import group_count
+
+    assert [group_count(c) for c in (32, 64, 256, 40, 48, 36, 8, 37)] == [32, 32, 32, 20, 24, 18, 8, 1]
