@@ -291,6 +291,9 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; allowed: {', '.join(allowed)}"
             )
+        elif isinstance(e.get("input"), dict):
+            # A check across several keys of a section: its message names them and their values.
+            lines.append(f"{path or '<root>'}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{path or '<root>'}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

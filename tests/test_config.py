@@ -97,3 +97,26 @@ def test_every_family_has_its_data_format():
     from tasks.families import FAMILIES
 
     assert set(FAMILY_DATA_FORMATS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["teacher.lr=-1"], ["teacher.lr", "-1"]),
+        (["student.train.optimizer=sgdx"], ["student.train.optimizer", "'sgdx'"]),
+        (["data.num_workers=abc"], ["data.num_workers", "'abc'"]),
+        (["pseudo.scales=[5]"], ["pseudo.scales", "5"]),
+        (["teacher.scale_jitter=[1, 2, 3]"], ["teacher.scale_jitter", "[1, 2, 3]"]),
+        (["data.image_size=200"], ["data.image_size=200"]),
+        (["teacher.batch_size=6", "teacher.processes=4"], ["teacher:", "batch_size=6", "processes=4"]),
+        (["student.init=checkpoint"], ["student.init='checkpoint'", "student.init_checkpoint"]),
+        (["data.format=voc", "data.voc_root=/v"], ["family='detection'", "data.format='voc'"]),
+    ],
+)
+def test_every_validation_error_names_its_key_and_value(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        build_config({"data": DATA}, overrides)
+    msg = str(err.value)
+    assert all(n in msg for n in names), msg
+    # a check across keys names them; the whole section is not dumped after it
+    assert "train_annotations" not in msg and len(msg.splitlines()) == 2, msg
