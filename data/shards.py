@@ -14,12 +14,14 @@ Pure Python + torch/torchvision/PIL; no Prefect here (DESIGN.md section 2).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from pathlib import Path
 
@@ -229,6 +231,74 @@ def iter_with_sidecar(
         # Close both files now, also when the consumer stops early.
         images.close()
         sidecar.close()
+
+
+# --------------------------------------------------------------------------- identity
+
+# A shard is identified by the sha256 of its bytes, so any change of content changes
+# its identity, while rewriting the same bytes (a restore, a re-download, `touch`) does
+# not, and its shard is not labeled again. Partial hashes are cheaper (about 2 ms for
+# the first and last MiB of a 100 MB file) but miss a change inside a member, and an
+# identity holding the mtime relabels a shard whenever its file is rewritten unchanged.
+# A full hash costs about 155 ms per 100 MB shard on one core here (about 4 minutes
+# for 1,700 such shards, spread over threads; under 1% of what labeling them costs),
+# and only once: digests are cached by (size, mtime_ns, ctime_ns, inode), which every
+# write or replacement of the file changes. ctime cannot be set back from user space
+# (`touch -d`, `cp -p` and `rsync -t` set mtime only), so a regenerated shard never
+# inherits a stale digest, and a later run costs one stat per shard.
+_HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def shard_identities(
+    paths: Sequence[str | os.PathLike], cache_path: str | os.PathLike | None = None, threads: int = 4
+) -> list[dict]:
+    """`{"path": resolved path, "size": bytes, "sha256": hex}` per local shard file, in order.
+
+    Digests are looked up in the json file `cache_path` (when given) by resolved path
+    and (size, mtime_ns, ctime_ns, inode); the others are hashed, in up to `threads`
+    threads, and the cache is rewritten atomically. A cache that is missing or
+    unreadable is rebuilt. Raises FileNotFoundError naming every missing shard.
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    missing = [os.fspath(p) for p, r in zip(paths, resolved) if not r.is_file()]
+    if missing:
+        raise FileNotFoundError(f"unlabeled shard(s) not found: {', '.join(missing)}")
+    stats = {str(r): os.stat(r) for r in resolved}
+    cache: dict = {}
+    if cache_path is not None:
+        try:
+            cache = json.loads(Path(cache_path).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            cache = {}
+        if not isinstance(cache, dict):
+            cache = {}
+    digests = {}
+    for path, st in stats.items():
+        entry = cache.get(path)
+        if isinstance(entry, dict) and entry.get("stat") == _stat_key(st) and isinstance(entry.get("sha256"), str):
+            digests[path] = entry["sha256"]
+    todo = [p for p in stats if p not in digests]
+    if todo:
+        with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:  # hashlib releases the GIL
+            digests.update(zip(todo, pool.map(file_sha256, todo)))
+        if cache_path is not None:
+            for path in todo:
+                cache[path] = {"stat": _stat_key(stats[path]), "sha256": digests[path]}
+            _atomic_write_text(Path(cache_path), json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    return [{"path": str(r), "size": stats[str(r)].st_size, "sha256": digests[str(r)]} for r in resolved]
 
 
 # --------------------------------------------------------------------------- decoding

@@ -1,7 +1,8 @@
 """RetinaNet (Lin et al. 2017) assembled from torchvision parts on our pyramid.
 
 Backbone and neck are injected; the head, focal loss, box coder, matcher and NMS come
-from torchvision. Unlike torchvision's `RetinaNet`, this module never resizes its
+from torchvision, except the head with BatchNorm (`LevelNormHead`: shared convs,
+BatchNorm per level, as in the TF reference). Unlike torchvision's `RetinaNet`, this module never resizes its
 input and its `forward` returns the same raw outputs in train and eval mode; loss and
 postprocessing are separate methods, so the caller owns the exact input the model sees.
 """
@@ -35,14 +36,75 @@ def cell_anchors(size: float, scales_per_octave: int, aspect_ratios: tuple[float
     return torch.tensor(out, dtype=torch.float32)
 
 
-def norm_layer(kind: str):
+class LevelNormSubnet(nn.Module):
+    """A RetinaNet subnet whose convs are shared by the levels and whose BatchNorms are not.
+
+    `num_convs` x (shared conv3x3 -> BatchNorm of the level -> ReLU), then a shared conv3x3
+    predictor of `num_anchors * out_per_anchor` channels. As in the TF reference, each
+    level has its own BN statistics and affine parameters: P3 and P7 activations differ
+    too much for one set of running statistics to normalize both in eval mode.
+    forward(maps: one [B, C, H_l, W_l] per level, finest first) ->
+    [B, sum_l H_l * W_l * num_anchors, out_per_anchor], ordered level, y, x, anchor.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_anchors: int,
+        out_per_anchor: int,
+        num_levels: int,
+        num_convs: int = 4,
+        bias_init: float = 0.0,
+    ):
+        super().__init__()
+        self.out_per_anchor = out_per_anchor
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(num_convs))
+        self.norms = nn.ModuleList(
+            nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_convs)) for _ in range(num_levels)
+        )
+        self.predictor = nn.Conv2d(channels, num_anchors * out_per_anchor, 3, padding=1)
+        for conv in [*self.convs, self.predictor]:
+            nn.init.normal_(conv.weight, std=0.01)
+        nn.init.constant_(self.predictor.bias, bias_init)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        if len(maps) != len(self.norms):
+            raise ValueError(f"expected {len(self.norms)} pyramid levels, got {len(maps)}")
+        out = []
+        for x, norms in zip(maps, self.norms):
+            for conv, norm in zip(self.convs, norms):
+                x = torch.relu(norm(conv(x)))
+            y = self.predictor(x)
+            n, _, h, w = y.shape
+            k = self.out_per_anchor
+            out.append(y.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k))
+        return torch.cat(out, dim=1)
+
+
+class LevelNormHead(nn.Module):
+    """RetinaNet head with per-level BatchNorm; same outputs as torchvision's `RetinaNetHead`."""
+
+    def __init__(self, channels: int, num_anchors: int, num_classes: int, num_levels: int, prior: float = 0.01):
+        super().__init__()
+        self.classification_head = LevelNormSubnet(
+            channels, num_anchors, num_classes, num_levels, bias_init=-math.log((1 - prior) / prior)
+        )
+        self.regression_head = LevelNormSubnet(channels, num_anchors, 4, num_levels)
+
+    def forward(self, maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"cls_logits": self.classification_head(maps), "bbox_regression": self.regression_head(maps)}
+
+
+def build_head(kind: str, channels: int, num_anchors: int, num_classes: int) -> nn.Module:
+    """The head over LEVELS: torchvision's (no norm, or GroupNorm, shared by the levels),
+    or `LevelNormHead` for BatchNorm, whose statistics must not be shared."""
     match kind:
         case "none":
-            return None
-        case "batch":
-            return nn.BatchNorm2d
+            return RetinaNetHead(channels, num_anchors, num_classes, norm_layer=None)
         case "group":
-            return group_norm
+            return RetinaNetHead(channels, num_anchors, num_classes, norm_layer=group_norm)
+        case "batch":
+            return LevelNormHead(channels, num_anchors, num_classes, len(LEVELS))
     raise ValueError(f"unknown head norm {kind!r}; valid: none, batch, group")
 
 
@@ -78,7 +140,7 @@ class RetinaNet(nn.Module):
             for lvl in LEVELS
         }
         num_anchors = scales_per_octave * len(aspect_ratios)
-        self.head = RetinaNetHead(neck.out_channels, num_anchors, num_classes, norm_layer=norm_layer(head_norm))
+        self.head = build_head(head_norm, neck.out_channels, num_anchors, num_classes)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)

@@ -20,7 +20,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from configs import PseudoLabelConfig, RunConfig, dump_config
-from data.shards import expand_urls
+from data.shards import expand_urls, shard_identities
 from flows import artifacts
 from tasks import units
 from tasks.families import get_family
@@ -57,11 +57,8 @@ def teacher_inputs(cfg: RunConfig) -> dict:
     }
 
 
-def _shard_identity(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"unlabeled shard not found: {path}")
-    return {"path": str(p.resolve()), "size": p.stat().st_size}
+# Content digests of the unlabeled shards, cached across stages and runs (data/shards.py).
+SHARD_DIGESTS = "shard-digests.json"
 
 
 def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
@@ -71,7 +68,7 @@ def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
         "teacher": teacher["digest"],
         "rule": cfg.pseudo.digest_view(),
         "image_size": cfg.data.image_size,
-        "shards": [_shard_identity(s) for s in shards],
+        "shards": shard_identities(shards, Path(cfg.out_dir) / SHARD_DIGESTS),
     }
 
 

@@ -167,3 +167,56 @@ def test_group_count_is_the_largest_divisor_up_to_32():
     from detection.necks import group_count
 
     assert [group_count(c) for c in (32, 64, 256, 40, 48, 36, 8, 37)] == [32, 32, 32, 20, 24, 18, 8, 1]
+
+
+def _level_maps(channels=32, batch=8, size=8):
+    # levels with clearly different statistics, as P3..P7 activations have
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, channels, size, size, generator=g) * (1 + lvl) + 3.0 * lvl for lvl in range(5)]
+
+
+def test_batch_norm_head_statistics_are_per_level():
+    head = tiny(head_norm="batch").head
+    bns = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    for m in bns:  # cumulative averages: after one forward, running stats = batch stats
+        m.momentum = None
+        m.reset_running_stats()
+    maps = _level_maps()
+    per_level = [m.shape[-2] * m.shape[-1] * 9 for m in maps]
+    with torch.no_grad():
+        head.train()
+        train_out = head(maps)
+        head.eval()
+        eval_out = head(maps)
+    # train and eval agree level by level: eval normalizes each level with its own statistics
+    for key in ("cls_logits", "bbox_regression"):
+        for lvl, (t, e) in enumerate(zip(train_out[key].split(per_level, 1), eval_out[key].split(per_level, 1))):
+            # within 2% of the output's scale (only the unbiased running variance differs);
+            # statistics blended over the levels miss by 3% to 140% here
+            assert (t - e).abs().max() < 0.02 * t.abs().max(), (key, lvl)
+    # each level's first BN holds that level's mean after the shared first conv
+    for subnet in (head.classification_head, head.regression_head):
+        assert len(subnet.norms) == 5 and len(subnet.convs) == 4
+        for lvl, x in enumerate(maps):
+            expected = subnet.convs[0](x).mean((0, 2, 3))
+            assert torch.allclose(subnet.norms[lvl][0].running_mean, expected, atol=1e-4), lvl
+        means = torch.stack([subnet.norms[lvl][0].running_mean for lvl in range(5)])
+        assert (means[1:] - means[:-1]).abs().max() > 1e-2  # the levels really differ
+
+
+def test_batch_norm_head_trains_through_the_model_and_group_head_keeps_its_layout():
+    model = tiny(head_norm="batch")
+    model.train()
+    targets = [{"boxes_xyxy": torch.tensor([[10.0, 10, 60, 50]]), "labels": torch.tensor([1])}] * 2
+    losses = model.loss(model(torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8)), targets)
+    sum(v.mean() for v in losses.values()).backward()
+    conv = model.head.classification_head.convs[0]
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    keys = set(model.state_dict())
+    assert {"head.classification_head.norms.4.3.running_mean", "head.regression_head.predictor.weight"} <= keys
+    # the GroupNorm head is torchvision's: checkpoints keep their keys
+    group_keys = set(tiny(head_norm="group").state_dict())
+    assert {"head.classification_head.conv.3.1.weight", "head.classification_head.cls_logits.bias",
+            "head.regression_head.bbox_reg.weight"} <= group_keys
+    assert not any("norms" in k for k in group_keys)

@@ -23,6 +23,7 @@ from data.shards import (
     image_bytes,
     iter_shard,
     iter_with_sidecar,
+    shard_identities,
     write_shard,
 )
 
@@ -308,3 +309,56 @@ def test_written_tar_headers_are_fixed(tmp_path):
     assert [i.name for i in infos] == ["a.jpg", "a.json", "b_2.png", "c.jpg", "c.seg.png"]
     assert {(i.mtime, i.mode, i.uid, i.gid, i.uname) for i in infos} == {(0, 0o444, 0, 0, "")}
     assert oct(os.stat(tmp_path / "s.tar").st_mode & 0o777) == oct(0o644)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def same_size_rewrite(path) -> None:
+    """Rewrite a shard with the image payloads of its first two records swapped: same
+    size (member sizes are permuted), other content; its mtime is set back."""
+    st = os.stat(path)
+    records = list(iter_shard(path))
+    (k0, r0), (k1, r1) = records[:2]
+    write_shard(path, [(k0, r1), (k1, r0), *records[2:]])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+def test_shard_identity_follows_content_not_size_or_mtime(tmp_path):
+    path = tmp_path / "pool-000000.tar"
+    write_shard(path, [("a", {"jpg": b"1" * 700}), ("b", {"jpg": b"2" * 900}), ("c", {"png": b"3"})])
+    cache = tmp_path / "digests.json"
+    (before,) = shard_identities([path], cache)
+    same_size_rewrite(path)
+    (after,) = shard_identities([path], cache)
+    assert after["size"] == before["size"] and after["path"] == before["path"] == str(path.resolve())
+    assert after["sha256"] != before["sha256"]
+    assert shard_identities([path]) == [after]  # the cached digest is the file's digest
+
+
+def test_shard_digests_are_hashed_once_per_file_state(tmp_path, monkeypatch):
+    import data.shards as shards
+
+    hashed = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    paths = [tmp_path / f"pool-{i:06d}.tar" for i in range(3)]
+    for i, p in enumerate(paths):
+        write_shard(p, [(f"k{i}", {"jpg": bytes([i]) * 100})])
+    cache = tmp_path / "digests.json"
+    first = shard_identities(paths, cache)
+    assert sorted(hashed) == sorted(p.name for p in paths) and len({i["sha256"] for i in first}) == 3
+    hashed.clear()
+    assert shard_identities(paths, cache) == first and hashed == []  # all from the cache
+    os.utime(paths[1])  # touched: hashed again, same identity
+    assert shard_identities(paths, cache) == first and hashed == [paths[1].name]
+    cache.write_text("{not json")  # an unreadable cache is rebuilt
+    hashed.clear()
+    assert shard_identities(paths, cache) == first and len(hashed) == 3
+
+
+def test_missing_shards_are_named_together(tmp_path):
+    write_shard(tmp_path / "ok.tar", [("a", {"jpg": b"1"})])
+    with pytest.raises(FileNotFoundError, match="gone-1.tar, .*gone-2.tar"):
+        shard_identities([tmp_path / "gone-1.tar", tmp_path / "ok.tar", tmp_path / "gone-2.tar"])
