@@ -16,11 +16,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId, Flo
 from prefect.settings import PREFECT_API_URL
 
 from configs import dump_config
-from data.shards import iter_shard
+from data.shards import expand_urls, iter_shard
 from flows import stages
 from tasks.families import get_family
 from tasks.labeling import add_stats, empty_stats
 from tests.labeling_setup import labeling_config
+from tests.test_shards import same_size_rewrite
 
 NUM_SHARDS = 12  # 4 images each: a shard takes a fraction of a second, the run several seconds
 KILL_AFTER = 2  # finished shards
@@ -135,6 +136,25 @@ def test_a_shard_is_relabeled_unless_its_json_records_the_key(prefect_harness, t
     assert label_shard_runs(state.state_details.flow_run_id) == 1
     assert (pseudo / "labels-000000.tar").stat().st_mtime_ns == kept
     assert tar.read_bytes() == reference and json.loads(js.read_text())["key"] != "another teacher"
+
+
+def test_a_regenerated_shard_of_the_same_size_is_relabeled(prefect_harness, tmp_path):
+    cfg = labeling_config(tmp_path, ["pseudo.shard_limit=2"])
+    stages.pseudo_label_flow(cfg, 0)
+    pseudo = Path(cfg.out_dir) / "round-0" / "pseudo"
+    shard = expand_urls(cfg.data.unlabeled_shards)[1]
+    old = dict(iter_shard(pseudo / "labels-000001.tar"))
+    kept = (pseudo / "labels-000000.tar").stat().st_mtime_ns
+    k0, k1 = [k for k, _ in iter_shard(shard)][:2]
+    assert old[k0] != old[k1]
+    same_size_rewrite(shard)  # images of k0 and k1 swapped; size and mtime as before
+
+    state = stages.pseudo_label_flow(cfg, 0, return_state=True)
+    state.result()
+    assert label_shard_runs(state.state_details.flow_run_id) == 1
+    assert (pseudo / "labels-000000.tar").stat().st_mtime_ns == kept
+    new = dict(iter_shard(pseudo / "labels-000001.tar"))
+    assert (new[k0], new[k1]) == (old[k1], old[k0])  # the labels moved with the images
 
 
 def test_progress_starts_from_resumed_shards_and_updates_sparingly(prefect_harness, monkeypatch):
