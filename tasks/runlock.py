@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import inspect
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,4 +125,8 @@ def holds_run_dir(fn: Callable[..., Any]) -> Callable[..., Any]:
         with hold_run_dir(cfg.out_dir):
             return fn(cfg, *args, **kwargs)
 
+    # Resolved here: Prefect evaluates string annotations in the globals of the function
+    # it is given, which are this module's, not the flow's.
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)
+    wrapper.__annotations__ = typing.get_type_hints(fn)
     return wrapper

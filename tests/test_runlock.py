@@ -115,3 +115,18 @@ def test_stage_flows_hold_the_run_directory(holder, name):
 
     with pytest.raises(RunDirLocked, match=f"pid {proc.pid}"):
         getattr(stages, name).fn(Cfg())
+
+
+def test_prefect_validates_the_parameters_of_a_locked_flow(small_world, tmp_path):
+    """The lock's wrapper keeps the flow's signature, its annotations resolved (Prefect would
+    look the names up in the wrapper's module)."""
+    from flows import stages
+
+    data = DataConfig(
+        train_images=str(small_world.images_dir), train_annotations=str(small_world.train_annotations),
+        val_images=str(small_world.images_dir), val_annotations=str(small_world.val_annotations),
+        unlabeled_shards=small_world.unlabeled_pattern, image_size=128, num_workers=0,
+    )
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), data=data, model=tiny_model_config())
+    params = stages.student_flow.validate_parameters({"cfg": cfg.model_dump(mode="json"), "round_index": "1"})
+    assert isinstance(params["cfg"], RunConfig) and params["round_index"] == 1
