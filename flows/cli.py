@@ -108,17 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     # training (or a slow disk) can need longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
-    from data.files import DiskFullError
-    from tasks.runlock import RunDirLocked
-
     try:
         return _dispatch(args)
     except ConfigError as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
-    except (RunDirLocked, DiskFullError) as err:  # their messages say what happened and what to do
+    except Exception as err:
+        if not isinstance(err, _clear_errors()):
+            raise
         print(f"noisy-student: {err}", file=sys.stderr)
         return 1
+
+
+def _clear_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what happened and what to do: printed alone, no traceback."""
+    from data.files import DiskFullError
+    from tasks.engine import TrainingDiverged
+    from tasks.runlock import RunDirLocked
+
+    return DiskFullError, RunDirLocked, TrainingDiverged
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from tasks.rundir import (
     write_manifest,
 )
 from tasks.runlock import holds_run_dir
-from tasks.training import MODEL_FILE
+from tasks.training import MODEL_FILE, resume_key
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -127,7 +127,7 @@ def teacher_flow(cfg: RunConfig) -> dict:
         logger.info("teacher is up to date (%s); skipped", stage)
         return done["outputs"]
     invalidate(stage)
-    units.train_teacher(cfg, str(stage), json_digest(inputs))
+    units.train_teacher(cfg, str(stage), json_digest(inputs), resume_key(inputs))
     metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
     atomic_write_json(stage / "metrics.json", metrics)
     family = get_family(cfg.family)
@@ -332,7 +332,7 @@ def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         return done["outputs"]
     invalidate(stage)
     pairs = [tuple(p) for p in pseudo["pairs"]]
-    units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"])
+    units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"], resume_key(inputs))
     metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
     atomic_write_json(stage / "metrics.json", metrics)
     return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))

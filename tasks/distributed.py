@@ -16,7 +16,8 @@
 - A rank that raises or dies ends the launch: the others are stopped and `WorkerError`
   names the rank and its exception (with the rank's traceback). When one rank fails,
   the others soon fail too (their peer closed the connection); each failing rank
-  stamps its report with the time, and the first one is the one named.
+  stamps its report with the time, and the first one is the one named. A `RankError`
+  (an error whose message says all, such as a diverged loss) is raised as it is.
 
 Why not torchrun: its ranks are fresh interpreters that would re-import torch, timm
 and the model code (about 15 s each on a busy 2-core machine) and re-read the config
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import shutil
 import tempfile
@@ -62,6 +64,11 @@ HOST = "127.0.0.1"
 TIMEOUT = timedelta(minutes=30)  # a collective (or rank 0 waiting on on_step) that takes longer fails
 START_METHOD = "forkserver"
 _POLL_S = 0.1
+
+
+class RankError(Exception):
+    """Base of the errors that `launch` raises as the failing rank raised them, without
+    the rank's traceback (their message says what happened). They must pickle."""
 
 
 class WorkerError(RuntimeError):
@@ -337,7 +344,9 @@ def _run_rank(r, fn, args, world, port, backend, device, threads, events, replie
         result = fn(*args, device=device, log=log, on_step=on_step)
         if r == 0:
             events.put(("result", result))
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, RankError):
+            Path(reports, f"rank-{r}.pickle").write_bytes(pickle.dumps(exc))
         # Stamped before this rank leaves the group, hence before its peers fail because of it.
         Path(reports, f"rank-{r}.txt").write_text(f"{time.time_ns()}\n{traceback.format_exc()}")
         raise
@@ -354,6 +363,14 @@ def _first_failure(reports: str) -> tuple[int, str] | None:
         if stamp.isdigit() and trace:
             found.append((int(stamp), int(path.stem.removeprefix("rank-")), trace))
     return min(found)[1:] if found else None
+
+
+def _rank_error(reports: str, rank: int) -> RankError | None:
+    path = Path(reports, f"rank-{rank}.pickle")
+    try:
+        return pickle.loads(path.read_bytes())
+    except Exception:  # none written, or it does not unpickle here: report the traceback instead
+        return None
 
 
 def _last_line(trace: str) -> str:
@@ -384,7 +401,8 @@ def launch(
     """Run `fn(*args, device=, log=, on_step=)` on `processes` ranks; return rank 0's result.
 
     fn must be a module-level function and args picklable when processes > 1. Raises
-    WorkerError (naming the rank) if a rank fails, or whatever `log`/`on_step` raised.
+    WorkerError (naming the rank) if a rank fails (its RankError itself if it raised one),
+    or whatever `log`/`on_step` raised.
     """
     device = torch.device(device)
     if processes < 1:
@@ -450,6 +468,8 @@ def launch(
     except torch_mp.ProcessRaisedException as err:
         drain(only_logs=True)
         rank_failed, trace = _first_failure(reports) or (err.error_index, err.msg)
+        if (as_raised := _rank_error(reports, rank_failed)) is not None:
+            raise as_raised from None
         raise WorkerError(rank_failed, _last_line(trace), trace.strip()) from None
     except torch_mp.ProcessExitedException as err:
         drain(only_logs=True)

@@ -7,6 +7,13 @@ digest of the stage's inputs, so a checkpoint of other inputs is never resumed. 
 digest leaves out how the stage runs (`processes` among it): with the same global
 batch, a checkpoint resumes on another number of processes.
 
+A loss, gradient norm or weight that is not finite stops the stage before the step's
+update with a `TrainingDiverged` naming the step and the loss parts. The last good
+checkpoint stays as it is; `<stage>/diverged.json` records the stop, and
+`checkpoint-diverged.pt` (a hard link) keeps that checkpoint once a rerun replaces
+checkpoint.pt. A rerun whose inputs differ only in the learning rate (its `resume_key`,
+the digest of the inputs without lr, equals the checkpoint's) resumes from it.
+
 The same `fit` runs in every training process (tasks/distributed.py): every rank
 resumes from the checkpoint, the model trains as a DistributedDataParallel replica,
 logged values and the loss normalizer's averages are means over ranks (so every rank
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,9 +37,62 @@ from torch import nn
 
 from configs import TrainConfig
 from tasks import distributed
-from tasks.rundir import atomic_torch_save
+from tasks.rundir import atomic_torch_save, atomic_write_json, read_json
 
 CHECKPOINT = "checkpoint.pt"
+DIVERGED = "diverged.json"
+DIVERGED_CHECKPOINT = "checkpoint-diverged.pt"
+
+
+class TrainingDiverged(FloatingPointError, distributed.RankError):
+    """A non-finite `what` (the loss, the gradient norm, a weight) at 1-based `step` of
+    `steps`: training stopped before that step's update. `logs` holds the step's loss
+    parts; `checkpoint_step` is the step of the last good checkpoint (None: none was
+    written); `setting` is the config path of the learning rate, for the advice."""
+
+    def __init__(self, what: str, step: int, steps: int, logs: dict, lr: float, stage_dir: str,
+                 checkpoint_step: int | None, setting: str = "lr"):
+        self.what, self.step, self.steps, self.logs, self.lr = what, step, steps, dict(logs), lr
+        self.stage_dir, self.checkpoint_step, self.setting = str(stage_dir), checkpoint_step, setting
+        super().__init__(what, step)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in self.logs.items())
+        lower = f"rerun with a lower learning rate (e.g. --set {self.setting}={self.lr / 2:.3g})"
+        if self.checkpoint_step:
+            then = (f"the last good checkpoint (step {self.checkpoint_step}) is kept in "
+                    f"{Path(self.stage_dir) / CHECKPOINT}: {lower} to resume from it")
+        else:
+            then = f"no checkpoint was written before it: {lower} to start again"
+        return f"{self.what} is not finite at step {self.step}/{self.steps} ({parts}) with lr={self.lr:g}; {then}"
+
+    def __reduce__(self):
+        return type(self), (self.what, self.step, self.steps, self.logs, self.lr, self.stage_dir,
+                            self.checkpoint_step, self.setting)
+
+
+def _diverged_run_resumes(stage_dir: Path, state: dict, resume_key: str | None) -> bool:
+    """Whether `state` is the last good checkpoint of a run that diverged, and this run
+    differs from it in the learning rate only."""
+    record = read_json(stage_dir / DIVERGED) or {}
+    return (
+        resume_key is not None
+        and state.get("resume_key") == resume_key
+        and record.get("key") == state.get("key")
+        and record.get("checkpoint_step") == state.get("step")
+    )
+
+
+def _keep_diverged_checkpoint(ckpt_path: Path) -> None:
+    """`checkpoint-diverged.pt` beside `ckpt_path`: a hard link (a copy where links fail)."""
+    kept = ckpt_path.with_name(DIVERGED_CHECKPOINT)
+    tmp = ckpt_path.with_name(f".{DIVERGED_CHECKPOINT}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, kept)
 
 
 class Stateful(Protocol):
@@ -127,16 +189,20 @@ def fit(
     extra_state: dict[str, Stateful] | None = None,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume_key: str | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `cfg.steps` steps, resuming from `<stage_dir>/checkpoint.pt`.
 
     make_batches(start_step) -> endless iterator of batches (seeded by start_step).
     step_loss(model, batch) -> (scalar loss, {name: float}) for logging; `model` is
     the module being trained (a DDP replica with several processes).
-    key: digest of the stage's inputs; a checkpoint with another key is ignored.
+    key: digest of the stage's inputs; a checkpoint with another key is ignored, unless
+    it is the last good one of a diverged run and `resume_key` (the digest of the inputs
+    without the learning rate) is its resume key.
     on_step(step, logs): called after every optimizer step (hooks: tests, progress).
     With several processes (tasks/distributed.py) each rank calls fit with its own
     batches (its share of the global batch); logs are means over ranks.
+    Raises TrainingDiverged on a loss, gradient norm or weight that is not finite.
     Returns {"step", "resumed_from", "seconds", "images_per_s" (all ranks), "processes",
     "last": logs}.
     """
@@ -154,14 +220,18 @@ def fit(
     ckpt_path = stage_dir / CHECKPOINT
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("key") == key:
+        if state.get("key") == key or _diverged_run_resumes(stage_dir, state, resume_key):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             for name, obj in extra_state.items():
                 obj.load_state_dict(state["extra"][name])
             start = int(state["step"])
-            log(f"resuming from {ckpt_path} at step {start}/{cfg.steps}")
+            if state.get("key") == key:
+                log(f"resuming from {ckpt_path} at step {start}/{cfg.steps}")
+            else:
+                log(f"resuming from {ckpt_path} at step {start}/{cfg.steps}, the last good checkpoint of a run "
+                    f"that diverged with lr={state.get('lr')}; now lr={cfg.lr:g}")
         else:
             log(f"ignoring {ckpt_path}: it belongs to other inputs")
 
@@ -174,12 +244,34 @@ def fit(
         # resumes on any number of processes.
         torch.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + start))
 
-    def save(step: int) -> None:
+    saved = start or None  # step of the last good checkpoint
+
+    def diverged(what: str, step: int, logs: dict[str, float]) -> TrainingDiverged:
+        """Record the stop (rank 0) and the error every rank raises."""
+        if distributed.is_main():
+            if saved:
+                _keep_diverged_checkpoint(ckpt_path)
+            atomic_write_json(
+                stage_dir / DIVERGED,
+                {"key": key, "resume_key": resume_key, "what": what, "step": step, "steps": cfg.steps,
+                 "lr": cfg.lr, "logs": logs, "checkpoint_step": saved,
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+            )
+        return TrainingDiverged(what, step, cfg.steps, logs, cfg.lr, str(stage_dir), saved)
+
+    def save(step: int, logs: dict[str, float]) -> None:
+        nonlocal saved
+        # An update can turn weights non-finite with a finite loss; such weights are no checkpoint.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise diverged("a weight", step, logs)
+        saved = step
         if not distributed.is_main():
             return
         atomic_torch_save(
             {
                 "key": key,
+                "resume_key": resume_key,
+                "lr": cfg.lr,
                 "step": step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -204,12 +296,15 @@ def fit(
         logs = distributed.mean_over_ranks({**logs, "_loss": float(loss.detach())})
         total = logs.pop("_loss")
         if not math.isfinite(total):
-            raise FloatingPointError(f"loss is {total} at step {step}; logs {logs}")
+            raise diverged("the loss", step + 1, {"loss": total, **logs})
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip is not None:
             scaler.unscale_(optimizer)
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            # With a GradScaler an infinite norm is expected now and then (it skips that step).
+            if not scaler.is_enabled() and not math.isfinite(logs["grad_norm"]):
+                raise diverged("the gradient norm", step + 1, logs)
         scaler.step(optimizer)
         scaler.update()
         n = len(batch["images"]) * ranks
@@ -223,7 +318,7 @@ def fit(
             parts = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
             log(f"step {done}/{cfg.steps} lr={optimizer.param_groups[0]['lr']:.3g} {parts} ({rate:.1f} img/s)")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save(done)
+            save(done, logs)
         if on_step is not None:
             on_step(done, logs)
     seconds = time.perf_counter() - t0

@@ -23,9 +23,9 @@ from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
 from tasks import distributed
 from tasks.contract import Family
-from tasks.engine import LossNormalizer, fit
+from tasks.engine import LossNormalizer, TrainingDiverged, fit
 from tasks.families import get_family
-from tasks.rundir import atomic_torch_save
+from tasks.rundir import atomic_torch_save, json_digest
 
 MODEL_FILE = "model.pt"
 
@@ -60,6 +60,26 @@ def augmentation(cfg: TrainConfig) -> Augment:
     return Augment(cfg.augment_level, cfg.scale_jitter, cfg.randaugment_n, cfg.randaugment_m)
 
 
+def resume_key(inputs: dict) -> str:
+    """Digest of a training stage's inputs without the learning rate (every "lr" key):
+    the last good checkpoint of a run that diverged resumes under a changed lr (engine.fit)."""
+
+    def without_lr(x):
+        if isinstance(x, dict):
+            return {k: without_lr(v) for k, v in x.items() if k != "lr"}
+        return [without_lr(v) for v in x] if isinstance(x, list) else x
+
+    return json_digest(without_lr(inputs))
+
+
+def _launch(fn, args: tuple, tcfg: TrainConfig, lr_setting: str, cfg: RunConfig, log, on_step) -> dict:
+    try:
+        return distributed.launch(fn, args, tcfg.processes, cfg.device, tcfg.dist_backend, log, on_step)
+    except TrainingDiverged as err:
+        err.setting = lr_setting  # the advice names the config key to lower
+        raise
+
+
 def _seed(cfg: TrainConfig, start: int) -> int:
     return cfg.seed * 1_000_003 + start
 
@@ -88,16 +108,16 @@ def _write_model(stage_dir: str | Path, family_name: str, model_cfg: ModelConfig
 
 
 def train_teacher(
-    cfg: RunConfig, stage_dir: str | Path, key: str, log: Callable[[str], None] = print, on_step=None
+    cfg: RunConfig, stage_dir: str | Path, key: str, log: Callable[[str], None] = print, on_step=None,
+    resume_key: str | None = None,
 ) -> dict:
     """Supervised training on human labels on `cfg.teacher.processes` processes; writes model.pt."""
-    tcfg = cfg.teacher
-    return distributed.launch(
-        _teacher_rank, (cfg, str(stage_dir), key), tcfg.processes, cfg.device, tcfg.dist_backend, log, on_step
-    )
+    return _launch(_teacher_rank, (cfg, str(stage_dir), key, resume_key), cfg.teacher, "teacher.lr", cfg, log, on_step)
 
 
-def _teacher_rank(cfg: RunConfig, stage_dir: str, key: str, *, device: torch.device, log, on_step) -> dict:
+def _teacher_rank(
+    cfg: RunConfig, stage_dir: str, key: str, resume_key: str | None, *, device: torch.device, log, on_step
+) -> dict:
     family = get_family(cfg.family)
     _check_classes(family, cfg, cfg.model)
     tcfg = cfg.teacher
@@ -121,7 +141,9 @@ def _teacher_rank(cfg: RunConfig, stage_dir: str, key: str, *, device: torch.dev
         total = _sum_losses(losses).mean()
         return total, {"loss": total.item(), **{k: v.mean().item() for k, v in losses.items()}}
 
-    result = fit(stage_dir, model, make_batches, step_loss, tcfg, device, key, log=log, on_step=on_step)
+    result = fit(
+        stage_dir, model, make_batches, step_loss, tcfg, device, key, log=log, on_step=on_step, resume_key=resume_key
+    )
     _write_model(stage_dir, cfg.family, cfg.model, model)
     return result
 
@@ -137,20 +159,14 @@ def train_student(
     teacher_checkpoint: str | Path,
     log: Callable[[str], None] = print,
     on_step=None,
+    resume_key: str | None = None,
 ) -> dict:
     """Joint training on human + pseudo labels with loss normalization, on
     `cfg.student.train.processes` processes; writes model.pt."""
     tcfg = cfg.student.train
     distributed.per_rank(cfg.student.pseudo_per_batch, tcfg.processes, PSEUDO_PER_BATCH)
-    return distributed.launch(
-        _student_rank,
-        (cfg, str(stage_dir), key, list(pseudo_pairs), str(teacher_checkpoint)),
-        tcfg.processes,
-        cfg.device,
-        tcfg.dist_backend,
-        log,
-        on_step,
-    )
+    args = (cfg, str(stage_dir), key, list(pseudo_pairs), str(teacher_checkpoint), resume_key)
+    return _launch(_student_rank, args, tcfg, "student.train.lr", cfg, log, on_step)
 
 
 def _student_rank(
@@ -159,6 +175,7 @@ def _student_rank(
     key: str,
     pseudo_pairs: list[tuple[str, str]],
     teacher_checkpoint: str,
+    resume_key: str | None,
     *,
     device: torch.device,
     log,
@@ -223,6 +240,7 @@ def _student_rank(
         extra_state={"normalizer": normalizer},
         log=log,
         on_step=on_step,
+        resume_key=resume_key,
     )
     _write_model(stage_dir, cfg.family, model_cfg, model)
     return result

@@ -41,16 +41,21 @@ def _train_log(stage_dir: Path):
 
 
 @task(name="train-teacher", **_TASK)
-def train_teacher(cfg: RunConfig, stage_dir: str, key: str) -> dict:
-    return training.train_teacher(cfg, stage_dir, key, log=_train_log(Path(stage_dir)))
+def train_teacher(cfg: RunConfig, stage_dir: str, key: str, resume_key: str | None = None) -> dict:
+    return training.train_teacher(cfg, stage_dir, key, log=_train_log(Path(stage_dir)), resume_key=resume_key)
 
 
 @task(name="train-student", **_TASK)
 def train_student(
-    cfg: RunConfig, stage_dir: str, key: str, pseudo_pairs: list[tuple[str, str]], teacher_checkpoint: str
+    cfg: RunConfig,
+    stage_dir: str,
+    key: str,
+    pseudo_pairs: list[tuple[str, str]],
+    teacher_checkpoint: str,
+    resume_key: str | None = None,
 ) -> dict:
     return training.train_student(
-        cfg, stage_dir, key, pseudo_pairs, teacher_checkpoint, log=_train_log(Path(stage_dir))
+        cfg, stage_dir, key, pseudo_pairs, teacher_checkpoint, log=_train_log(Path(stage_dir)), resume_key=resume_key
     )
 
 
