@@ -29,6 +29,16 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 
+def split_paths(root: str | Path, split: str, masks: str = "SegmentationClass") -> dict[str, Path]:
+    """What one split reads under `root`: its id list, the image folder, its mask folder."""
+    root = Path(root)
+    return {
+        "list": root / "ImageSets" / "Segmentation" / f"{split}.txt",
+        "images": root / "JPEGImages",
+        "masks": root / masks,
+    }
+
+
 def read_ids(path: str | Path) -> list[str]:
     """Ids of a VOC split file, in file order (blank lines skipped)."""
     path = Path(path)
@@ -70,10 +80,11 @@ class VOCSegmentation(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"VOC root not found: {self.root}")
-        self.ids = read_ids(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")[:limit]
+        paths = split_paths(self.root, split, masks)
+        self.ids = read_ids(paths["list"])[:limit]
         if not self.ids:
             raise ValueError(f"VOC split {split!r} under {self.root} lists no image")
-        self.mask_dir = self.root / masks
+        self.mask_dir = paths["masks"]
         if not self.mask_dir.is_dir():
             raise FileNotFoundError(f"VOC mask folder not found: {self.mask_dir}")
         self.split, self.size, self.num_classes = split, size, num_classes

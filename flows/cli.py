@@ -184,6 +184,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     cfg = load_config(args.config, args.overrides)
+    from tasks.inputs import check_inputs  # every missing input named at once, before any stage
+
+    check_inputs(cfg, ("teacher", "pseudo-label", "student") if args.command == "run" else (args.name,))
     if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
         from flows import stages
 

@@ -24,6 +24,7 @@ from data.shards import expand_urls, shard_identities
 from flows import artifacts
 from tasks import units
 from tasks.families import get_family
+from tasks.inputs import check_inputs
 from tasks.labeling import add_stats, empty_stats, finished_shard, sidecar_paths
 from tasks.rundir import (
     RunDir,
@@ -354,8 +355,10 @@ def evaluate_flow(cfg: RunConfig, checkpoint: str) -> dict:
 def noisy_student_flow(cfg: RunConfig) -> dict:
     """Teacher -> (pseudo-label -> student) x rounds; the student teaches the next round.
 
-    Writes <run>/config.yaml first and <run>/summary.json and report.md last.
+    Writes <run>/config.yaml first and <run>/summary.json and report.md last. Fails
+    before any stage runs when inputs are missing, naming all of them (tasks/inputs.py).
     """
+    check_inputs(cfg)
     t0 = time.perf_counter()
     run = RunDir(cfg.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,102 @@
+"""What a run reads from outside its run directory, checked before any stage runs.
+
+`check_inputs(cfg, stages)` raises one `MissingInputsError` naming every missing
+annotation file, image folder, VOC list or mask folder, unlabeled shard and weights
+file, each with its config key. So a run with two wrong paths fails at once and once,
+instead of in the stage that first reads the second one, possibly hours later.
+Remote shards and files (`s3://`, `gs://`, `pipe:`) are left to their readers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from configs import ConfigError, RunConfig
+from data.shards import expand_urls
+from data.voc import split_paths
+
+STAGES = ("teacher", "pseudo-label", "student", "evaluate")
+SHARDS_NAMED = 5  # missing shards named one by one; the rest are counted
+
+
+class MissingInputsError(ConfigError):
+    """Inputs of a run that do not exist; `missing` holds (config key, path, reason)."""
+
+    def __init__(self, missing: list[tuple[str, str, str]]):
+        self.missing = missing
+        lines = [f"  {key}: {path} ({why})" for key, path, why in missing]
+        super().__init__(f"{len(missing)} missing input(s), nothing was run:\n" + "\n".join(lines))
+
+
+def _remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple[str, str, str]]:
+    """(config key, path, reason) of each input of `stages` that does not exist."""
+    stages = set(stages)
+    unknown = stages - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
+    missing: list[tuple[str, str, str]] = []
+
+    def need(key: str, path: str | Path | None, kind: str) -> None:
+        if path is None or _remote(str(path)):
+            return
+        p = Path(path)
+        if not (p.is_file() if kind == "file" else p.is_dir()):
+            missing.append((key, str(path), f"not a {kind}" if p.exists() else f"no such {kind}"))
+
+    trains = bool(stages & {"teacher", "student"})
+    evaluates = bool(stages & {"teacher", "student", "evaluate"})  # the training stages evaluate too
+    data = cfg.data
+    if evaluates and data.format == "coco":
+        if trains:
+            need("data.train_images", data.train_images, "folder")
+            need("data.train_annotations", data.train_annotations, "file")
+        need("data.val_images", data.val_images, "folder")
+        need("data.val_annotations", data.val_annotations, "file")
+    elif evaluates and data.format == "voc":
+        need("data.voc_root", data.voc_root, "folder")
+        if Path(data.voc_root).is_dir():
+            splits = [("voc_val_split", data.voc_val_split, "SegmentationClass", None)]
+            if trains:
+                splits.insert(0, ("voc_train_split", data.voc_train_split, data.voc_train_masks, "voc_train_masks"))
+            for split_key, split, masks, masks_key in splits:
+                paths = split_paths(data.voc_root, split, masks)
+                need(f"data.{split_key}", paths["list"], "file")
+                need("data.voc_root", paths["images"], "folder")
+                need(f"data.{masks_key}" if masks_key else "data.voc_root", paths["masks"], "folder")
+    if "teacher" in stages:
+        need("model.backbone_checkpoint", cfg.model.backbone_checkpoint, "file")
+    if "student" in stages:
+        key = "student.model" if cfg.student.model else "model"
+        need(f"{key}.backbone_checkpoint", cfg.student_model.backbone_checkpoint, "file")
+        if cfg.student.init == "checkpoint":
+            need("student.init_checkpoint", cfg.student.init_checkpoint, "file")
+    if "pseudo-label" in stages:
+        shards = expand_urls(data.unlabeled_shards)[: cfg.pseudo.shard_limit]
+        if not shards:
+            missing.append(("data.unlabeled_shards", repr(data.unlabeled_shards), "matches no shard"))
+        absent = [s for s in shards if not _remote(s) and not Path(s).is_file()]
+        for s in absent[:SHARDS_NAMED]:
+            missing.append(("data.unlabeled_shards", s, "no such shard"))
+        if len(absent) > SHARDS_NAMED:
+            missing.append(
+                ("data.unlabeled_shards", f"{len(absent) - SHARDS_NAMED} more", f"{len(absent)} of {len(shards)} "
+                 "shards are missing")
+            )
+    # one line per path, in the order found
+    seen, unique = set(), []
+    for item in missing:
+        if item[1] not in seen:
+            seen.add(item[1])
+            unique.append(item)
+    return unique
+
+
+def check_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> None:
+    """Raise one MissingInputsError naming every missing input of `stages`."""
+    if missing := missing_inputs(cfg, stages):
+        raise MissingInputsError(missing)
