@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
@@ -153,6 +154,42 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
 
 
+class ShardReadError(tarfile.ReadError):
+    """A shard that cannot be read to its end: cut off, not a tar, an empty file.
+
+    `records` records were read before the error; `lost_key` is the key of the record
+    the error cut off (None when it struck between records). The message names the shard.
+    """
+
+    def __init__(self, path: str, records: int, lost_key: str | None, reason: str):
+        self.path, self.records, self.lost_key, self.reason = path, records, lost_key, reason
+        at = f"record {lost_key!r} cut off" if lost_key is not None else "between records"
+        super().__init__(f"shard {path} is unreadable after {records} record(s) ({at}): {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.records, self.lost_key, self.reason)
+
+
+# What a damaged tar raises while it is read: tarfile's own errors, and the
+# decompressors' for a damaged .tar.gz. OSError (a failing disk or mount) is not one.
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error)
+
+
+class _EndNotingInfo(tarfile.TarInfo):
+    """Notes on its TarFile the header error that ended the archive. Past the first
+    member tarfile takes any unreadable header for the end of the archive, so a shard
+    cut off at or inside a header would read as complete; only a zero block (the
+    end-of-archive marker, EOFHeaderError) is a proper end."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar.header_error = err
+            raise
+
+
 def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream `(key, {ext: bytes})` records from a tar shard, in member order.
 
@@ -162,31 +199,53 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
     first '.' of the file name, extension lower-cased), members without an extension
     and `__meta__` members are skipped. A key that reappears after another key starts
     a new record. A repeated extension within one record raises ValueError.
+
+    A damaged shard (cut off anywhere, garbage, an empty file, no end-of-archive
+    marker) raises ShardReadError after the records read before the damage were
+    yielded: a record whose members were all read when the damage is met is yielded,
+    the one whose member was being read is lost (its key is in the error). A file that
+    cannot be opened raises OSError as usual.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        key: str | None = None
-        record: dict[str, bytes] = {}
-        for info in tar:
-            if not info.isreg():
-                continue
-            name = info.name
-            if _META.match(name):
-                continue
-            m = _KEY_EXT.match(name)
-            if m is None:
-                continue
-            k, ext = m.group(1), m.group(2).lower()
-            if k != key:
-                if key is not None:
-                    yield key, record
-                key, record = k, {}
-            if ext in record:
-                raise ValueError(f"duplicate member {name!r} in shard {path}")
-            member = tar.extractfile(info)
-            record[ext] = member.read() if member is not None else b""
-            # tarfile keeps every TarInfo it has seen; drop them so memory stays flat.
-            tar.members = []
+    key: str | None = None
+    record: dict[str, bytes] = {}
+    yielded = 0
+    in_member = False
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndNotingInfo) as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    name = info.name
+                    if _META.match(name):
+                        continue
+                    m = _KEY_EXT.match(name)
+                    if m is None:
+                        continue
+                    k, ext = m.group(1), m.group(2).lower()
+                    if k != key:
+                        if key is not None:
+                            yielded += 1
+                            yield key, record
+                        key, record = k, {}
+                    if ext in record:
+                        raise ValueError(f"duplicate member {name!r} in shard {path}")
+                    in_member = True
+                    member = tar.extractfile(info)
+                    record[ext] = member.read() if member is not None else b""
+                    in_member = False
+                    # tarfile keeps every TarInfo it has seen; drop them so memory stays flat.
+                    tar.members = []
+                end = getattr(tar, "header_error", None)
+                if not isinstance(end, tarfile.EOFHeaderError):
+                    raise tarfile.ReadError(f"no end-of-archive marker ({type(end).__name__}: {end})")
+        except _DAMAGED as err:
+            lost = key if in_member else None
+            if key is not None and not in_member:
+                yielded += 1
+                yield key, record
+            raise ShardReadError(path, yielded, lost, f"{type(err).__name__}: {err}") from err
         if key is not None:
             yield key, record
 

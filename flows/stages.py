@@ -305,16 +305,25 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     total = empty_stats(num_classes)
     for s in per_shard:
         total = add_stats(total, s)
+    # Broken shards are final for their content; they are named again on every run.
+    broken = [{"shard": s["shard"], "error": s["error"]} for s in per_shard if s.get("error")]
+    for b in broken:
+        logger.warning("broken shard %s, its readable records labeled: %s", b["shard"], b["error"])
+    for s in per_shard:
+        if s.get("empty_shards"):
+            logger.warning("shard %s holds no records", s["shard"])
     artifacts.pseudo_stats(round_index, total, family.label_unit, family.class_names(cfg.data))
     outputs = {
         "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
         "pairs": [[s["shard"], str(stage / s["sidecar"])] for s in per_shard],
         "digest": json_digest(keys),
         "stats": total,
+        "broken": broken,
     }
     logger.info(
-        "round %d: %d images labeled, %d kept, %d labels, %d corrupt",
+        "round %d: %d images labeled, %d kept, %d labels, %d corrupt, %d broken shard(s) (%d records cut off)",
         round_index, total["images"], total["kept"], total["labels"], total["corrupt"],
+        total["broken_shards"], total["lost_records"],
     )
     return finish(stage, inputs, outputs)
 

@@ -7,7 +7,10 @@ never labeled twice: a run killed mid-way resumes with the shards whose json is
 missing or records another key. Both files are written to a temporary name and
 renamed, so a final name never holds a partial file, and the json's presence means
 its tar is complete. A corrupt image is logged with its shard and key, counted,
-skipped.
+skipped. A shard that cannot be read to its end (cut off, not a tar, an empty file)
+has its readable records labeled; its json counts it as broken and holds the error,
+and is as final as any other, so the shard is not read again until its content (and
+so the key) changes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from configs import PseudoLabelConfig
-from data.shards import CorruptImageError, decode_image, image_bytes, iter_shard, write_shard
+from data.shards import CorruptImageError, ShardReadError, decode_image, image_bytes, iter_shard, write_shard
 from tasks.contract import Family
 from tasks.rundir import atomic_write_json, read_json
 
@@ -49,6 +52,10 @@ def empty_stats(num_classes: int) -> dict:
         "corrupt": 0,
         "labels": 0,
         "class_counts": [0] * num_classes,
+        # shards not readable to their end, records they cut off, shards without records
+        "broken_shards": 0,
+        "lost_records": 0,
+        "empty_shards": 0,
     }
 
 
@@ -77,8 +84,12 @@ def add_stats(total: dict, part: dict) -> dict:
     return out
 
 
-def _decoded_batches(shard: str, batch_size: int) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
-    """(keys, images, corrupt keys) per batch, decoded one batch ahead in a thread."""
+def _decoded_batches(
+    shard: str, batch_size: int, damage: list[ShardReadError]
+) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
+    """(keys, images, corrupt keys) per batch, decoded one batch ahead in a thread.
+
+    A damaged shard ends the batches early; its error is appended to `damage`."""
 
     def decode(records):
         keys, images, corrupt = [], [], []
@@ -96,11 +107,14 @@ def _decoded_batches(shard: str, batch_size: int) -> Iterator[tuple[list[str], l
 
     def chunks():
         chunk = []
-        for item in iter_shard(shard):
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                yield chunk
-                chunk = []
+        try:
+            for item in iter_shard(shard):
+                chunk.append(item)
+                if len(chunk) == batch_size:
+                    yield chunk
+                    chunk = []
+        except ShardReadError as err:
+            damage.append(err)
         if chunk:
             yield chunk
 
@@ -132,17 +146,20 @@ def label_shard(
 
     `key` is the digest of everything that decides the labels; if `out_json` already
     records it and the tar exists, the shard is not relabeled. Returns the stats dict:
-    images, kept, corrupt, labels, class_counts, the family's own additive counts,
-    shard, sidecar.
+    images, kept, corrupt, labels, class_counts, broken_shards, lost_records,
+    empty_shards, the family's own additive counts, shard, sidecar, and for a broken
+    shard `error` (the reason, naming the shard). A broken or empty shard is logged as
+    a warning.
     """
     out_tar, out_json = Path(out_tar), Path(out_json)
     if done := finished_shard(out_tar, out_json, key):
         return done
     stats = empty_stats(num_classes)
+    damage: list[ShardReadError] = []
 
     def records():
         nonlocal stats
-        for keys, images, corrupt in _decoded_batches(shard, rule.batch_size):
+        for keys, images, corrupt in _decoded_batches(shard, rule.batch_size, damage):
             stats["corrupt"] += len(corrupt)
             labels = family.label_images(model, images, image_size, rule) if images else []
             for k, lab in zip(keys, labels):
@@ -156,6 +173,13 @@ def label_shard(
                 progress(len(keys) + len(corrupt))
 
     write_shard(out_tar, records())
+    if damage:
+        err = damage[0]
+        stats.update(broken_shards=1, lost_records=int(err.lost_key is not None), error=str(err))
+        log.warning("broken shard %s: its %d readable record(s) were labeled; %s", shard, err.records, err)
+    elif stats["images"] + stats["corrupt"] == 0:
+        stats["empty_shards"] = 1
+        log.warning("shard %s holds no records", shard)
     stats.update({"key": key, "shard": str(shard), "sidecar": out_tar.name})
     atomic_write_json(out_json, stats)
     return stats

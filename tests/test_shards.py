@@ -16,6 +16,7 @@ from PIL import Image
 from data.shards import (
     IMAGE_EXTS,
     CorruptImageError,
+    ShardReadError,
     brace_pattern,
     build_shards_from_folder,
     decode_image,
@@ -128,6 +129,64 @@ def test_webdataset_reads_our_shards(tmp_path):
     samples = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["a", "b_2", "c"]
     assert samples[0]["jpg"] == b"\xff\xd8one" and samples[2]["seg.png"] == b"three"
+
+
+def _member_offsets(path) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of a whole tar."""
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+
+
+GOOD = [(f"k{i}", {"jpg": bytes([i]) * (600 + 300 * i), "json": b"{}"}) for i in range(4)]
+
+
+@pytest.mark.parametrize("cut", ["data", "header", "boundary"])
+def test_a_cut_off_shard_yields_its_whole_records_then_names_the_lost_one(tmp_path, cut):
+    path = tmp_path / "s.tar"
+    write_shard(path, GOOD)
+    data_at, size = _member_offsets(path)["k2.jpg"]
+    end = {"data": data_at + size // 2, "header": data_at - 100, "boundary": data_at - 512}[cut]
+    path.write_bytes(path.read_bytes()[:end])
+    got = []
+    with pytest.raises(ShardReadError) as err:
+        for key, record in iter_shard(path):
+            got.append((key, record))
+    assert got == GOOD[:2]  # k0 and k1 whole; k2 was cut off in its first member or header
+    assert err.value.records == 2 and str(path) in str(err.value)
+    assert err.value.lost_key == ("k2" if cut == "data" else None)  # else k2 had not begun
+    assert isinstance(err.value, tarfile.ReadError)  # what callers of tarfile expect
+
+
+@pytest.mark.parametrize("content", [b"", b"not a tar " * 100], ids=["empty-file", "garbage"])
+def test_a_file_that_is_no_tar_raises_shard_read_error(tmp_path, content):
+    path = tmp_path / "s.tar"
+    path.write_bytes(content)
+    with pytest.raises(ShardReadError, match=f"shard {path} is unreadable after 0 record") as err:
+        list(iter_shard(path))
+    assert err.value.lost_key is None
+
+
+def test_a_tar_without_members_has_no_records(tmp_path):
+    write_shard(tmp_path / "s.tar", [])
+    assert list(iter_shard(tmp_path / "s.tar")) == []
+
+
+def test_a_cut_off_gzip_shard_raises_shard_read_error(tmp_path):
+    import gzip
+
+    path = tmp_path / "s.tar"
+    write_shard(path, GOOD)
+    packed = gzip.compress(path.read_bytes())
+    (tmp_path / "s.tar.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ShardReadError):
+        list(iter_shard(tmp_path / "s.tar.gz"))
+
+
+def test_shard_read_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ShardReadError("/x/s.tar", 3, "k3", "ReadError: unexpected end of data")))
+    assert (err.path, err.records, err.lost_key) == ("/x/s.tar", 3, "k3") and "k3" in str(err)
 
 
 def test_image_bytes_picks_first_image_member():
