@@ -25,7 +25,7 @@ from flows import artifacts
 from tasks import units
 from tasks.families import get_family
 from tasks.inputs import check_inputs
-from tasks.labeling import add_stats, empty_stats, finished_shard, sidecar_paths
+from tasks.labeling import add_stats, empty_stats, finished_shard, remove_temporaries, sidecar_paths
 from tasks.rundir import (
     RunDir,
     atomic_write_bytes,
@@ -257,6 +257,8 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     if not shards:
         raise ValueError("data.unlabeled_shards matches no shard")
     inputs = pseudo_inputs(cfg, teacher, shards)
+    if removed := remove_temporaries(stage):  # this run holds the run directory (tasks/runlock.py)
+        logger.info("removed %d temporary file(s) an interrupted run left in %s", len(removed), stage)
     if done := finished(stage, inputs):
         logger.info("pseudo-labels of round %d are up to date; skipped", round_index)
         return done["outputs"]

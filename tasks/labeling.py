@@ -36,6 +36,18 @@ def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
     return out_dir / f"labels-{index:06d}.tar", out_dir / f"labels-{index:06d}.json"
 
 
+def remove_temporaries(out_dir: str | Path, index: int | None = None) -> list[Path]:
+    """Remove the temporary files of sidecar writes that never finished (a killed run or
+    worker leaves `.labels-NNNNNN.{tar,json}.*.tmp` behind): every shard's, or only shard
+    `index`'s. Returns the removed paths. Call it only while nothing else writes there."""
+    pattern = ".labels-*.tmp" if index is None else f".labels-{index:06d}.*.tmp"
+    removed = []
+    for p in sorted(Path(out_dir).glob(pattern)):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def finished_shard(out_tar: str | Path, out_json: str | Path, key: str) -> dict | None:
     """The stats a finished shard recorded, if they carry `key` and its tar exists; else None."""
     done = read_json(out_json)

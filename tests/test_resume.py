@@ -138,6 +138,27 @@ def test_a_shard_is_relabeled_unless_its_json_records_the_key(prefect_harness, t
     assert tar.read_bytes() == reference and json.loads(js.read_text())["key"] != "another teacher"
 
 
+def test_leftover_temporary_files_are_removed_by_the_next_run(prefect_harness, tmp_path):
+    cfg = labeling_config(tmp_path, ["pseudo.shard_limit=2"])
+    pseudo = Path(cfg.out_dir) / "round-0" / "pseudo"
+    pseudo.mkdir(parents=True)
+    # what a run killed while writing shard 1's tar and shard 0's json leaves behind
+    leftovers = [pseudo / ".labels-000001.tar.k1ll3d.tmp", pseudo / ".labels-000000.json.zz9x_a.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"partial")
+    others = [pseudo / "notes.txt", pseudo / ".other.tmp"]  # not ours: kept
+    for p in others:
+        p.write_bytes(b"keep")
+    stages.pseudo_label_flow(cfg, 0)
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.read_bytes() == b"keep" for p in others)
+    assert not list(pseudo.glob(".labels-*"))
+    # also when the stage is up to date and skipped
+    leftovers[0].write_bytes(b"partial")
+    stages.pseudo_label_flow(cfg, 0)
+    assert not leftovers[0].exists()
+
+
 def test_a_regenerated_shard_of_the_same_size_is_relabeled(prefect_harness, tmp_path):
     cfg = labeling_config(tmp_path, ["pseudo.shard_limit=2"])
     stages.pseudo_label_flow(cfg, 0)
