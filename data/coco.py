@@ -2,13 +2,25 @@
 
 Category ids (any, possibly sparse, as in COCO's 1..90) are mapped to contiguous
 labels 0..K-1 in sorted id order, and back with `category_id(label)`. Crowd
-annotations (`iscrowd=1`) and degenerate boxes are ignored.
+annotations (`iscrowd=1`) are ignored.
+
+A json that is broken or does not fit its image folder fails when it is read, with a
+`CocoFormatError` naming the file and the reason: not JSON, a missing top-level list,
+an annotation whose image or category id the json does not list, a bbox that is not
+four numbers, image files missing from the folder. Boxes with zero area, and boxes
+that lie wholly outside their image, are dropped from the training targets, counted
+in `CocoDetection.dropped` and reported in one warning; a box partly outside its image
+is clipped to it. (Evaluation reads the json's own annotations through pycocotools.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,13 +31,97 @@ from data.augment import Augment, as_augment
 from data.shards import decode_image
 
 
+class CocoFormatError(ValueError):
+    """A COCO json that is broken or does not fit its images; the message names the file."""
+
+
+def _ids(values, at_most: int = 10) -> str:
+    values = sorted(values)
+    return ", ".join(map(str, values[:at_most])) + (f", ... ({len(values)} in all)" if len(values) > at_most else "")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_dataset(dataset, path: Path) -> None:
+    if not isinstance(dataset, dict):
+        raise CocoFormatError(f"{path}: the top level is a {type(dataset).__name__}, not a COCO mapping")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise CocoFormatError(f"{path}: no list {key!r} at the top level (COCO needs images, annotations, "
+                                  "categories)")
+    for key, required in (("images", ("id", "file_name")), ("categories", ("id", "name")),
+                          ("annotations", ("id", "image_id", "category_id", "bbox"))):
+        for i, entry in enumerate(dataset[key]):
+            lacking = [k for k in required if not isinstance(entry, dict) or k not in entry]
+            if lacking:
+                raise CocoFormatError(f"{path}: {key}[{i}] has no {', '.join(map(repr, lacking))}")
+    image_ids = {img["id"] for img in dataset["images"]}
+    cat_ids = {cat["id"] for cat in dataset["categories"]}
+    for ann in dataset["annotations"]:
+        where = f"annotation id {ann['id']} (image {ann['image_id']})"
+        if ann["category_id"] not in cat_ids:
+            raise CocoFormatError(
+                f"{path}: {where} has category_id {ann['category_id']!r}, which 'categories' does not list "
+                f"(its ids: {_ids(cat_ids)})"
+            )
+        if ann["image_id"] not in image_ids:
+            raise CocoFormatError(f"{path}: annotation id {ann['id']} has image_id {ann['image_id']!r}, which "
+                                  "'images' does not list")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise CocoFormatError(f"{path}: {where} has bbox {bbox!r}; a bbox is 4 numbers [x, y, width, height]")
+
+
 def load_coco(annotations: str | Path) -> COCO:
-    """pycocotools COCO object, without its prints on stdout."""
+    """pycocotools COCO object of a checked json (CocoFormatError otherwise), without its prints."""
     path = Path(annotations)
     if not path.exists():
         raise FileNotFoundError(f"COCO annotations not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CocoFormatError(f"{path}: not valid JSON ({err})") from None
+    _check_dataset(dataset, path)
+    coco = COCO()
+    coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
+        coco.createIndex()
+    return coco
+
+
+def _missing_files(images_dir: Path, names: list[str]) -> list[str]:
+    """Those of `names` (paths relative to `images_dir`) that are not files; one listing per folder."""
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for name in names:
+        folder, _, base = name.rpartition("/")
+        if folder not in listed:
+            try:
+                with os.scandir(images_dir / folder) as it:
+                    listed[folder] = {e.name for e in it if e.is_file()}
+            except (FileNotFoundError, NotADirectoryError):
+                listed[folder] = set()
+        if base not in listed[folder]:
+            missing.append(name)
+    return missing
+
+
+def _clip_box(bbox: list[float], info: dict) -> tuple[list[float] | None, str | None]:
+    """xyxy of a COCO xywh bbox clipped to its image (size from 'width'/'height' when given),
+    or (None, why) for a box to drop."""
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return None, "zero_area"
+    x0, y0, x1, y1 = x, y, x + w, y + h
+    if _is_number(info.get("width")) and _is_number(info.get("height")):
+        x0, x1 = max(x0, 0.0), min(x1, float(info["width"]))
+        y0, y1 = max(y0, 0.0), min(y1, float(info["height"]))
+        if x1 <= x0 or y1 <= y0:
+            return None, "outside_image"
+    return [x0, y0, x1, y1], None
 
 
 class CocoDetection(Dataset):
@@ -54,6 +150,37 @@ class CocoDetection(Dataset):
         self._label_of = {c: i for i, c in enumerate(self.cat_ids)}
         self.augment = as_augment(augment_level)
         self.size = size
+        missing = _missing_files(self.images_dir, [self.coco.imgs[i]["file_name"] for i in self.ids])
+        if missing:
+            raise CocoFormatError(
+                f"{annotations}: {len(missing)} image file(s) listed in 'images' are missing under "
+                f"{self.images_dir}: {', '.join(missing[:5])}" + (", ..." if len(missing) > 5 else "")
+            )
+        self._boxes, self.dropped = self._index_boxes()
+        if any(self.dropped.values()):
+            warnings.warn(
+                f"{annotations}: dropped {self.dropped['zero_area']} annotation(s) with a zero-area box and "
+                f"{self.dropped['outside_image']} with a box outside its image",
+                stacklevel=2,
+            )
+
+    def _index_boxes(self) -> tuple[dict[int, tuple[list, list]], dict[str, int]]:
+        """{image_id: (boxes xyxy, labels)} of the images in use, and the dropped boxes' counts."""
+        boxes_of: dict[int, tuple[list, list]] = {}
+        dropped = {"zero_area": 0, "outside_image": 0}
+        for image_id in self.ids:
+            info, boxes, labels = self.coco.imgs[image_id], [], []
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if ann.get("iscrowd", 0):
+                    continue
+                box, why = _clip_box(ann["bbox"], info)
+                if box is None:
+                    dropped[why] += 1
+                    continue
+                boxes.append(box)
+                labels.append(self._label_of[ann["category_id"]])
+            boxes_of[image_id] = (boxes, labels)
+        return boxes_of, dropped
 
     @property
     def num_classes(self) -> int:
@@ -67,13 +194,7 @@ class CocoDetection(Dataset):
 
     def target(self, index: int) -> dict:
         image_id = self.ids[index]
-        boxes, labels = [], []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            x, y, w, h = ann["bbox"]
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
-                continue
-            boxes.append([x, y, x + w, y + h])
-            labels.append(self._label_of[ann["category_id"]])
+        boxes, labels = self._boxes[image_id]
         return {
             "boxes_xyxy": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
