@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
-from data.augment import letterbox
+from data.augment import Augment, letterbox
 from data.coco import CocoDetection
 from data.mixing import list_collate, loader_options
 from detection import evaluate as coco_eval
@@ -43,7 +43,7 @@ class DetectionFamily:
 
     # ------------------------------------------------------------------ data
 
-    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> CocoDetection:
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> CocoDetection:
         if data.format != "coco":
             raise ValueError(f"detection reads data.format='coco', got {data.format!r}")
         if split == "train":

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
-from data.augment import crop_pad, resize
+from data.augment import Augment, crop_pad, resize
 from data.mixing import list_collate, loader_options
 from data.voc import VOC_CLASSES, VOCSegmentation
 from detection.backbone import build_backbone
@@ -76,7 +76,9 @@ class SegmentationFamily:
 
     # ------------------------------------------------------------------ data
 
-    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> VOCSegmentation:
+    def labeled_dataset(
+        self, data: DataConfig, split: str, augment_level: str | Augment | None
+    ) -> VOCSegmentation:
         if data.format != "voc":
             raise ValueError(f"segmentation reads data.format='voc', got {data.format!r}")
         common = dict(size=data.image_size, num_classes=self.num_classes(data))

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
+from data.augment import Augment
 
 
 class Family(Protocol):
@@ -36,8 +37,9 @@ class Family(Protocol):
 
     def build_model(self, cfg: ModelConfig) -> nn.Module: ...
 
-    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | None) -> Dataset:
-        """Human-labeled samples; `augment_level=None` keeps original sizes (evaluation)."""
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> Dataset:
+        """Human-labeled samples augmented by `augment_level` (a level name, or a
+        `data.augment.Augment` with its settings); None keeps original sizes (evaluation)."""
 
     def class_names(self, data: DataConfig) -> list[str]:
         """Names of the classes, in label order."""
