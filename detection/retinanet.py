@@ -195,7 +195,8 @@ class RetinaNet(nn.Module):
         group_sizes: consecutive groups of images, normalised separately (a student
         batch: (num_human, num_pseudo)); default one group, the whole batch. Image i of
         a group of n images gets n * (its summed loss) / (the group's matched anchors),
-        so the mean over a group's entries is that group's loss.
+        so the mean over a group's entries is that group's loss. Under torch.distributed
+        the matched anchors are counted over every rank's share of the group.
         """
         cls_logits = outputs["cls_logits"].float()
         box_reg = outputs["bbox_regression"].float()
@@ -223,11 +224,20 @@ class RetinaNet(nn.Module):
         sum_cls = (focal * valid).sum(1)
         sum_box = ((box_reg - box_target).abs().sum(-1) * fg).sum(1)
         # n / (the group's matched anchors, at least 1), repeated for each image of the group
-        fg_per_image = fg.sum(1).float()
+        counts = torch.stack([part.sum() for part in fg.sum(1).float().split(group_sizes)])
+        ranks = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP every rank holds its share of each group: the normaliser is the
+            # group's matched anchors over all ranks, and each rank's loss is scaled by the
+            # number of ranks because DDP averages their gradients. Every rank calls this
+            # with the same number of groups (the training step does).
+            ranks = torch.distributed.get_world_size()
+            if ranks > 1:
+                torch.distributed.all_reduce(counts)
         scale = torch.cat(
             [
-                torch.full((n,), n, dtype=torch.float32, device=anchors.device) / part.sum().clamp(min=1)
-                for n, part in zip(group_sizes, fg_per_image.split(group_sizes))
+                torch.full((n,), n * ranks, dtype=torch.float32, device=anchors.device) / c.clamp(min=1)
+                for n, c in zip(group_sizes, counts)
             ]
         )
         return {"loss_cls": sum_cls * scale, "loss_box": sum_box * scale}
