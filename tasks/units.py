@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from configs import RunConfig
+from data.files import DiskFullError
 from tasks import labeling, training
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -66,19 +67,40 @@ def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, float]:
     return metrics
 
 
-@task(name="label-shard", task_run_name="label-shard-{index:06d}", **_TASK)
+def _worth_retrying(task, task_run, state) -> bool:
+    """A full disk stays full: a retry would label the shard again only to fail again."""
+    try:
+        err = state.result(raise_on_failure=False)
+    except Exception:
+        return True
+    return not isinstance(err, DiskFullError)
+
+
+# An attempt that raises (a flaky read, a CUDA error) is retried twice in place. A worker
+# that dies mid-shard (killed, out of memory) takes its attempt with it: the Dask
+# scheduler runs the task again on another worker, at most
+# `distributed.scheduler.allowed-failures` times (3 by default), then fails it with
+# KilledWorker. Either way the next attempt starts by removing what the failed one left.
+@task(
+    name="label-shard", task_run_name="label-shard-{index:06d}", retries=2, retry_condition_fn=_worth_retrying,
+    **_TASK,
+)
 def label_shard(
     cfg: RunConfig, teacher_checkpoint: str, shard: str, index: int, out_dir: str, key: str, num_classes: int
 ) -> dict:
     """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict).
 
     A shard already labeled with this `key` is returned as it is, before the teacher is
-    loaded, so a retried or resumed task costs a file read.
+    loaded, so a retried or resumed task costs a file read. Otherwise the temporary
+    files of an earlier attempt at this shard are removed first: only this task writes
+    them.
     """
     out_tar, out_json = labeling.sidecar_paths(out_dir, index)
     if done := labeling.finished_shard(out_tar, out_json, key):
         _logger().info("shard %s: already labeled (%s); skipped", shard, out_json.name)
         return done
+    if removed := labeling.remove_temporaries(out_dir, index):
+        _logger().info("shard %s: removed %d temporary file(s) of a failed attempt", shard, len(removed))
     family, model = training.shared_model(teacher_checkpoint, cfg.device)
     stats = labeling.label_shard(
         family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key

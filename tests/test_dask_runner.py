@@ -1,9 +1,11 @@
 """Pseudo-labeling through prefect-dask: the same sidecars as the thread pool, a running
 scheduler's address from config, GPU resource annotations, a clear error for an
-unreachable scheduler."""
+unreachable scheduler, a worker killed mid-shard."""
 
 import json
 import logging
+import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -167,3 +169,41 @@ def test_a_cuda_run_warns_when_no_worker_offers_a_gpu(offered, caplog):
     assert bool(warned) == (not offered)
     if warned:
         assert cluster.scheduler_address in warned[0]
+
+
+def die_in_the_next_sidecar() -> int:
+    """Run in a Dask worker process: its next sidecar write is killed (SIGKILL) after
+    the first record went to the temporary file. A restarted worker is a fresh process,
+    without this patch. Returns the pid."""
+    import tasks.labeling as labeling
+
+    write = labeling.write_shard
+
+    def write_and_die(path, records):
+        def first_then_die():
+            for i, record in enumerate(records):
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield record
+
+        return write(path, first_then_die())
+
+    labeling.write_shard = write_and_die
+    return os.getpid()
+
+
+@pytest.mark.slow  # a worker process starts twice: about 30 s
+def test_a_worker_killed_mid_shard(thread_run, base_cfg, tmp_path):
+    """The scheduler hands the killed worker's shard to the restarted worker, the run
+    completes with the same sidecars as the thread pool, and the temporary file of the
+    killed attempt is gone."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with cluster.get_client() as client:
+            (doomed,) = client.run(die_in_the_next_sidecar).values()
+            cfg = with_out_dir(base_cfg, tmp_path, runner="dask", dask_address=cluster.scheduler_address)
+            out = stages.pseudo_label_flow(cfg, 0)
+            (survivor,) = client.run(os.getpid).values()
+    assert survivor != doomed  # the worker was killed and restarted
+    assert_same_labels((out, tmp_path), thread_run)
+    pseudo = tmp_path / "round-0" / "pseudo"
+    assert sorted(p.name for p in pseudo.iterdir() if p.name.endswith(".tmp")) == []

@@ -159,6 +159,41 @@ def test_leftover_temporary_files_are_removed_by_the_next_run(prefect_harness, t
     assert not leftovers[0].exists()
 
 
+def test_a_failed_attempt_is_retried_in_place_and_a_full_disk_is_not(prefect_harness, tmp_path, monkeypatch):
+    import errno
+
+    from prefect.states import Failed
+
+    from data.files import DiskFullError
+    from tasks import labeling, units
+
+    cfg = labeling_config(tmp_path, ["pseudo.shard_limit=2", "pseudo.max_workers=1"])
+    write, attempts = labeling.write_shard, []
+
+    def flaky_write(path, records):  # the first attempt fails after writing a record
+        attempts.append(Path(path).name)
+
+        def then_fail():
+            for i, record in enumerate(records):
+                if i == 1 and len(attempts) == 1:
+                    raise OSError(errno.EIO, "Input/output error")
+                yield record
+
+        return write(path, then_fail())
+
+    monkeypatch.setattr(labeling, "write_shard", flaky_write)
+    state = stages.pseudo_label_flow(cfg, 0, return_state=True)
+    state.result()
+    assert attempts == ["labels-000000.tar", "labels-000000.tar", "labels-000001.tar"]
+    pseudo = Path(cfg.out_dir) / "round-0" / "pseudo"
+    assert sorted(p.name for p in pseudo.iterdir()) == sorted(
+        ["manifest.json"] + [f"labels-{i:06d}.{ext}" for i in range(2) for ext in ("json", "tar")]
+    )
+    assert units.label_shard.retries == 2  # bounded
+    assert not units._worth_retrying(None, None, Failed(data=DiskFullError(pseudo / "labels-000000.tar")))
+    assert units._worth_retrying(None, None, Failed(data=OSError(errno.EIO, "Input/output error")))
+
+
 def test_a_regenerated_shard_of_the_same_size_is_relabeled(prefect_harness, tmp_path):
     cfg = labeling_config(tmp_path, ["pseudo.shard_limit=2"])
     stages.pseudo_label_flow(cfg, 0)
