@@ -7,6 +7,11 @@
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
     noisy-student augment preview OUT.png [--level S3] [--n 16] [--config CONFIG] [--seed N]
+
+demo, run and stage run in a child process that this one supervises, so that Ctrl-C
+(or SIGTERM) stops them within seconds, with one line, and leaves no process behind
+(flows/supervise.py). Called with an argv (tests, Python callers), `main` runs every
+command in the calling process.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, load_config
+from flows import supervise
+
+SUPERVISED = ("demo", "run", "stage")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -108,8 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     # training (or a slow disk) can need longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in SUPERVISED:
+        if supervise.RUN_ENV not in os.environ:
+            return supervise.supervise(sys.argv[1:])
+        supervise.enter_run()
     try:
         return _dispatch(args)
+    except KeyboardInterrupt:
+        if supervise.in_run():
+            supervise.exit_interrupted()
+        raise
     except ConfigError as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
