@@ -130,19 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        if not isinstance(err, _clear_errors()):
+        if (message := _clear_message(err)) is None:
             raise
-        print(f"noisy-student: {err}", file=sys.stderr)
+        print(f"noisy-student: {message}", file=sys.stderr)
         return 1
 
 
-def _clear_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what happened and what to do: printed alone, no traceback."""
+def _clear_message(err: Exception) -> str | None:
+    """The message of an error that says what happened and what to do (printed alone,
+    without a traceback); None for any other error."""
     from data.files import DiskFullError
     from tasks.engine import TrainingDiverged
     from tasks.runlock import RunDirLocked
 
-    return DiskFullError, RunDirLocked, TrainingDiverged
+    if isinstance(err, (DiskFullError, RunDirLocked, TrainingDiverged)):
+        return str(err)
+    response = getattr(err, "response", None)  # httpx.HTTPStatusError, as Prefect's client raises it
+    if getattr(response, "status_code", None) == 401:
+        return (
+            f"the Prefect server refused the request (401 Unauthorized: {err.request.method} {err.request.url}); "
+            "set PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING ('user:password')"
+        )
+    return None
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -149,8 +149,16 @@ def _uses_gpu(device: str) -> bool:
 def local_cluster_kwargs(rule: PseudoLabelConfig, device: str) -> dict:
     """The LocalCluster the Dask runner starts when no scheduler address is given:
     `max_workers` single-threaded worker processes; on a CUDA device each offers one
-    "GPU" resource, which every labeling task asks for (`dask_annotations`)."""
-    kwargs = {"n_workers": rule.max_workers, "threads_per_worker": 1, "processes": True}
+    "GPU" resource, which every labeling task asks for (`dask_annotations`). Like the
+    scheduler and workers, the dashboards (HTTP, no authentication) listen on loopback
+    only: distributed's default binds them to every interface."""
+    kwargs = {
+        "n_workers": rule.max_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": "127.0.0.1:0",
+        "worker_dashboard_address": "127.0.0.1:0",
+    }
     if _uses_gpu(device):
         kwargs["resources"] = {"GPU": 1}
     return kwargs
