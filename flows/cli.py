@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from configs import ConfigError, load_config
 from flows import supervise
 
 SUPERVISED = ("demo", "run", "stage")
@@ -110,6 +110,12 @@ def _progress(done: int, total: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # From the command line, a Ctrl-C while starting up stays pending until the
+        # supervisor's (or the run's) handler is in place, or the command is known.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    from configs import ConfigError  # configs (pydantic) after the mask: a fifth of a second
+
     # No network is assumed: Prefect's server would otherwise try to send telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's temporary server gets 20 s to start by default; a machine busy with
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if supervise.RUN_ENV not in os.environ:
             return supervise.supervise(sys.argv[1:])
         supervise.enter_run()
+    elif argv is None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -207,6 +215,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         print(format_summary(summary, title))
         return 0
+
+    from configs import load_config
 
     cfg = load_config(args.config, args.overrides)
     from tasks.inputs import check_inputs  # every missing input named at once, before any stage

@@ -59,7 +59,14 @@ def supervise(argv: list[str]) -> int:
     """Run `noisy-student ARGV` as a run in its own process group; return its exit code,
     or 128 + N after signal N, having printed one line."""
     env = {**os.environ, RUN_ENV: str(os.getpid())}
-    run = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env=env, process_group=0)
+    # The run starts with SIGINT blocked (a signal mask is inherited): a Ctrl-C while it
+    # starts up stays pending until `enter_run` has installed its handler.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env=env, process_group=0)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        raise
     got: list[int] = []
 
     def on_alarm(signum, frame) -> None:
@@ -79,6 +86,7 @@ def supervise(argv: list[str]) -> int:
     signal.signal(signal.SIGALRM, on_alarm)
     for s in STOP_SIGNALS:
         signal.signal(s, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # Not reaped yet, so the run's pid (its group's id) cannot be reused before the kill below.
     os.waitid(os.P_PID, run.pid, os.WEXITED | os.WNOWAIT)
     signal.setitimer(signal.ITIMER_REAL, 0)
@@ -123,6 +131,10 @@ def enter_run() -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C lands here
+    except KeyboardInterrupt:
+        exit_interrupted()
 
 
 def _on_interrupt(signum, frame) -> None:

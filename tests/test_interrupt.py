@@ -186,6 +186,29 @@ def test_rerun_after_sigterm_resumes(sigterm_in_teacher):
     check_resumed(sigterm_in_teacher)
 
 
+@pytest.mark.parametrize("delay", [0.3, 1.5, 4.0])
+def test_sigint_while_the_run_starts_stops_cleanly(tmp_path, delay):
+    """Ctrl-C before the stages run (interpreter start, imports, world, temporary server)."""
+    demo = Demo(tmp_path, uuid.uuid4().hex)
+    proc = demo.start(tmp_path / "early.log")
+    try:
+        time.sleep(delay)
+        offset = demo.log.stat().st_size
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+        left = gone(demo.marker)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in marked(demo.marker):
+            os.kill(pid, signal.SIGKILL)
+    after = demo.log.read_bytes()[offset:].decode(errors="replace")
+    check_stopped({"elapsed": elapsed, "after": after, "rc": proc.returncode, "left": left}, "SIGINT")
+
+
 def test_run_listens_on_loopback_only(sigint_in_student):
     """The temporary Prefect server and the training processes bind to loopback only."""
     sockets = sigint_in_student["sockets"]
