@@ -48,9 +48,14 @@ def served_deployments(name: str = DEFAULT_NAME) -> list[RunnerDeployment]:
     ]
 
 
+def _annotation(a) -> str:
+    """`RunConfig` whether the signature holds the name or the class (the run-lock wrapper resolves them)."""
+    return a if isinstance(a, str) else getattr(a, "__name__", str(a))
+
+
 def _signature(fn) -> str:
     return ", ".join(
-        p.name + (f": {p.annotation}" if p.annotation is not p.empty else "")
+        p.name + (f": {_annotation(p.annotation)}" if p.annotation is not p.empty else "")
         + (f" = {p.default!r}" if p.default is not p.empty else "")
         for p in inspect.signature(fn).parameters.values()
     )
