@@ -1,7 +1,7 @@
 """The paper's claims at the embedded world's scale: one JSON, a report.md and one plot per claim.
 
     .venv/bin/python benchmarks/paper_claims.py [--seeds 0 1 2] [--claims a b c d e] \
-        [--scale small] [--family detection] [--out runs/claims]
+        [--scale small] [--family detection] [--out runs/claims] [--jobs 3]
 
 Claims (Zoph et al. 2020, *Rethinking Pre-training and Self-training*; Xie et al. 2020):
   a  gain vs augmentation level: students at S1, S2, S3 and S4 from one teacher; in the
@@ -48,12 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Each scale: the world's counts, the steps of the teacher and student, and the preset.
 SCALES = {
-    # The demo's world and preset with fewer student steps and a smaller unlabeled pool:
-    # per seed 3 teachers and 10 students (see CELLS).
+    # The demo's world and preset, smaller: a pool of 1,000 unlabeled images, val 100,
+    # teachers of 200 steps and students of 60 (the demo: 400 and 150). Per seed 3
+    # teachers and 10 students (see CELLS); 3 seeds side by side (--jobs 3) are sized
+    # for 90 minutes on a 2-core CPU.
     "small": {
         "quick": False,
-        "world": {"n_train": 200, "n_val": 200, "n_unlabeled": 1000, "per_shard": 250},
-        "overrides": ["student.train.log_every=5"],
+        "world": {"n_train": 200, "n_val": 100, "n_unlabeled": 1000, "per_shard": 250},
+        "overrides": ["teacher.steps=200", "student.train.steps=60", "student.train.log_every=5"],
     },
     "tiny": {
         "quick": True,
@@ -339,6 +341,42 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_seed(root: Path, seed: int, cells: list[Cell], scale: dict, family: str, base_level: str) -> dict:
+    """Every cell of one seed, in order (the base cell first: the others link its stages);
+    the results are also written to <root>/seed-N/results.json."""
+    out = {}
+    for cell in cells:
+        res = run_cell(root, seed, cell, scale, family, base_level)
+        out[cell.name] = res
+        print(json.dumps({"seed": seed, "cell": cell.name, **res["rounds"][-1], "s": res["seconds"]}),
+              file=sys.stderr, flush=True)
+    (root / f"seed-{seed}" / "results.json").write_text(json.dumps(out) + "\n")
+    return out
+
+
+def _seed_subprocesses(args, seeds: list[int]) -> None:
+    """Seeds side by side, `args.jobs` at a time, one torch thread and one Prefect home each."""
+    import subprocess
+
+    pending, running = list(seeds), {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            seed_dir = Path(args.out) / f"seed-{seed}"
+            seed_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, "--seeds", str(seed), "--claims", *args.claims, "--scale", args.scale,
+                   "--family", args.family, "--out", args.out, "--seed-only"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str((seed_dir / "prefect-home").resolve())}
+            log = open(seed_dir / "claims.log", "w")
+            running[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        time.sleep(2)
+        for seed, proc in list(running.items()):
+            if proc.poll() is not None:
+                if proc.returncode:
+                    raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {args.out}/seed-{seed}/claims.log")
+                del running[seed]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -346,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", default="small", choices=sorted(SCALES))
     p.add_argument("--family", default="detection")
     p.add_argument("--out", default="runs/claims")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run side by side (one torch thread each)")
+    p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from flows.demo import demo_preset
     from configs import load_config
+    from flows.demo import demo_preset
 
     scale = SCALES[args.scale]
     root = Path(args.out)
@@ -358,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     base_level = preset.student.train.augment_level
     cells = cells_for(args.claims, base_level)
     t0 = time.perf_counter()
-    results: dict[str, dict[int, dict]] = {c.name: {} for c in cells}
-    for seed in args.seeds:
-        for cell in cells:  # the base cell first: the others link its stages
-            res = run_cell(root, seed, cell, scale, args.family, base_level)
-            results[cell.name][seed] = res
-            print(json.dumps({"seed": seed, "cell": cell.name, **res["rounds"][-1], "s": res["seconds"]}),
-                  file=sys.stderr, flush=True)
+    if args.jobs > 1 and len(args.seeds) > 1:
+        _seed_subprocesses(args, args.seeds)
+        per_seed = {s: json.loads((root / f"seed-{s}" / "results.json").read_text()) for s in args.seeds}
+    else:
+        per_seed = {s: run_seed(root, s, cells, scale, args.family, base_level) for s in args.seeds}
+    if args.seed_only:
+        return 0
+    results: dict[str, dict[int, dict]] = {c.name: {s: per_seed[s][c.name] for s in args.seeds} for c in cells}
     metric = next(iter(results["base"].values()))["metric"]
     claims = aggregate(results, args.claims, base_level)
     for key, claim in claims.items():
@@ -376,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": args.scale,
         "scale_settings": scale,
         "seeds": args.seeds,
+        "jobs": args.jobs,
         "metric": metric,
         "claims": claims,
         "cells": {name: {str(s): {k: v for k, v in r.items() if k != "loss_curve"} for s, r in per.items()}

@@ -33,7 +33,7 @@ from data.shards import brace_pattern, shard_name, write_shard
 
 # Bump when the renderer changes what a (spec, seed) produces: a cached world written by
 # an older renderer is then regenerated instead of silently reused.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # Shape kinds the renderer knows. Labelled classes and distractors are drawn from here
 # (disjointly); each is rasterized from a polygon (the ring from two).

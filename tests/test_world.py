@@ -194,3 +194,41 @@ def test_write_world_is_idempotent_and_regenerates_on_change(tmp_path):
     before = (out / "JPEGImages/train_000000.jpg").read_bytes()
     write_world(out, WorldSpec(noise_std=30.0), n_train=3, n_val=2, n_unlabeled=4, per_shard=4)
     assert (out / "JPEGImages/train_000000.jpg").read_bytes() != before
+
+
+@pytest.mark.parametrize("family", ["detection", "segmentation"])
+def test_demo_worlds_are_deterministic_per_seed(family):
+    from flows.demo import WORLD_SPECS
+
+    spec = WORLD_SPECS[family]
+    for i in range(3):
+        assert _scenes_equal(render_scene(spec, 3, i, "train"), render_scene(spec, 3, i, "train"))
+        assert not np.array_equal(render_scene(spec, 3, i, "train").image, render_scene(spec, 4, i, "train").image)
+
+
+@pytest.mark.parametrize("family", ["detection", "segmentation"])
+def test_demo_worlds_keep_the_sizes_they_promise(family):
+    """Boxes within the spec's object sizes, upright squares, 1-4 objects, distractors kept."""
+    from flows.demo import WORLD_SPECS
+
+    spec = WORLD_SPECS[family]
+    lo, hi = spec.object_size
+    assert not spec.rotate and spec.distractors_per_image[1] >= 1 and spec.objects_per_image == (1, 4)
+    if family == "detection":  # the easier world of the detection demo
+        assert spec.distractors_per_image == (0, 1) and spec.noise_std <= 8 and spec.min_contrast >= 60
+    longest, counts, square_fill = [], [], []
+    for i in range(80):
+        s = render_scene(spec, 0, i, "train")
+        assert s.image.shape == (spec.image_size, spec.image_size, 3)
+        counts.append(len(s.labels))
+        for box, label, area in zip(s.boxes_xyxy, s.labels, s.areas):
+            w, h = box[2] - box[0], box[3] - box[1]
+            assert max(w, h) <= hi + 1
+            longest.append(max(w, h))
+            if spec.class_names[label] == "square":
+                square_fill.append(area / (w * h))
+    # occlusion drops an object now and then (min_visible), rarely a whole scene's
+    assert max(counts) <= 4 and np.mean(counts) > 1.5 and np.mean(np.array(counts) == 0) < 0.05
+    assert max(longest) >= 0.85 * hi and np.percentile(longest, 5) < lo + 0.25 * (hi - lo)
+    # Upright squares fill their box unless occluded: most of them do.
+    assert np.median(square_fill) > 0.95
