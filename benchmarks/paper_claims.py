@@ -14,7 +14,7 @@ Claims (Zoph et al. 2020, *Rethinking Pre-training and Self-training*; Xie et al
   e  pseudo-label score threshold 0.3, 0.5 and 0.7.
 
 Every cell is a run of the product's own `noisy_student_flow` in its own run directory,
-`<out>/seed-N/<cell>`, on one world per seed (`<out>/seed-N/world`). Cells that share a
+`<out>/seed-N/<cell>/run`, on one world per seed (`<out>/seed-N/world`). Cells that share a
 stage with the seed's base cell (the teacher; the teacher and its pseudo-labels; round 0
 for the round-2 cell) start from a hard-linked copy of the base cell's finished stage
 folders, so those stages are not trained again: their manifests match and the flow skips
@@ -124,13 +124,14 @@ def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_l
     from flows.demo import demo_config
 
     seed_dir = root / f"seed-{seed}"
-    run_dir = seed_dir / cell.name
+    cell_dir = seed_dir / cell.name
+    run_dir = cell_dir / "run"  # demo_config's out_dir: <out>/run
     for stage in cell.shares:
         (run_dir / stage).parent.mkdir(parents=True, exist_ok=True)
-        link_stage(seed_dir / "base" / stage, run_dir / stage)
+        link_stage(seed_dir / "base" / "run" / stage, run_dir / stage)
     overrides = [*scale["overrides"], *cell.overrides, f"rounds={cell.rounds}"]
     cfg, _ = demo_config(
-        run_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
+        cell_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
     )
     t0 = time.perf_counter()
     summary = stages.noisy_student_flow(cfg)

@@ -142,13 +142,20 @@ class PseudoLabeledShards(IterableDataset):
         while True:
             rng = random.Random(f"{self.seed}-{epoch}-{reader}")
             buffer: list = []
+            seen = 0
             for item in self._records(random.Random(f"{self.seed}-{epoch}"), reader, readers):
+                seen += 1
                 buffer.append(item)
                 if len(buffer) >= self.shuffle_buffer:
                     yield self._sample(buffer.pop(rng.randrange(len(buffer))))
             rng.shuffle(buffer)
             for item in buffer:
                 yield self._sample(item)
+            if seen == 0:  # looping again would spin forever
+                raise RuntimeError(
+                    f"pseudo-label reader {reader}/{readers} found no labeled record in its "
+                    f"{len(self.pairs)} shard pair(s) ({self.pairs[0][1]} ...): no image passed the pseudo-label rule"
+                )
             epoch += 1
             if not self.loop:
                 return

@@ -351,11 +351,21 @@ def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         logger.info("student of round %d is up to date; skipped", round_index)
         return done["outputs"]
     invalidate(stage)
+    if pseudo["stats"]["kept"] == 0:
+        raise NoPseudoLabels(
+            f"round {round_index}: the teacher kept no unlabeled image at pseudo.score_threshold="
+            f"{cfg.pseudo.score_threshold} ({pseudo['stats']['images']} images labeled), so the student has no "
+            "pseudo batch to draw; lower the threshold or train the teacher longer"
+        )
     pairs = [tuple(p) for p in pseudo["pairs"]]
     units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"], resume_key(inputs))
     metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
     atomic_write_json(stage / "metrics.json", metrics)
     return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
+
+
+class NoPseudoLabels(RuntimeError):
+    """The pseudo-label stage kept nothing: a student cannot be trained on it."""
 
 
 @flow(name="evaluate", flow_run_name="evaluate")
