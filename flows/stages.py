@@ -350,13 +350,13 @@ def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     if done := finished(stage, inputs):
         logger.info("student of round %d is up to date; skipped", round_index)
         return done["outputs"]
-    invalidate(stage)
-    if pseudo["stats"]["kept"] == 0:
+    if pseudo["stats"]["kept"] == 0:  # refused before anything of the stage is touched
         raise NoPseudoLabels(
             f"round {round_index}: the teacher kept no unlabeled image at pseudo.score_threshold="
             f"{cfg.pseudo.score_threshold} ({pseudo['stats']['images']} images labeled), so the student has no "
             "pseudo batch to draw; lower the threshold or train the teacher longer"
         )
+    invalidate(stage)
     pairs = [tuple(p) for p in pseudo["pairs"]]
     units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"], resume_key(inputs))
     metrics = units.evaluate(cfg, str(stage / MODEL_FILE))

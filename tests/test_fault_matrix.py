@@ -1,19 +1,13 @@
 """benchmarks/fault_matrix.py: every case names tests that exist, and a row reports what they observed."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_module import ROOT, load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("fault_matrix", ROOT / "benchmarks" / "fault_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fault_matrix")
 
 
 def test_every_case_names_tests_that_exist():

@@ -101,35 +101,47 @@ class Demo:
             assert time.monotonic() < deadline, f"{stage} did not start training in {timeout} s"
             time.sleep(0.2)
 
+    def stop(self, proc: subprocess.Popen, sig: signal.Signals) -> dict:
+        """Send `sig` to the run's group, wait up to 60 s, then kill whatever is left.
+
+        Returns the seconds it took to exit, the marked processes still alive 3 s later
+        and the run's output after the signal."""
+        offset = self.log.stat().st_size
+        t0 = time.monotonic()
+        try:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            elapsed = time.monotonic() - t0
+            left = gone(self.marker)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            for pid in marked(self.marker):
+                os.kill(pid, signal.SIGKILL)
+        after = self.log.read_bytes()[offset:].decode(errors="replace")
+        return {"rc": proc.returncode, "elapsed": elapsed, "left": left, "after": after}
+
 
 def interrupt(demo: Demo, root: Path, sig: signal.Signals, stage: str) -> dict:
     """Start the demo, send `sig` to its group once `stage` trains, then rerun it to the end."""
     proc = demo.start(root / "interrupted.log")
     try:
         demo.training(proc, stage)
-        sockets = listening(marked(demo.marker))
-        had_checkpoint = (demo.run_dir / "round-0" / stage / "checkpoint.pt").exists()
-        offset = demo.log.stat().st_size
-        t0 = time.monotonic()
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        elapsed = time.monotonic() - t0
-        left = gone(demo.marker)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in marked(demo.marker):
-            os.kill(pid, signal.SIGKILL)
-    after = demo.log.read_bytes()[offset:].decode(errors="replace")
+    except BaseException:
+        demo.stop(proc, signal.SIGKILL)
+        raise
+    sockets = listening(marked(demo.marker))
+    had_checkpoint = (demo.run_dir / "round-0" / stage / "checkpoint.pt").exists()
+    stopped = demo.stop(proc, sig)
     teacher = demo.run_dir / "round-0" / "teacher" / "manifest.json"
     teacher_stamp = teacher.stat().st_mtime_ns if teacher.exists() else None
     rerun = subprocess.run(demo.cmd, env=demo.env, capture_output=True, text=True, timeout=1800)
     return {
-        "rc": proc.returncode, "elapsed": elapsed, "after": after, "left": left, "sockets": sockets,
+        **stopped, "sockets": sockets,
         "had_checkpoint": had_checkpoint, "teacher_stamp": teacher_stamp, "rerun": rerun,
         "left_after_rerun": gone(demo.marker), "demo": demo, "stage": stage,
     }
@@ -191,22 +203,8 @@ def test_sigint_while_the_run_starts_stops_cleanly(tmp_path, delay):
     """Ctrl-C before the stages run (interpreter start, imports, world, temporary server)."""
     demo = Demo(tmp_path, uuid.uuid4().hex)
     proc = demo.start(tmp_path / "early.log")
-    try:
-        time.sleep(delay)
-        offset = demo.log.stat().st_size
-        t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-        elapsed = time.monotonic() - t0
-        left = gone(demo.marker)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in marked(demo.marker):
-            os.kill(pid, signal.SIGKILL)
-    after = demo.log.read_bytes()[offset:].decode(errors="replace")
-    check_stopped({"elapsed": elapsed, "after": after, "rc": proc.returncode, "left": left}, "SIGINT")
+    time.sleep(delay)
+    check_stopped(demo.stop(proc, signal.SIGINT), "SIGINT")
 
 
 def test_run_listens_on_loopback_only(sigint_in_student):

@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -82,3 +83,12 @@ def test_infinite_sampler_covers_every_index_each_pass():
     it = iter(InfiniteSampler(7, seed=3))
     for _ in range(3):
         assert sorted(next(it) for _ in range(7)) == list(range(7))
+
+
+def test_pseudo_stream_with_no_kept_image_raises_instead_of_spinning(tmp_path):
+    images, sidecar = tmp_path / "pool-0.tar", tmp_path / "labels-0.tar"
+    write_shard(images, [(f"k{i}", {"jpg": jpeg((i, 0, 0))}) for i in range(4)])
+    write_shard(sidecar, [])  # the teacher kept none of them
+    stream = PseudoLabeledShards([(str(images), str(sidecar))], pseudo.decode, "json", "none", 128)
+    with pytest.raises(RuntimeError, match="no labeled record in its 1 shard pair"):
+        next(iter(stream))

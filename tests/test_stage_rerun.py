@@ -104,6 +104,26 @@ def test_pseudo_rerun_with_a_new_threshold_invalidates_the_student(run):
     assert student_is_current(run, changed)
 
 
+def test_a_pseudo_stage_that_kept_nothing_stops_the_student_with_one_line(run, capsys):
+    base = ["student.alpha=2", "pseudo.score_threshold=0.1"]  # where the test above left the run
+    assert student_is_current(run, base)
+    before = stamps(run)
+
+    nothing = [base[0], "pseudo.score_threshold=1.0"]  # a sigmoid score never reaches 1
+    stage("pseudo-label", run, nothing)
+    assert read_manifest(run / "round-0/pseudo")["outputs"]["stats"]["kept"] == 0
+    capsys.readouterr()
+    args = ["stage", "student", str(run / "config.yaml")] + [a for o in nothing for a in ("--set", o)]
+    assert main(args) == 1  # at once, not an endless wait for a pseudo batch
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("noisy-student: round 0: the teacher kept no unlabeled image"), err
+    assert "pseudo.score_threshold=1.0" in err[-1]
+    assert stamps(run)["student"] == before["student"]  # the old student is left as it was
+
+    stage("pseudo-label", run, base)  # back where the next tests start
+    assert student_is_current(run, base)
+
+
 # ----------------------------------------------------------------------------- deployments
 
 
