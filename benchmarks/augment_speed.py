@@ -72,15 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results = {
-        str(size): {level: measure(level, size, args.seconds, args.seed) for level in LEVELS} for size in SIZES
-    }
+    results = {str(size): {level: measure(level, size, args.seconds, args.seed) for level in LEVELS} for size in SIZES}
     report = {
         "benchmark": "augment_speed",
         "unit": "images/s on one core (torch.set_num_threads(1))",
-        "images_per_s": {
-            size: {lv: r["images_per_s"] for lv, r in cells.items()} for size, cells in results.items()
-        },
+        "images_per_s": {size: {lv: r["images_per_s"] for lv, r in cells.items()} for size, cells in results.items()},
         "detail": results,
         "sample": "4:3 image, long side = size; 5 boxes with labels and scores; uint8 mask",
         "torch": torch.__version__,

@@ -127,14 +127,27 @@ def write_config(root: Path, pattern: str, workers: int) -> RunConfig:
     from tasks.training import MODEL_FILE, save_model
 
     # The no-op family reads no labeled data; the COCO fields only satisfy the schema.
-    data = {"format": "coco", "unlabeled_shards": pattern, "image_size": 128,
-            **{k: str(root) for k in ("train_images", "train_annotations", "val_images", "val_annotations")}}
-    cfg = build_config({"family": "noop", "out_dir": str(root / "run"), "data": data,
-                        "pseudo": {"max_workers": workers, "batch_size": 1}})
+    data = {
+        "format": "coco",
+        "unlabeled_shards": pattern,
+        "image_size": 128,
+        **{k: str(root) for k in ("train_images", "train_annotations", "val_images", "val_annotations")},
+    }
+    cfg = build_config(
+        {
+            "family": "noop",
+            "out_dir": str(root / "run"),
+            "data": data,
+            "pseudo": {"max_workers": workers, "batch_size": 1},
+        }
+    )
     stage = RunDir(cfg.out_dir).stage(0, "teacher")
     path = save_model(stage / MODEL_FILE, "noop", cfg.model, nn.Identity())
-    write_manifest(stage, teacher_inputs(cfg), {"files": [MODEL_FILE], "checkpoint": str(path),
-                                                "digest": file_digest(path), "metrics": {}, "metric": "none"})
+    write_manifest(
+        stage,
+        teacher_inputs(cfg),
+        {"files": [MODEL_FILE], "checkpoint": str(path), "digest": file_digest(path), "metrics": {}, "metric": "none"},
+    )
     (root / "config.yaml").write_text(dump_config(cfg))
     return cfg
 
@@ -188,8 +201,16 @@ def child(mode: str, root: Path, workers: int) -> dict:
         out = root / "bare"
         t0 = time.perf_counter()
         for i, shard in enumerate(shards):
-            labeling.label_shard(family, model, str(shard), *labeling.sidecar_paths(out, i),
-                                 cfg.data.image_size, cfg.pseudo, 1, key=f"bare-{i}")
+            labeling.label_shard(
+                family,
+                model,
+                str(shard),
+                *labeling.sidecar_paths(out, i),
+                cfg.data.image_size,
+                cfg.pseudo,
+                1,
+                key=f"bare-{i}",
+            )
         return {"bare_s": round(time.perf_counter() - t0, 2), "peak_rss_mib": peak_rss_mib()}
 
     cfg = cfg.model_copy(update={"out_dir": str(root / f"run-{mode}")})
@@ -208,8 +229,9 @@ def child(mode: str, root: Path, workers: int) -> dict:
 
     t0 = time.perf_counter()
     rule = cfg.pseudo.model_copy(update={"runner": "dask"})
-    with LocalCluster(**local_cluster_kwargs(rule, cfg.device), preload=[str(Path(__file__).resolve())],
-                      dashboard_address=":0") as cluster:
+    with LocalCluster(
+        **local_cluster_kwargs(rule, cfg.device), preload=[str(Path(__file__).resolve())], dashboard_address=":0"
+    ) as cluster:
         started_s = time.perf_counter() - t0
         with Client(cluster) as client:
             client.run(_import, "tasks.units")  # what each worker imports for its first task
@@ -217,8 +239,13 @@ def child(mode: str, root: Path, workers: int) -> dict:
             rule = rule.model_copy(update={"dask_address": cluster.scheduler_address})
             res = _timed_flow(cfg.model_copy(update={"pseudo": rule}), DaskTaskRunner)
             workers_rss = client.run(peak_rss_mib)
-    return {**res, "cluster_start_s": round(started_s, 2), "cluster_start_and_imports_s": round(warm_s, 2),
-            "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": sorted(workers_rss.values())}
+    return {
+        **res,
+        "cluster_start_s": round(started_s, 2),
+        "cluster_start_and_imports_s": round(warm_s, 2),
+        "peak_rss_mib": peak_rss_mib(),
+        "worker_peak_rss_mib": sorted(workers_rss.values()),
+    }
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -235,8 +262,12 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     prefect = Path(sys.executable).with_name("prefect")
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 300
     while True:
@@ -254,8 +285,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2, help="threads / Dask worker processes")
-    parser.add_argument("--runners", nargs="+", default=["bare", "thread", "dask"],
-                        choices=["bare", "thread", "dask"])
+    parser.add_argument("--runners", nargs="+", default=["bare", "thread", "dask"], choices=["bare", "thread", "dask"])
     parser.add_argument("--child", choices=["bare", "thread", "dask"], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,8 +299,13 @@ def main() -> int:
         write_config(root, write_world(root, args.shards), args.workers)
         world_s = time.perf_counter() - t0
         server, url = start_prefect_server(root / "prefect-home")
-        env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(root / "prefect-home"),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": url,
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
         results = {}
         try:
             for mode in args.runners:
@@ -288,19 +323,24 @@ def main() -> int:
             r = results[mode]
             r["overhead_per_task_s"] = round((r["flow_s"] - bare_s) / n, 4)
             r["wall_per_shard_s"] = round(r["flow_s"] / n, 4)
-    print(json.dumps({
-        "benchmark": "dask_noop_labeling",
-        "shards": n,
-        "images_per_shard": 1,
-        "workers": args.workers,
-        "bare_s": bare_s,
-        "bare_per_shard_s": round(bare_s / n, 4) if bare_s is not None else None,
-        "runners": {m: r for m, r in results.items() if m != "bare"},
-        "bare_peak_rss_mib": results.get("bare", {}).get("peak_rss_mib"),
-        "world_write_s": round(world_s, 1),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "dask_noop_labeling",
+                "shards": n,
+                "images_per_shard": 1,
+                "workers": args.workers,
+                "bare_s": bare_s,
+                "bare_per_shard_s": round(bare_s / n, 4) if bare_s is not None else None,
+                "runners": {m: r for m, r in results.items() if m != "bare"},
+                "bare_peak_rss_mib": results.get("bare", {}).get("peak_rss_mib"),
+                "world_write_s": round(world_s, 1),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -79,7 +79,8 @@ def main() -> int:
         for seed, (proc, t0) in list(running.items()):
             if proc.poll() is not None:
                 if proc.returncode:
-                    raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {Path(args.out) / f'seed-{seed}' / 'demo.log'}")
+                    log = Path(args.out) / f"seed-{seed}" / "demo.log"
+                    raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {log}")
                 walls[seed] = time.perf_counter() - t0
                 wall = Path(args.out) / f"seed-{seed}" / "wall.json"
                 wall.write_text(json.dumps({"wall_s": round(walls[seed], 1), "jobs": args.jobs}) + "\n")
@@ -95,27 +96,38 @@ def main() -> int:
         r = summary["rounds"][0]
         t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
         rows.append(
-            {"seed": seed, f"teacher_{metric}": round(t, 2), f"student_{metric}": round(s, 2),
-             "gain": round(s - t, 2), "pseudo_kept": r["pseudo"]["kept"],
-             "pseudo_labels": r["pseudo"]["labels"], "wall_s": round(wall, 1),
-             "reference_steps": round(wall / ref) if ref else None}
+            {
+                "seed": seed,
+                f"teacher_{metric}": round(t, 2),
+                f"student_{metric}": round(s, 2),
+                "gain": round(s - t, 2),
+                "pseudo_kept": r["pseudo"]["kept"],
+                "pseudo_labels": r["pseudo"]["labels"],
+                "wall_s": round(wall, 1),
+                "reference_steps": round(wall / ref) if ref else None,
+            }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gains = [r["gain"] for r in rows]
-    print(json.dumps({
-        "benchmark": "demo_seeds",
-        "metric": metric,
-        "runs": rows,
-        "mean_gain": round(statistics.mean(gains), 2),
-        "min_gain": min(gains),
-        "mean_wall_s": round(statistics.mean(r["wall_s"] for r in rows), 1),
-        # measured before the first and after the last seed; their mean converts wall times
-        "reference_step_s": [round(x, 3) for x in reference],
-        "mean_reference_steps": round(statistics.mean(r["wall_s"] for r in rows) / ref) if ref else None,
-        "overrides": args.overrides,
-        "jobs": args.jobs,
-        "threads": args.threads,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "demo_seeds",
+                "metric": metric,
+                "runs": rows,
+                "mean_gain": round(statistics.mean(gains), 2),
+                "min_gain": min(gains),
+                "mean_wall_s": round(statistics.mean(r["wall_s"] for r in rows), 1),
+                # measured before the first and after the last seed; their mean converts wall times
+                "reference_step_s": [round(x, 3) for x in reference],
+                "mean_reference_steps": round(statistics.mean(r["wall_s"] for r in rows) / ref) if ref else None,
+                "overrides": args.overrides,
+                "jobs": args.jobs,
+                "threads": args.threads,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -160,8 +160,7 @@ CASES = (
     ),
     Case(
         "listening on loopback",
-        "the temporary server, training rendezvous and the labeling LocalCluster (dashboards too) bind "
-        "127.0.0.1 only",
+        "the temporary server, training rendezvous and the labeling LocalCluster (dashboards too) bind 127.0.0.1 only",
         (
             "tests/test_interrupt.py::test_run_listens_on_loopback_only",
             "tests/test_security.py::test_labeling_cluster_listens_on_loopback_only",

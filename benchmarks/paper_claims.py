@@ -41,7 +41,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -298,8 +298,13 @@ def plot_claim(key: str, claim: dict, metric: str, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for part, colour in (("teacher", "tab:gray"), ("student", "tab:blue")):
         ax.errorbar(
-            list(x), [r[part]["mean"] for r in rows], yerr=[r[part]["std"] for r in rows],
-            marker="o", capsize=3, color=colour, label=part,
+            list(x),
+            [r[part]["mean"] for r in rows],
+            yerr=[r[part]["std"] for r in rows],
+            marker="o",
+            capsize=3,
+            color=colour,
+            label=part,
         )
     ax.set_xticks(list(x), labels)
     ax.set_ylabel(f"val {metric} (mean ± std over seeds)")
@@ -329,9 +334,8 @@ def report_markdown(result: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for r in claim["rows"]:
-            lines.append(
-                f"| {r['value']} | {_pm(r['teacher'])} | {_pm(r['student'])} | {_pm(r['gain'])} | {r['kept']['mean']:.0f} |"
-            )
+            cols = [r["value"], _pm(r["teacher"]), _pm(r["student"]), _pm(r["gain"]), f"{r['kept']['mean']:.0f}"]
+            lines.append("| " + " | ".join(str(c) for c in cols) + " |")
         if key == "b":
             lines += ["", "Mean step-to-step change of the loss over the second half of training:", ""]
             for r in claim["rows"]:
@@ -349,8 +353,11 @@ def run_seed(root: Path, seed: int, cells: list[Cell], scale: dict, family: str,
     for cell in cells:
         res = run_cell(root, seed, cell, scale, family, base_level)
         out[cell.name] = res
-        print(json.dumps({"seed": seed, "cell": cell.name, **res["rounds"][-1], "s": res["seconds"]}),
-              file=sys.stderr, flush=True)
+        print(
+            json.dumps({"seed": seed, "cell": cell.name, **res["rounds"][-1], "s": res["seconds"]}),
+            file=sys.stderr,
+            flush=True,
+        )
     (root / f"seed-{seed}" / "results.json").write_text(json.dumps(out) + "\n")
     return out
 
@@ -365,8 +372,21 @@ def _seed_subprocesses(args, seeds: list[int]) -> None:
             seed = pending.pop(0)
             seed_dir = Path(args.out) / f"seed-{seed}"
             seed_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "--seeds", str(seed), "--claims", *args.claims, "--scale", args.scale,
-                   "--family", args.family, "--out", args.out, "--seed-only"]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--seeds",
+                str(seed),
+                "--claims",
+                *args.claims,
+                "--scale",
+                args.scale,
+                "--family",
+                args.family,
+                "--out",
+                args.out,
+                "--seed-only",
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str((seed_dir / "prefect-home").resolve())}
             log = open(seed_dir / "claims.log", "w")
             running[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -374,7 +394,9 @@ def _seed_subprocesses(args, seeds: list[int]) -> None:
         for seed, proc in list(running.items()):
             if proc.poll() is not None:
                 if proc.returncode:
-                    raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {args.out}/seed-{seed}/claims.log")
+                    raise SystemExit(
+                        f"seed {seed} failed (exit {proc.returncode}); see {args.out}/seed-{seed}/claims.log"
+                    )
                 del running[seed]
 
 
@@ -421,14 +443,18 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
         "metric": metric,
         "claims": claims,
-        "cells": {name: {str(s): {k: v for k, v in r.items() if k != "loss_curve"} for s, r in per.items()}
-                  for name, per in results.items()},
+        "cells": {
+            name: {str(s): {k: v for k, v in r.items() if k != "loss_curve"} for s, r in per.items()}
+            for name, per in results.items()
+        },
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     (root / "claims.json").write_text(json.dumps(result, indent=2) + "\n")
     (root / "report.md").write_text(report_markdown(result))
-    summary = {k: {"holds": c["holds"], "rows": [{"value": r["value"], "gain": r["gain"]["mean"]} for r in c["rows"]]}
-               for k, c in claims.items()}
+    summary = {
+        k: {"holds": c["holds"], "rows": [{"value": r["value"], "gain": r["gain"]["mean"]} for r in c["rows"]]}
+        for k, c in claims.items()
+    }
     print(json.dumps({"benchmark": "paper_claims", "out": str(root), "claims": summary}, indent=2))
     return 0
 

@@ -62,7 +62,9 @@ def main() -> int:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--head-norm", default="group", choices=["none", "batch", "group"])
     p.add_argument("--augment", default="S1", help="S1-S4, or none")
-    p.add_argument("--fixed", type=int, default=0, help="train and evaluate on the first N train images, no augmentation")
+    p.add_argument(
+        "--fixed", type=int, default=0, help="train and evaluate on the first N train images, no augmentation"
+    )
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -73,8 +75,12 @@ def main() -> int:
     data = DataConfig(format="voc", voc_root=args.voc_root, voc_classes=args.classes, image_size=128)
     model = family.build_model(
         ModelConfig(
-            backbone="tf_efficientnet_b0", neck=args.neck, nasfpn_repeats=args.repeats,
-            neck_channels=args.channels, head_norm=args.head_norm, num_classes=len(args.classes),
+            backbone="tf_efficientnet_b0",
+            neck=args.neck,
+            nasfpn_repeats=args.repeats,
+            neck_channels=args.channels,
+            head_norm=args.head_norm,
+            num_classes=len(args.classes),
         )
     )
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup)

@@ -43,8 +43,14 @@ def step_time(name: str, neck: str, channels: int, repeats: int, n: int, steps: 
     """Mean seconds of one bare training step (after two warm-up steps)."""
     torch.manual_seed(0)
     family = FAMILIES[name]
-    cfg = ModelConfig(backbone="tf_efficientnet_b0", neck=neck, neck_channels=channels,
-                      nasfpn_repeats=repeats, head_norm="group", num_classes=4 if name == "segmentation" else 3)
+    cfg = ModelConfig(
+        backbone="tf_efficientnet_b0",
+        neck=neck,
+        neck_channels=channels,
+        nasfpn_repeats=repeats,
+        head_norm="group",
+        num_classes=4 if name == "segmentation" else 3,
+    )
     model = family.build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     b = batch(name, n)
@@ -71,8 +77,16 @@ def main() -> int:
     rows = []
     for name, neck, channels, repeats, n in [REFERENCE] if args.reference else CASES:
         s = step_time(name, neck, channels, repeats, n, args.steps)
-        rows.append({"family": name, "neck": neck, "channels": channels, "repeats": repeats, "batch": n,
-                     "s_per_step": round(s, 3)})
+        rows.append(
+            {
+                "family": name,
+                "neck": neck,
+                "channels": channels,
+                "repeats": repeats,
+                "batch": n,
+                "s_per_step": round(s, 3),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "train_step_time", "threads": torch.get_num_threads(), "runs": rows}, indent=2))
     return 0

@@ -73,9 +73,7 @@ class DataConfig(_Config):
     voc_classes: tuple[str, ...] | None = Field(
         None, description="class names in label order, background first; None: the 21 VOC classes"
     )
-    labeled_limit: int | None = Field(
-        None, ge=1, description="use only the first N labeled images (a label fraction)"
-    )
+    labeled_limit: int | None = Field(None, ge=1, description="use only the first N labeled images (a label fraction)")
     unlabeled_shards: str = run_setting(
         "",
         description="webdataset image shards, brace pattern such as pool-{000000..000012}.tar "
@@ -248,9 +246,7 @@ class RunConfig(_Config):
         # A family added at run time (a benchmark's no-op family) has no known format.
         want = FAMILY_DATA_FORMATS.get(self.family)
         if want is not None and self.data.format != want:
-            raise ValueError(
-                f"family={self.family!r} reads data.format={want!r}, but data.format={self.data.format!r}"
-            )
+            raise ValueError(f"family={self.family!r} reads data.format={want!r}, but data.format={self.data.format!r}")
         return self
 
     @property

@@ -69,9 +69,22 @@ POLICIES = {"S2": POLICY_V0, "S3": POLICY_V0}
 RANDAUGMENT_N = 2  # ops per image
 RANDAUGMENT_M = 10  # magnitude, 0-10
 RANDAUGMENT_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
-    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
-    "Cutout", "SolarizeAdd",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Cutout",
+    "SolarizeAdd",
 )
 
 
@@ -89,9 +102,7 @@ def resize(image: torch.Tensor, target: dict, scale: float) -> tuple[torch.Tenso
         sx, sy = nw / w, nh / h
         out["boxes_xyxy"] = target["boxes_xyxy"] * torch.tensor([sx, sy, sx, sy])
     if "mask" in target:
-        out["mask"] = TF.resize(
-            target["mask"][None], [nh, nw], interpolation=InterpolationMode.NEAREST_EXACT
-        )[0]
+        out["mask"] = TF.resize(target["mask"][None], [nh, nw], interpolation=InterpolationMode.NEAREST_EXACT)[0]
     return image, out
 
 
@@ -106,9 +117,7 @@ def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), out
 
 
-def crop_pad(
-    image: torch.Tensor, target: dict, top: int, left: int, size: int
-) -> tuple[torch.Tensor, dict]:
+def crop_pad(image: torch.Tensor, target: dict, top: int, left: int, size: int) -> tuple[torch.Tensor, dict]:
     """Take the `size` x `size` window at (top, left), padding past the image edge.
 
     Boxes are shifted and clipped; a box left with less than MIN_VISIBLE of its area
@@ -244,8 +253,14 @@ class Augment:
         self, image: torch.Tensor, target: dict, size: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict]:
         return apply_level(
-            image, target, self.level, size, generator, scale_range=self.scale_range,
-            randaugment_n=self.randaugment_n, randaugment_m=self.randaugment_m,
+            image,
+            target,
+            self.level,
+            size,
+            generator,
+            scale_range=self.scale_range,
+            randaugment_n=self.randaugment_n,
+            randaugment_m=self.randaugment_m,
         )
 
 

@@ -31,7 +31,7 @@ Geometry. Coordinates are continuous pixels: pixel (i, j) covers [j, j+1] x [i, 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +83,29 @@ def random_sign(generator: torch.Generator | None) -> float:
 
 # op name -> the kind of parameter it takes
 _KIND = {
-    "Rotate_BBox": "rotate", "Rotate": "rotate",
-    "ShearX_BBox": "shear", "ShearY_BBox": "shear", "ShearX": "shear", "ShearY": "shear",
-    "TranslateX_BBox": "translate", "TranslateY_BBox": "translate",
-    "TranslateX": "translate", "TranslateY": "translate",
-    "TranslateX_Only_BBoxes": "translate_bbox", "TranslateY_Only_BBoxes": "translate_bbox",
+    "Rotate_BBox": "rotate",
+    "Rotate": "rotate",
+    "ShearX_BBox": "shear",
+    "ShearY_BBox": "shear",
+    "ShearX": "shear",
+    "ShearY": "shear",
+    "TranslateX_BBox": "translate",
+    "TranslateY_BBox": "translate",
+    "TranslateX": "translate",
+    "TranslateY": "translate",
+    "TranslateX_Only_BBoxes": "translate_bbox",
+    "TranslateY_Only_BBoxes": "translate_bbox",
     "Cutout": "cutout",
-    "Color": "enhance", "Contrast": "enhance", "Brightness": "enhance", "Sharpness": "enhance",
-    "Posterize": "posterize", "Solarize": "solarize", "SolarizeAdd": "solarize_add",
-    "AutoContrast": None, "Equalize": None, "Invert": None,
+    "Color": "enhance",
+    "Contrast": "enhance",
+    "Brightness": "enhance",
+    "Sharpness": "enhance",
+    "Posterize": "posterize",
+    "Solarize": "solarize",
+    "SolarizeAdd": "solarize_add",
+    "AutoContrast": None,
+    "Equalize": None,
+    "Invert": None,
 }
 
 
@@ -198,9 +212,7 @@ def warp_affine(image: torch.Tensor, target: dict, matrix: torch.Tensor) -> tupl
     theta = (norm @ torch.linalg.inv(m) @ torch.linalg.inv(norm))[:2].to(torch.float32)
     grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
     # Sampling (x - fill) with zero padding gives `fill` outside, blended at the edges.
-    img = F.grid_sample(
-        image[None].float() - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    img = F.grid_sample(image[None].float() - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     img = (img[0] + FILL).round_().clamp_(0, 255).to(image.dtype)
     out = dict(target)
     if "mask" in target:
@@ -390,8 +402,16 @@ OPS: dict[str, Op] = {
 
 # Ops that move pixels (and so boxes and masks); the rest leave the geometry alone.
 GEOMETRIC_OPS = (
-    "TranslateX_BBox", "TranslateY_BBox", "ShearX_BBox", "ShearY_BBox", "Rotate_BBox",
-    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "TranslateX_BBox",
+    "TranslateY_BBox",
+    "ShearX_BBox",
+    "ShearY_BBox",
+    "Rotate_BBox",
+    "Rotate",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
 )
 # Ops that act inside each box with a per-box probability (they take `prob=`).
 ONLY_BBOXES_OPS = ("TranslateX_Only_BBoxes", "TranslateY_Only_BBoxes")

@@ -49,10 +49,14 @@ def _check_dataset(dataset, path: Path) -> None:
         raise CocoFormatError(f"{path}: the top level is a {type(dataset).__name__}, not a COCO mapping")
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
-            raise CocoFormatError(f"{path}: no list {key!r} at the top level (COCO needs images, annotations, "
-                                  "categories)")
-    for key, required in (("images", ("id", "file_name")), ("categories", ("id", "name")),
-                          ("annotations", ("id", "image_id", "category_id", "bbox"))):
+            raise CocoFormatError(
+                f"{path}: no list {key!r} at the top level (COCO needs images, annotations, categories)"
+            )
+    for key, required in (
+        ("images", ("id", "file_name")),
+        ("categories", ("id", "name")),
+        ("annotations", ("id", "image_id", "category_id", "bbox")),
+    ):
         for i, entry in enumerate(dataset[key]):
             lacking = [k for k in required if not isinstance(entry, dict) or k not in entry]
             if lacking:
@@ -67,8 +71,9 @@ def _check_dataset(dataset, path: Path) -> None:
                 f"(its ids: {_ids(cat_ids)})"
             )
         if ann["image_id"] not in image_ids:
-            raise CocoFormatError(f"{path}: annotation id {ann['id']} has image_id {ann['image_id']!r}, which "
-                                  "'images' does not list")
+            raise CocoFormatError(
+                f"{path}: annotation id {ann['id']} has image_id {ann['image_id']!r}, which 'images' does not list"
+            )
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise CocoFormatError(f"{path}: {where} has bbox {bbox!r}; a bbox is 4 numbers [x, y, width, height]")

@@ -13,8 +13,22 @@ from data.augment import IGNORE
 
 PADDING = 2  # pixels between grid cells
 PALETTE = [
-    "red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "purple", "springgreen",
-    "deepskyblue", "gold", "deeppink", "chartreuse", "tomato", "orchid", "turquoise",
+    "red",
+    "lime",
+    "blue",
+    "yellow",
+    "cyan",
+    "magenta",
+    "orange",
+    "purple",
+    "springgreen",
+    "deepskyblue",
+    "gold",
+    "deeppink",
+    "chartreuse",
+    "tomato",
+    "orchid",
+    "turquoise",
 ]
 
 

@@ -124,15 +124,11 @@ class DetectionFamily:
         candidates scoring >= the rule's threshold, and `to_pseudo_label` applies the
         threshold, NMS, the per-class cap and `max_boxes`, once each.
         """
-        preds = self._detect(
-            model, images, image_size, partial(model.candidates, min_score=rule.score_threshold)
-        )
+        preds = self._detect(model, images, image_size, partial(model.candidates, min_score=rule.score_threshold))
         return [self.to_pseudo_label(p, rule) for p in preds]
 
     def to_pseudo_label(self, prediction: dict, rule: PseudoLabelConfig) -> dict | None:
-        return pseudo.select_boxes(
-            prediction, rule.score_threshold, rule.nms_iou, rule.max_boxes, rule.per_class_cap
-        )
+        return pseudo.select_boxes(prediction, rule.score_threshold, rule.nms_iou, rule.max_boxes, rule.per_class_cap)
 
     def encode(self, label: dict) -> bytes:
         return pseudo.encode(label)

@@ -286,7 +286,7 @@ def build_neck(
     separable: bool = False,
     norm: str = "none",
 ) -> nn.Module:
-    """"fpn" (uses `norm`) or "nasfpn" (uses `num_repeats`, `separable`; always BatchNorm)."""
+    """ "fpn" (uses `norm`) or "nasfpn" (uses `num_repeats`, `separable`; always BatchNorm)."""
     match kind:
         case "fpn":
             return FPN(in_channels, out_channels, norm=norm)

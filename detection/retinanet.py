@@ -136,8 +136,7 @@ class RetinaNet(nn.Module):
         self.size_divisibility = neck.size_divisibility
         self.strides = dict(neck.strides)
         self._cell = {
-            lvl: cell_anchors(anchor_scale * self.strides[lvl], scales_per_octave, aspect_ratios)
-            for lvl in LEVELS
+            lvl: cell_anchors(anchor_scale * self.strides[lvl], scales_per_octave, aspect_ratios) for lvl in LEVELS
         }
         num_anchors = scales_per_octave * len(aspect_ratios)
         self.head = build_head(head_norm, neck.out_channels, num_anchors, num_classes)
@@ -168,9 +167,7 @@ class RetinaNet(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         h, w = images.shape[-2:]
         if h % self.size_divisibility or w % self.size_divisibility:
-            raise ValueError(
-                f"input {h}x{w} is not a multiple of {self.size_divisibility}; pad it (data.augment)"
-            )
+            raise ValueError(f"input {h}x{w} is not a multiple of {self.size_divisibility}; pad it (data.augment)")
         x = (images.float() - self.mean) / self.std
         features = self.neck(self.backbone(x))
         maps = [self.dropout(features[lvl]) for lvl in LEVELS]

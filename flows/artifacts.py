@@ -24,9 +24,7 @@ class LabelingProgress:
     finishes: one API call per shard would cost more than a small shard's labeling.
     """
 
-    def __init__(
-        self, round_index: int, num_shards: int, finished: Sequence[dict] = (), min_interval_s: float = 1.0
-    ):
+    def __init__(self, round_index: int, num_shards: int, finished: Sequence[dict] = (), min_interval_s: float = 1.0):
         """`finished`: stats of the shards an earlier, interrupted run labeled."""
         self.total, self.done, self.images = num_shards, len(finished), sum(s["images"] for s in finished)
         self.min_interval_s = min_interval_s

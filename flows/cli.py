@@ -31,7 +31,11 @@ SUPERVISED = ("demo", "run", "stage")
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set student.alpha=2 (repeatable)",
     )
 
@@ -46,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     demo.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     demo.add_argument(
-        "--family", default="detection", choices=["detection", "segmentation"],
+        "--family",
+        default="detection",
+        choices=["detection", "segmentation"],
         help="detection (COCO boxes, AP) or segmentation (VOC class maps, mIoU)",
     )
     _add_set(demo)
@@ -96,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("out", metavar="OUT.png")
     preview.add_argument("--level", default="S3", choices=list(get_args(AugmentLevel)))
     preview.add_argument("--n", type=int, default=16, help="number of samples in the grid")
-    preview.add_argument(
-        "--config", default=None, help="YAML file or preset name (default: the embedded demo world)"
-    )
+    preview.add_argument("--config", default=None, help="YAML file or preset name (default: the embedded demo world)")
     preview.add_argument("--seed", type=int, default=0, help="sample order and augmentation seed")
     _add_set(preview)
     return parser

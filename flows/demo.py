@@ -44,9 +44,7 @@ WORLD_SPECS = {
         noise_std=8.0,
         min_contrast=60.0,
     ),
-    "segmentation": WorldSpec(
-        object_size=(32.0, 72.0), aspect=(1.0, 1.0), rotate=False, distractors_per_image=(0, 1)
-    ),
+    "segmentation": WorldSpec(object_size=(32.0, 72.0), aspect=(1.0, 1.0), rotate=False, distractors_per_image=(0, 1)),
 }
 
 

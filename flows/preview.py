@@ -19,9 +19,8 @@ from configs import RunConfig, load_config
 from data.augment import apply_level
 from data.preview import grid_pixels, grid_shape, render, save_grid  # noqa: F401 (re-exported)
 
-def preview_config(
-    cfg: RunConfig, out: str | Path, level: str = "S3", n: int = 16, seed: int = 0
-) -> dict:
+
+def preview_config(cfg: RunConfig, out: str | Path, level: str = "S3", n: int = 16, seed: int = 0) -> dict:
     """Write the grid of `n` samples of `cfg`'s labeled train set augmented at `level`."""
     from tasks.families import get_family
 
@@ -42,8 +41,15 @@ def preview_config(
         tiles.append(render(image, target, class_names))
     width, height = save_grid(tiles, out)
     rows, cols = grid_shape(n)
-    return {"path": str(out), "level": level, "images": n, "grid": [rows, cols],
-            "width": width, "height": height, "image_size": size}
+    return {
+        "path": str(out),
+        "level": level,
+        "images": n,
+        "grid": [rows, cols],
+        "width": width,
+        "height": height,
+        "image_size": size,
+    }
 
 
 def preview(

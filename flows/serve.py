@@ -55,7 +55,8 @@ def _annotation(a) -> str:
 
 def _signature(fn) -> str:
     return ", ".join(
-        p.name + (f": {_annotation(p.annotation)}" if p.annotation is not p.empty else "")
+        p.name
+        + (f": {_annotation(p.annotation)}" if p.annotation is not p.empty else "")
         + (f" = {p.default!r}" if p.default is not p.empty else "")
         for p in inspect.signature(fn).parameters.values()
     )

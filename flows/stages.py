@@ -209,7 +209,8 @@ def _flow_api(rule: PseudoLabelConfig, logger):
     if rule.runner == "dask" and rule.dask_address:
         logger.warning(
             "no PREFECT_API_URL: the flow runs on a temporary server at %s, which Dask workers on other "
-            "hosts cannot reach; set PREFECT_API_URL to a Prefect server they can reach", url,
+            "hosts cannot reach; set PREFECT_API_URL to a Prefect server they can reach",
+            url,
         )
     return temporary_settings({PREFECT_API_URL: url})
 
@@ -242,7 +243,8 @@ def _started(runner, rule: PseudoLabelConfig, device: str, logger):
                 logger.warning(
                     "no worker of the Dask scheduler at %s offers the resources %s yet; the labeling tasks "
                     "wait for one (start workers with `dask worker ADDRESS --nthreads 1 --resources GPU=1`)",
-                    rule.dask_address, need,
+                    rule.dask_address,
+                    need,
                 )
         yield runner
 
@@ -282,8 +284,12 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         else:
             todo.append(i)
     if per_shard:
-        logger.info("%d of %d shards were labeled by an earlier run; labeling the other %d",
-                    len(per_shard), len(shards), len(todo))
+        logger.info(
+            "%d of %d shards were labeled by an earlier run; labeling the other %d",
+            len(per_shard),
+            len(shards),
+            len(todo),
+        )
     progress = artifacts.LabelingProgress(round_index, len(shards), finished=per_shard)
     if todo:
         runner = _task_runner(cfg.pseudo, cfg.device)
@@ -332,8 +338,13 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     }
     logger.info(
         "round %d: %d images labeled, %d kept, %d labels, %d corrupt, %d broken shard(s) (%d records cut off)",
-        round_index, total["images"], total["kept"], total["labels"], total["corrupt"],
-        total["broken_shards"], total["lost_records"],
+        round_index,
+        total["images"],
+        total["kept"],
+        total["labels"],
+        total["corrupt"],
+        total["broken_shards"],
+        total["lost_records"],
     )
     return finish(stage, inputs, outputs)
 
@@ -404,8 +415,12 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
                 "round": r,
                 "teacher_metrics": teacher["metrics"],
                 "student_metrics": student["metrics"],
-                "pseudo": {"images": stats["images"], "kept": stats["kept"], "labels": stats["labels"],
-                           "corrupt": stats["corrupt"]},
+                "pseudo": {
+                    "images": stats["images"],
+                    "kept": stats["kept"],
+                    "labels": stats["labels"],
+                    "corrupt": stats["corrupt"],
+                },
             }
         )
         artifacts.metrics_table(rounds, family.metric)

@@ -104,8 +104,11 @@ def supervise(argv: list[str]) -> int:
         )
         return 128 + (got[0] if got else rc - 128)
     if rc < 0:
-        print(f"noisy-student: the run was killed ({signal.Signals(-rc).name}); rerun the same command to resume",
-              file=sys.stderr, flush=True)
+        print(
+            f"noisy-student: the run was killed ({signal.Signals(-rc).name}); rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 - rc
     return rc
 
@@ -128,7 +131,9 @@ def enter_run() -> None:
         os._exit(128 + signal.SIGKILL)
     _reaper = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     signal.signal(signal.SIGINT, _on_interrupt)
     try:

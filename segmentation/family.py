@@ -76,16 +76,18 @@ class SegmentationFamily:
 
     # ------------------------------------------------------------------ data
 
-    def labeled_dataset(
-        self, data: DataConfig, split: str, augment_level: str | Augment | None
-    ) -> VOCSegmentation:
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> VOCSegmentation:
         if data.format != "voc":
             raise ValueError(f"segmentation reads data.format='voc', got {data.format!r}")
         common = dict(size=data.image_size, num_classes=self.num_classes(data))
         if split == "train":
             return VOCSegmentation(
-                data.voc_root, data.voc_train_split, augment_level, limit=data.labeled_limit,
-                masks=data.voc_train_masks, **common,
+                data.voc_root,
+                data.voc_train_split,
+                augment_level,
+                limit=data.labeled_limit,
+                masks=data.voc_train_masks,
+                **common,
             )
         if split == "val":
             return VOCSegmentation(data.voc_root, data.voc_val_split, augment_level, **common)

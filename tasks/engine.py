@@ -50,8 +50,17 @@ class TrainingDiverged(FloatingPointError, distributed.RankError):
     parts; `checkpoint_step` is the step of the last good checkpoint (None: none was
     written); `setting` is the config path of the learning rate, for the advice."""
 
-    def __init__(self, what: str, step: int, steps: int, logs: dict, lr: float, stage_dir: str,
-                 checkpoint_step: int | None, setting: str = "lr"):
+    def __init__(
+        self,
+        what: str,
+        step: int,
+        steps: int,
+        logs: dict,
+        lr: float,
+        stage_dir: str,
+        checkpoint_step: int | None,
+        setting: str = "lr",
+    ):
         self.what, self.step, self.steps, self.logs, self.lr = what, step, steps, dict(logs), lr
         self.stage_dir, self.checkpoint_step, self.setting = str(stage_dir), checkpoint_step, setting
         super().__init__(what, step)
@@ -60,15 +69,25 @@ class TrainingDiverged(FloatingPointError, distributed.RankError):
         parts = ", ".join(f"{k}={v:.4g}" for k, v in self.logs.items())
         lower = f"rerun with a lower learning rate (e.g. --set {self.setting}={self.lr / 2:.3g})"
         if self.checkpoint_step:
-            then = (f"the last good checkpoint (step {self.checkpoint_step}) is kept in "
-                    f"{Path(self.stage_dir) / CHECKPOINT}: {lower} to resume from it")
+            then = (
+                f"the last good checkpoint (step {self.checkpoint_step}) is kept in "
+                f"{Path(self.stage_dir) / CHECKPOINT}: {lower} to resume from it"
+            )
         else:
             then = f"no checkpoint was written before it: {lower} to start again"
         return f"{self.what} is not finite at step {self.step}/{self.steps} ({parts}) with lr={self.lr:g}; {then}"
 
     def __reduce__(self):
-        return type(self), (self.what, self.step, self.steps, self.logs, self.lr, self.stage_dir,
-                            self.checkpoint_step, self.setting)
+        return type(self), (
+            self.what,
+            self.step,
+            self.steps,
+            self.logs,
+            self.lr,
+            self.stage_dir,
+            self.checkpoint_step,
+            self.setting,
+        )
 
 
 def _diverged_run_resumes(stage_dir: Path, state: dict, resume_key: str | None) -> bool:
@@ -230,8 +249,10 @@ def fit(
             if state.get("key") == key:
                 log(f"resuming from {ckpt_path} at step {start}/{cfg.steps}")
             else:
-                log(f"resuming from {ckpt_path} at step {start}/{cfg.steps}, the last good checkpoint of a run "
-                    f"that diverged with lr={state.get('lr')}; now lr={cfg.lr:g}")
+                log(
+                    f"resuming from {ckpt_path} at step {start}/{cfg.steps}, the last good checkpoint of a run "
+                    f"that diverged with lr={state.get('lr')}; now lr={cfg.lr:g}"
+                )
         else:
             log(f"ignoring {ckpt_path}: it belongs to other inputs")
 
@@ -253,9 +274,17 @@ def fit(
                 _keep_diverged_checkpoint(ckpt_path)
             atomic_write_json(
                 stage_dir / DIVERGED,
-                {"key": key, "resume_key": resume_key, "what": what, "step": step, "steps": cfg.steps,
-                 "lr": cfg.lr, "logs": logs, "checkpoint_step": saved,
-                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                {
+                    "key": key,
+                    "resume_key": resume_key,
+                    "what": what,
+                    "step": step,
+                    "steps": cfg.steps,
+                    "lr": cfg.lr,
+                    "logs": logs,
+                    "checkpoint_step": saved,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
             )
         return TrainingDiverged(what, step, cfg.steps, logs, cfg.lr, str(stage_dir), saved)
 

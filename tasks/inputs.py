@@ -84,8 +84,11 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
             missing.append(("data.unlabeled_shards", s, "no such shard"))
         if len(absent) > SHARDS_NAMED:
             missing.append(
-                ("data.unlabeled_shards", f"{len(absent) - SHARDS_NAMED} more", f"{len(absent)} of {len(shards)} "
-                 "shards are missing")
+                (
+                    "data.unlabeled_shards",
+                    f"{len(absent) - SHARDS_NAMED} more",
+                    f"{len(absent)} of {len(shards)} shards are missing",
+                )
             )
     # one line per path, in the order found
     seen, unique = set(), []

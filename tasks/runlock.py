@@ -81,7 +81,10 @@ def _acquire(root: Path) -> int:
     if stale:
         logger.warning(
             "run directory %s: took over the lock of pid %s on host %s (started %s), which no longer runs",
-            root, stale.get("pid"), stale.get("host"), stale.get("started"),
+            root,
+            stale.get("pid"),
+            stale.get("host"),
+            stale.get("started"),
         )
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)

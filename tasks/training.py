@@ -108,7 +108,11 @@ def _write_model(stage_dir: str | Path, family_name: str, model_cfg: ModelConfig
 
 
 def train_teacher(
-    cfg: RunConfig, stage_dir: str | Path, key: str, log: Callable[[str], None] = print, on_step=None,
+    cfg: RunConfig,
+    stage_dir: str | Path,
+    key: str,
+    log: Callable[[str], None] = print,
+    on_step=None,
     resume_key: str | None = None,
 ) -> dict:
     """Supervised training on human labels on `cfg.teacher.processes` processes; writes model.pt."""
@@ -213,8 +217,14 @@ def _student_rank(
     def make_batches(start: int):
         seed = _seed(tcfg, start)
         pseudo = PseudoLabeledShards(
-            pseudo_pairs, family.decode, family.sidecar_ext, augmentation(tcfg), cfg.data.image_size, seed=seed,
-            rank=rank, world_size=ranks,
+            pseudo_pairs,
+            family.decode,
+            family.sidecar_ext,
+            augmentation(tcfg),
+            cfg.data.image_size,
+            seed=seed,
+            rank=rank,
+            world_size=ranks,
         )
         return mixed_batches(
             endless_loader(human, n_human, cfg.data.num_workers, seed, rank, ranks),

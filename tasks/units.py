@@ -82,7 +82,10 @@ def _worth_retrying(task, task_run, state) -> bool:
 # `distributed.scheduler.allowed-failures` times (3 by default), then fails it with
 # KilledWorker. Either way the next attempt starts by removing what the failed one left.
 @task(
-    name="label-shard", task_run_name="label-shard-{index:06d}", retries=2, retry_condition_fn=_worth_retrying,
+    name="label-shard",
+    task_run_name="label-shard-{index:06d}",
+    retries=2,
+    retry_condition_fn=_worth_retrying,
     **_TASK,
 )
 def label_shard(
@@ -107,6 +110,10 @@ def label_shard(
     )
     _logger().info(
         "shard %s: %d images, %d kept, %d labels, %d corrupt",
-        shard, stats["images"], stats["kept"], stats["labels"], stats["corrupt"],
+        shard,
+        stats["images"],
+        stats["kept"],
+        stats["labels"],
+        stats["corrupt"],
     )
     return stats

@@ -27,8 +27,9 @@ def small_world(tmp_path_factory):
     """A small embedded world: 8 train, 8 val, 16 unlabeled images in 2 shards."""
     from data.world import WorldSpec, write_world
 
-    return write_world(tmp_path_factory.mktemp("world"), WorldSpec(), seed=3, n_train=8, n_val=8,
-                       n_unlabeled=16, per_shard=8)
+    return write_world(
+        tmp_path_factory.mktemp("world"), WorldSpec(), seed=3, n_train=8, n_val=8, n_unlabeled=16, per_shard=8
+    )
 
 
 def tiny_model_config(**kw):

@@ -35,8 +35,13 @@ def write_teacher(cfg: RunConfig, seed: int = 0) -> Path:
                 p.fill_(CLASS_PRIOR_LOGIT)
     stage = RunDir(cfg.out_dir).stage(0, "teacher")
     path = save_model(stage / MODEL_FILE, cfg.family, cfg.model, model)
-    outputs = {"files": [MODEL_FILE], "checkpoint": str(path), "digest": file_digest(path), "metrics": {},
-               "metric": family.metric}
+    outputs = {
+        "files": [MODEL_FILE],
+        "checkpoint": str(path),
+        "digest": file_digest(path),
+        "metrics": {},
+        "metric": family.metric,
+    }
     write_manifest(stage, stages.teacher_inputs(cfg), outputs)
     return path
 
@@ -50,8 +55,9 @@ def labeling_config(
     """
     overrides = list(overrides)
     if n_unlabeled is not None:
-        pool = write_world(root / "pool", WorldSpec(), seed=1, n_train=0, n_val=0, n_unlabeled=n_unlabeled,
-                           per_shard=per_shard or 16)
+        pool = write_world(
+            root / "pool", WorldSpec(), seed=1, n_train=0, n_val=0, n_unlabeled=n_unlabeled, per_shard=per_shard or 16
+        )
         overrides.append(f"data.unlabeled_shards={pool.unlabeled_pattern}")
     cfg, _ = demo_config(root, seed=0, quick=True, overrides=overrides)
     write_teacher(cfg)

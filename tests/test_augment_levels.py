@@ -38,6 +38,7 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
+
 # mask value -> image grey level (ignore <-> the image fill value)
 SHADES = {0: 20, 1: 60, 2: 100, 3: 170, 4: 215, IGNORE: FILL}
 
@@ -203,8 +204,11 @@ def test_only_bboxes_ops_keep_image_and_mask_aligned():
 def test_rotation_drops_boxes_pushed_out_and_their_labels():
     # A box in the corner leaves the image under a 30 degree rotation of a wide image.
     image = torch.full((3, 64, 256), 50, dtype=torch.uint8)
-    target = {"boxes_xyxy": torch.tensor([[0.0, 0, 20, 20], [118, 22, 138, 42]]), "labels": torch.tensor([5, 6]),
-              "scores": torch.tensor([0.5, 0.6])}
+    target = {
+        "boxes_xyxy": torch.tensor([[0.0, 0, 20, 20], [118, 22, 138, 42]]),
+        "labels": torch.tensor([5, 6]),
+        "scores": torch.tensor([0.5, 0.6]),
+    }
     _, out = augment.OPS["Rotate_BBox"](image, target, 10, torch.Generator().manual_seed(0))
     assert out["labels"].tolist() == [6] and out["scores"].tolist() == [pytest.approx(0.6)]
 
@@ -250,8 +254,9 @@ def test_same_seed_same_output(level):
     image, target = painted_sample(3, h=96, w=160)
     outs = []
     for seed in (11, 11, 12):
-        results = [apply_level(image, target, level, SIZE, generator=torch.Generator().manual_seed(seed + k))
-                   for k in range(8)]
+        results = [
+            apply_level(image, target, level, SIZE, generator=torch.Generator().manual_seed(seed + k)) for k in range(8)
+        ]
         outs.append(results)
     for (ia, ta), (ib, tb) in zip(outs[0], outs[1]):
         assert torch.equal(ia, ib) and torch.equal(ta["mask"], tb["mask"])
@@ -264,8 +269,9 @@ def test_randaugment_n_and_m():
     assert len(RANDAUGMENT_OPS) == 16 and set(RANDAUGMENT_OPS) <= set(OPS)
     image, target = painted_sample(1, noise=True)
     for seed in range(5):
-        img0, t0 = apply_level(image, target, "S4", SIZE, generator=torch.Generator().manual_seed(seed),
-                               randaugment_n=0)
+        img0, t0 = apply_level(
+            image, target, "S4", SIZE, generator=torch.Generator().manual_seed(seed), randaugment_n=0
+        )
         img1, t1 = flip_jitter_crop(image, target, SIZE, (0.5, 2.0), torch.Generator().manual_seed(seed))
         assert torch.equal(img0, img1) and torch.equal(t0["boxes_xyxy"], t1["boxes_xyxy"])
     # magnitude 0: every op is the identity except the parameterless ones
@@ -334,8 +340,11 @@ def test_applied_magnitudes():
         assert shifts == {20, -20}  # 100 px at 640 -> 20 px at 128, either sign
     # cutout at level 8 on a 640 image: a square of side 2 * 80, fill / ignore
     big = torch.full((3, 640, 640), 10, dtype=torch.uint8)
-    t = {"mask": torch.zeros(640, 640, dtype=torch.uint8), "boxes_xyxy": torch.tensor([[0.0, 0, 640, 640]]),
-         "labels": torch.tensor([1])}
+    t = {
+        "mask": torch.zeros(640, 640, dtype=torch.uint8),
+        "boxes_xyxy": torch.tensor([[0.0, 0, 640, 640]]),
+        "labels": torch.tensor([1]),
+    }
     for seed in range(10):
         out_img, out = OPS["Cutout"](big, t, 8, torch.Generator().manual_seed(seed))
         cut = out_img[0] == FILL
@@ -362,8 +371,18 @@ def test_applied_magnitudes():
 def test_pixel_ops_leave_the_target_alone():
     image, target = painted_sample(2, noise=True)
     pixel_ops = [n for n in OPS if n not in GEOMETRIC_OPS and n not in ONLY_BBOXES_OPS and n != "Cutout"]
-    assert set(pixel_ops) == {"Equalize", "Sharpness", "Color", "AutoContrast", "Invert", "Posterize",
-                              "Solarize", "Contrast", "Brightness", "SolarizeAdd"}
+    assert set(pixel_ops) == {
+        "Equalize",
+        "Sharpness",
+        "Color",
+        "AutoContrast",
+        "Invert",
+        "Posterize",
+        "Solarize",
+        "Contrast",
+        "Brightness",
+        "SolarizeAdd",
+    }
     for name in pixel_ops:
         for level in (0, 5, 10):
             out_img, out = OPS[name](image, target, level, torch.Generator().manual_seed(level))

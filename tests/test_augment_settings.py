@@ -19,8 +19,11 @@ SIZE = 128
 def square_sample():
     """A 128 x 128 image fully covered by one box and a mask of class 1."""
     image = torch.full((3, SIZE, SIZE), 200, dtype=torch.uint8)
-    target = {"boxes_xyxy": torch.tensor([[0.0, 0.0, SIZE, SIZE]]), "labels": torch.tensor([0]),
-              "mask": torch.ones(SIZE, SIZE, dtype=torch.uint8)}
+    target = {
+        "boxes_xyxy": torch.tensor([[0.0, 0.0, SIZE, SIZE]]),
+        "labels": torch.tensor([0]),
+        "mask": torch.ones(SIZE, SIZE, dtype=torch.uint8),
+    }
     return image, target
 
 
@@ -75,8 +78,15 @@ def test_teacher_stage_augments_with_its_config(small_world, tmp_path, monkeypat
         return real(self, image, target, size, generator)
 
     monkeypatch.setattr(Augment, "__call__", spy)
-    teacher = TrainConfig(steps=1, batch_size=2, warmup_steps=0, augment_level="S4", scale_jitter=(0.3, 0.6),
-                          randaugment_n=1, randaugment_m=3)
+    teacher = TrainConfig(
+        steps=1,
+        batch_size=2,
+        warmup_steps=0,
+        augment_level="S4",
+        scale_jitter=(0.3, 0.6),
+        randaugment_n=1,
+        randaugment_m=3,
+    )
     data = data_config(small_world, FAMILIES["detection"])
     cfg = RunConfig(data=data, model=tiny_model_config(), teacher=teacher)
     training.train_teacher(cfg, tmp_path, "k", log=lambda m: None)

@@ -24,10 +24,16 @@ def coco(tmp_path):
 def predictions(shift: float):
     # contiguous labels: category 5 -> 0, 9 -> 1
     return {
-        1: {"boxes_xyxy": torch.tensor([[10.0 + shift, 10, 50 + shift, 40], [60, 60, 90, 110]]),
-            "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])},
-        2: {"boxes_xyxy": torch.tensor([[20.0 + shift, 30, 70 + shift, 80]]),
-            "scores": torch.tensor([0.7]), "labels": torch.tensor([0])},
+        1: {
+            "boxes_xyxy": torch.tensor([[10.0 + shift, 10, 50 + shift, 40], [60, 60, 90, 110]]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([0, 1]),
+        },
+        2: {
+            "boxes_xyxy": torch.tensor([[20.0 + shift, 30, 70 + shift, 80]]),
+            "scores": torch.tensor([0.7]),
+            "labels": torch.tensor([0]),
+        },
     }
 
 

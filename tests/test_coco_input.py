@@ -14,11 +14,15 @@ def write(tmp_path, images=None, annotations=None, categories=None, files=("1.jp
     for name in files:
         Image.new("RGB", (100, 80), (120, 30, 200)).save(folder / name)
     dataset = {
-        "images": images if images is not None else [
+        "images": images
+        if images is not None
+        else [
             {"id": 1, "file_name": "1.jpg", "width": 100, "height": 80},
             {"id": 2, "file_name": "2.jpg", "width": 100, "height": 80},
         ],
-        "annotations": annotations if annotations is not None else [
+        "annotations": annotations
+        if annotations is not None
+        else [
             {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 30], "iscrowd": 0},
         ],
         "categories": categories if categories is not None else [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}],
@@ -86,11 +90,11 @@ def test_missing_image_files_are_named(tmp_path):
 
 def test_zero_area_and_outside_boxes_are_dropped_and_counted(tmp_path):
     anns = [
-        ann(1, [10, 10, 20, 30]),          # kept
-        ann(2, [10, 10, 0, 30]),           # zero width
-        ann(3, [10, 10, 20, -1]),          # negative height
-        ann(4, [150, 10, 20, 20]),         # right of the 100 px wide image
-        ann(5, [-40, -40, 30, 30]),        # above and left of it
+        ann(1, [10, 10, 20, 30]),  # kept
+        ann(2, [10, 10, 0, 30]),  # zero width
+        ann(3, [10, 10, 20, -1]),  # negative height
+        ann(4, [150, 10, 20, 20]),  # right of the 100 px wide image
+        ann(5, [-40, -40, 30, 30]),  # above and left of it
         ann(6, [90, 70, 30, 30], image=2),  # partly outside: clipped
     ]
     folder, path = write(tmp_path, annotations=anns)

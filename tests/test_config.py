@@ -1,11 +1,15 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from configs import PRESET_DIR, ConfigError, build_config, load_config, parse_overrides
 
 DATA = {
-    "train_images": "i", "train_annotations": "a.json", "val_images": "i", "val_annotations": "b.json",
+    "train_images": "i",
+    "train_annotations": "a.json",
+    "val_images": "i",
+    "val_annotations": "b.json",
 }
 
 
@@ -42,7 +46,7 @@ def test_overrides_are_typed_and_nested():
 
 def test_configs_are_frozen():
     cfg = build_config({"data": DATA})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.teacher.steps = 3  # type: ignore[misc]
 
 

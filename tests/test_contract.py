@@ -26,8 +26,11 @@ def data_config(world, family) -> DataConfig:
         where = dict(format="voc", voc_root=str(world.voc_root), voc_classes=["background", *world.class_names])
     else:
         where = dict(
-            format="coco", train_images=str(world.images_dir), train_annotations=str(world.train_annotations),
-            val_images=str(world.images_dir), val_annotations=str(world.val_annotations),
+            format="coco",
+            train_images=str(world.images_dir),
+            train_annotations=str(world.train_annotations),
+            val_images=str(world.images_dir),
+            val_annotations=str(world.val_annotations),
         )
     return DataConfig(**where, unlabeled_shards=world.unlabeled_pattern, image_size=128, num_workers=0)
 

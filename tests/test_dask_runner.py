@@ -104,8 +104,13 @@ def test_labeling_on_cuda_asks_for_a_gpu_resource(base_cfg):
     assert stages.local_cluster_kwargs(dask_rule, "cuda")["resources"] == {"GPU": 1}
     assert "resources" not in stages.local_cluster_kwargs(dask_rule, "cpu")
     kwargs = stages.local_cluster_kwargs(dask_rule.model_copy(update={"max_workers": 3}), "cpu")
-    assert kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True,
-                      "dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0"}
+    assert kwargs == {
+        "n_workers": 3,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": "127.0.0.1:0",
+        "worker_dashboard_address": "127.0.0.1:0",
+    }
 
 
 @task

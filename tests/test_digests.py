@@ -11,10 +11,20 @@ TEACHER = {"digest": "t" * 64}
 PSEUDO = {"digest": "p" * 64}
 
 HOW_IT_RUNS = [
-    "teacher.processes=2", "teacher.log_every=7", "teacher.checkpoint_every=9", "teacher.dist_backend=gloo",
-    "teacher.channels_last=true", "data.num_workers=6", "eval_batch_size=3", "device=cuda:1",
-    "student.train.processes=2", "student.train.log_every=3", "pseudo.max_workers=5", "pseudo.batch_size=4",
-    "pseudo.runner=dask", "out_dir=elsewhere",
+    "teacher.processes=2",
+    "teacher.log_every=7",
+    "teacher.checkpoint_every=9",
+    "teacher.dist_backend=gloo",
+    "teacher.channels_last=true",
+    "data.num_workers=6",
+    "eval_batch_size=3",
+    "device=cuda:1",
+    "student.train.processes=2",
+    "student.train.log_every=3",
+    "pseudo.max_workers=5",
+    "pseudo.batch_size=4",
+    "pseudo.runner=dask",
+    "out_dir=elsewhere",
 ]
 
 
@@ -51,7 +61,11 @@ def test_a_result_deciding_change_changes_its_stages_digests(override, changed):
 
 def test_run_settings_are_declared_on_the_fields():
     assert set(TrainConfig.model_fields) - set(TrainConfig().digest_view()) == {
-        "processes", "log_every", "checkpoint_every", "dist_backend", "channels_last",
+        "processes",
+        "log_every",
+        "checkpoint_every",
+        "dist_backend",
+        "channels_last",
     }
     assert "num_workers" not in DataConfig(**DATA).digest_view()
     assert {"runner", "max_workers", "dask_address", "batch_size"}.isdisjoint(PseudoLabelConfig().digest_view())
@@ -63,6 +77,7 @@ def test_run_settings_are_declared_on_the_fields():
 def test_a_finished_teacher_stays_finished_when_only_processes_change(tmp_path):
     cfg = build_config({"data": DATA})
     write_manifest(tmp_path, stages.teacher_inputs(cfg), {"files": [], "digest": "d"})
-    assert finished(tmp_path, stages.teacher_inputs(build_config({"data": DATA}, ["teacher.processes=8",
-                                                                                  "teacher.batch_size=16"])))
+    assert finished(
+        tmp_path, stages.teacher_inputs(build_config({"data": DATA}, ["teacher.processes=8", "teacher.batch_size=16"]))
+    )
     assert finished(tmp_path, stages.teacher_inputs(build_config({"data": DATA}, ["teacher.lr=0.1"]))) is None

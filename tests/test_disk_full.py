@@ -140,8 +140,17 @@ def test_checkpoint_on_a_full_disk(small_fs):
 
     torch.manual_seed(0)
     with pytest.raises(DiskFullError) as err:
-        fit(stage, nn.Linear(512, 512), batches, step_loss, cfg, "cpu", key="k", log=lambda m: None,
-            on_step=fill_after_2)
+        fit(
+            stage,
+            nn.Linear(512, 512),
+            batches,
+            step_loss,
+            cfg,
+            "cpu",
+            key="k",
+            log=lambda m: None,
+            on_step=fill_after_2,
+        )
     assert str(stage / CHECKPOINT) in str(err.value)
     assert sorted(p.name for p in stage.iterdir()) == [CHECKPOINT]  # no temporary file beside it
     assert torch.load(stage / CHECKPOINT, weights_only=True)["step"] == 2

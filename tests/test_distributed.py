@@ -390,7 +390,10 @@ def test_checkpoint_resumes_on_another_number_of_processes(small_world, tmp_path
     for name, cfg, stage in (("one", one_cfg, tmp_path / "again"), ("two", two_cfg, first)):
         seen = losses.setdefault(name, {})
         result = training.train_teacher(
-            cfg, stage, json_digest(teacher_inputs(cfg)), log=lambda m: None,
+            cfg,
+            stage,
+            json_digest(teacher_inputs(cfg)),
+            log=lambda m: None,
             on_step=lambda s, logs, seen=seen: seen.__setitem__(s, logs["loss"]),
         )
         assert result["resumed_from"] == 1 and result["processes"] == cfg.teacher.processes

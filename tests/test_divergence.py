@@ -39,8 +39,18 @@ def loss_nan_at(bad_step: int | None):
 
 def train(stage, cfg, step_loss, key, resume_key="r", on_step=None, log=None):
     torch.manual_seed(0)
-    return fit(stage, nn.Linear(4, 1), batches, step_loss, cfg, "cpu", key=key, resume_key=resume_key,
-               log=log or (lambda m: None), on_step=on_step)
+    return fit(
+        stage,
+        nn.Linear(4, 1),
+        batches,
+        step_loss,
+        cfg,
+        "cpu",
+        key=key,
+        resume_key=resume_key,
+        log=log or (lambda m: None),
+        on_step=on_step,
+    )
 
 
 CFG = TrainConfig(steps=10, batch_size=8, checkpoint_every=4, log_every=100, warmup_steps=0, lr=0.05)
@@ -129,7 +139,9 @@ def test_non_finite_gradient_norm_stops_before_the_update(tmp_path):
 
     model = nn.Linear(4, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(TrainingDiverged, match=r"the gradient norm is not finite at step 1/10 \(loss=0, grad_norm=nan\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"the gradient norm is not finite at step 1/10 \(loss=0, grad_norm=nan\)"
+    ):
         fit(tmp_path, model, batches, sqrt_at_zero, CFG, "cpu", key="k", log=lambda m: None)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -154,12 +166,17 @@ def test_diverged_teacher_stage_resumes_after_a_lower_lr(prefect_harness, small_
     from tasks import training
 
     data = DataConfig(
-        train_images=str(small_world.images_dir), train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir), val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern, image_size=128, num_workers=0,
+        train_images=str(small_world.images_dir),
+        train_annotations=str(small_world.train_annotations),
+        val_images=str(small_world.images_dir),
+        val_annotations=str(small_world.val_annotations),
+        unlabeled_shards=small_world.unlabeled_pattern,
+        image_size=128,
+        num_workers=0,
     )
-    teacher = TrainConfig(steps=8, batch_size=2, augment_level="none", warmup_steps=0, lr=3e-3,
-                          checkpoint_every=3, log_every=1)
+    teacher = TrainConfig(
+        steps=8, batch_size=2, augment_level="none", warmup_steps=0, lr=3e-3, checkpoint_every=3, log_every=1
+    )
     cfg = RunConfig(out_dir=str(tmp_path / "run"), data=data, model=tiny_model_config(), teacher=teacher)
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))

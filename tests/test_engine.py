@@ -35,13 +35,21 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(Crash):
-        fit(tmp_path, nn.Linear(4, 1), batches, step_loss, cfg, "cpu", key="k", log=lambda m: None,
-            on_step=crash_at_7)
+        fit(tmp_path, nn.Linear(4, 1), batches, step_loss, cfg, "cpu", key="k", log=lambda m: None, on_step=crash_at_7)
     assert (tmp_path / CHECKPOINT).exists()
 
     steps_after = []
-    result = fit(tmp_path, nn.Linear(4, 1), batches, step_loss, cfg, "cpu", key="k", log=lambda m: None,
-                 on_step=lambda s, _: steps_after.append(s))
+    result = fit(
+        tmp_path,
+        nn.Linear(4, 1),
+        batches,
+        step_loss,
+        cfg,
+        "cpu",
+        key="k",
+        log=lambda m: None,
+        on_step=lambda s, _: steps_after.append(s),
+    )
     assert result["resumed_from"] == 5 and result["step"] == 12
     assert steps_after == list(range(6, 13))
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 12
@@ -98,8 +106,7 @@ def test_resumed_stage_draws_fresh_noise(tmp_path):
 
     torch.manual_seed(0)  # as the stages seed before building the model
     with pytest.raises(Crash):
-        fit(tmp_path, nn.Linear(4, 1), batches, noisy_loss, cfg, "cpu", key="k", log=lambda m: None,
-            on_step=crash_at_2)
+        fit(tmp_path, nn.Linear(4, 1), batches, noisy_loss, cfg, "cpu", key="k", log=lambda m: None, on_step=crash_at_2)
     first = list(draws)
     draws.clear()
     torch.manual_seed(0)

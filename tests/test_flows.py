@@ -94,6 +94,6 @@ def test_stage_command_reruns_one_stage(quick_run, capsys):
     capsys.readouterr()
     assert main(["stage", "evaluate", str(cfg)]) == 0
     out = capsys.readouterr().out
-    metrics = json.loads(out[out.index("{"):])
+    metrics = json.loads(out[out.index("{") :])
     student = json.loads((run / "round-0/student/metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(student["AP"])

@@ -13,32 +13,47 @@ from tests.conftest import tiny_model_config
 
 def coco_config(world, out, **data) -> RunConfig:
     where = dict(
-        train_images=str(world.images_dir), train_annotations=str(world.train_annotations),
-        val_images=str(world.images_dir), val_annotations=str(world.val_annotations),
-        unlabeled_shards=world.unlabeled_pattern, image_size=128, num_workers=0,
+        train_images=str(world.images_dir),
+        train_annotations=str(world.train_annotations),
+        val_images=str(world.images_dir),
+        val_annotations=str(world.val_annotations),
+        unlabeled_shards=world.unlabeled_pattern,
+        image_size=128,
+        num_workers=0,
     )
     return RunConfig(out_dir=str(out), data=DataConfig(**{**where, **data}), model=tiny_model_config())
 
 
 def test_complete_inputs_pass(small_world, tmp_path):
     check_inputs(coco_config(small_world, tmp_path))
-    voc = RunConfig(family="segmentation", data=DataConfig(format="voc", voc_root=str(small_world.voc_root),
-                                                           unlabeled_shards=small_world.unlabeled_pattern))
+    voc = RunConfig(
+        family="segmentation",
+        data=DataConfig(
+            format="voc", voc_root=str(small_world.voc_root), unlabeled_shards=small_world.unlabeled_pattern
+        ),
+    )
     check_inputs(voc)
 
 
 def test_every_missing_input_is_named_in_one_error(small_world, tmp_path):
     cfg = coco_config(
-        small_world, tmp_path / "run",
-        train_images=str(tmp_path / "no-images"), val_annotations=str(tmp_path / "val.json"),
+        small_world,
+        tmp_path / "run",
+        train_images=str(tmp_path / "no-images"),
+        val_annotations=str(tmp_path / "val.json"),
         unlabeled_shards=str(tmp_path / "pool-{000000..000001}.tar"),
     )
     cfg = cfg.model_copy(update={"model": tiny_model_config(backbone_checkpoint=str(tmp_path / "b.pt"))})
     with pytest.raises(MissingInputsError) as err:
         check_inputs(cfg)
     keys = [key for key, _, _ in err.value.missing]
-    assert keys == ["data.train_images", "data.val_annotations", "model.backbone_checkpoint",
-                    "data.unlabeled_shards", "data.unlabeled_shards"]
+    assert keys == [
+        "data.train_images",
+        "data.val_annotations",
+        "model.backbone_checkpoint",
+        "data.unlabeled_shards",
+        "data.unlabeled_shards",
+    ]
     msg = str(err.value)
     assert "5 missing input(s)" in msg and str(tmp_path / "no-images") + " (no such folder)" in msg
     assert str(tmp_path / "pool-000001.tar") + " (no such shard)" in msg
@@ -56,13 +71,19 @@ def test_voc_lists_and_mask_folders_are_checked(small_world, tmp_path):
     root = tmp_path / "VOC"
     shutil.copytree(small_world.voc_root, root)
     (root / "ImageSets" / "Segmentation" / "val.txt").unlink()
-    data = DataConfig(format="voc", voc_root=str(root), voc_train_split="train_aug",
-                      voc_train_masks="SegmentationClassAug", unlabeled_shards=small_world.unlabeled_pattern)
+    data = DataConfig(
+        format="voc",
+        voc_root=str(root),
+        voc_train_split="train_aug",
+        voc_train_masks="SegmentationClassAug",
+        unlabeled_shards=small_world.unlabeled_pattern,
+    )
     cfg = RunConfig(family="segmentation", data=data)
     with pytest.raises(MissingInputsError) as err:
         check_inputs(cfg)
     assert [(k, why) for k, _, why in err.value.missing] == [
-        ("data.voc_train_split", "no such file"), ("data.voc_train_masks", "no such folder"),
+        ("data.voc_train_split", "no such file"),
+        ("data.voc_train_masks", "no such folder"),
         ("data.voc_val_split", "no such file"),
     ]
     assert str(root / "ImageSets" / "Segmentation" / "train_aug.txt") in str(err.value)
@@ -89,8 +110,9 @@ def test_the_run_fails_before_any_stage(small_world, tmp_path):
 
 
 def test_cli_names_all_missing_inputs_and_runs_nothing(small_world, tmp_path, capsys):
-    cfg = coco_config(small_world, tmp_path / "run", train_annotations=str(tmp_path / "train.json"),
-                      val_images=str(tmp_path / "val"))
+    cfg = coco_config(
+        small_world, tmp_path / "run", train_annotations=str(tmp_path / "train.json"), val_images=str(tmp_path / "val")
+    )
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))
     assert main(["run", str(config)]) == 2

@@ -67,7 +67,7 @@ def listening(pids: list[int]) -> set[str]:
             if state == "0A" and inode in inodes:  # LISTEN
                 addr, port = local.split(":")
                 if len(addr) == 8:
-                    addr = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                    addr = ".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
                 found.add(f"{addr}:{int(port, 16)}")
     return found
 
@@ -82,8 +82,13 @@ class Demo:
         self.out, self.home, self.marker = root / "demo", root / "prefect-home", marker
         self.home.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        self.env = {**base, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    MARKER: marker, "AWS_SECRET_ACCESS_KEY": SECRET}
+        self.env = {
+            **base,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            MARKER: marker,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+        }
         self.cmd = [str(BIN / "noisy-student"), "demo", "--quick", "--out", str(self.out)]
         self.run_dir = self.out / "run"
 
@@ -141,9 +146,14 @@ def interrupt(demo: Demo, root: Path, sig: signal.Signals, stage: str) -> dict:
     teacher_stamp = teacher.stat().st_mtime_ns if teacher.exists() else None
     rerun = subprocess.run(demo.cmd, env=demo.env, capture_output=True, text=True, timeout=1800)
     return {
-        **stopped, "sockets": sockets,
-        "had_checkpoint": had_checkpoint, "teacher_stamp": teacher_stamp, "rerun": rerun,
-        "left_after_rerun": gone(demo.marker), "demo": demo, "stage": stage,
+        **stopped,
+        "sockets": sockets,
+        "had_checkpoint": had_checkpoint,
+        "teacher_stamp": teacher_stamp,
+        "rerun": rerun,
+        "left_after_rerun": gone(demo.marker),
+        "demo": demo,
+        "stage": stage,
     }
 
 

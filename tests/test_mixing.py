@@ -33,8 +33,11 @@ def pseudo_shards(tmp_path, n_shards=2, per_shard=6):
         images = tmp_path / f"pool-{s}.tar"
         write_shard(images, [(k, {"jpg": jpeg((i * 20, 0, 0))}) for i, k in enumerate(keys)])
         # the teacher kept every other image
-        label = {"boxes_xyxy": torch.tensor([[1.0, 2, 20, 25]]), "labels": torch.tensor([1]),
-                 "scores": torch.tensor([0.9])}
+        label = {
+            "boxes_xyxy": torch.tensor([[1.0, 2, 20, 25]]),
+            "labels": torch.tensor([1]),
+            "scores": torch.tensor([0.9]),
+        }
         sidecar = tmp_path / f"labels-{s}.tar"
         write_shard(sidecar, [(k, {"json": pseudo.encode(label)}) for k in keys[::2]])
         pairs.append((str(images), str(sidecar)))

@@ -43,12 +43,20 @@ def test_cells_share_the_base_stages():
 
 def test_aggregate_rows_and_verdicts():
     seeds = (0, 1)
-    gains = {"base": 2.0, "level-S1": 1.0, "level-S3": 3.0, "level-S4": 4.0, "norm-off-S3": -1.0,
-             "labels-50": 0.5, "labels-100": 1.5, "threshold-0.3": 1.0, "threshold-0.7": -0.5}
+    gains = {
+        "base": 2.0,
+        "level-S1": 1.0,
+        "level-S3": 3.0,
+        "level-S4": 4.0,
+        "norm-off-S3": -1.0,
+        "labels-50": 0.5,
+        "labels-100": 1.5,
+        "threshold-0.3": 1.0,
+        "threshold-0.7": -0.5,
+    }
     results = {name: {s: _res(20.0 + s, 20.0 + s + g + s) for s in seeds} for name, g in gains.items()}
     results["round-2"] = {
-        s: {**_res(20.0, 22.0), "rounds": [_res(20.0, 22.0)["rounds"][0], _res(22.0, 21.0)["rounds"][0]]}
-        for s in seeds
+        s: {**_res(20.0, 22.0), "rounds": [_res(20.0, 22.0)["rounds"][0], _res(22.0, 21.0)["rounds"][0]]} for s in seeds
     }
     out = pc.aggregate(results, list("abcde"), "S2")
     a = {r["value"]: r for r in out["a"]["rows"]}

@@ -59,8 +59,10 @@ def label_shard_runs(flow_run_id) -> int:
 
 def test_killed_labeling_resumes_with_the_unfinished_shards(prefect_harness, tmp_path):
     cfg = labeling_config(
-        tmp_path, ["pseudo.runner=thread", "pseudo.max_workers=1", "pseudo.batch_size=4"],
-        n_unlabeled=4 * NUM_SHARDS, per_shard=4,
+        tmp_path,
+        ["pseudo.runner=thread", "pseudo.max_workers=1", "pseudo.batch_size=4"],
+        n_unlabeled=4 * NUM_SHARDS,
+        per_shard=4,
     )
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))
@@ -68,7 +70,10 @@ def test_killed_labeling_resumes_with_the_unfinished_shards(prefect_harness, tmp
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "stage", "pseudo-label", str(config)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240

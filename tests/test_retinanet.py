@@ -217,6 +217,9 @@ def test_batch_norm_head_trains_through_the_model_and_group_head_keeps_its_layou
     assert {"head.classification_head.norms.4.3.running_mean", "head.regression_head.predictor.weight"} <= keys
     # the GroupNorm head is torchvision's: checkpoints keep their keys
     group_keys = set(tiny(head_norm="group").state_dict())
-    assert {"head.classification_head.conv.3.1.weight", "head.classification_head.cls_logits.bias",
-            "head.regression_head.bbox_reg.weight"} <= group_keys
+    assert {
+        "head.classification_head.conv.3.1.weight",
+        "head.classification_head.cls_logits.bias",
+        "head.regression_head.bbox_reg.weight",
+    } <= group_keys
     assert not any("norms" in k for k in group_keys)

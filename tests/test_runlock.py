@@ -79,8 +79,15 @@ def test_lock_is_reentrant_in_one_process_and_released_after_the_outermost(tmp_p
         assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert (run / LOCK_FILE).read_text() == ""
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys; from tasks.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]): pass",
-         str(run)], cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tasks.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]): pass",
+            str(run),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert probe.returncode == 0, probe.stderr
 
@@ -88,9 +95,13 @@ def test_lock_is_reentrant_in_one_process_and_released_after_the_outermost(tmp_p
 def test_cli_run_refuses_a_held_run_directory_before_any_stage(small_world, holder, tmp_path, capsys):
     run, proc = holder
     data = DataConfig(
-        train_images=str(small_world.images_dir), train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir), val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern, image_size=128, num_workers=0,
+        train_images=str(small_world.images_dir),
+        train_annotations=str(small_world.train_annotations),
+        val_images=str(small_world.images_dir),
+        val_annotations=str(small_world.val_annotations),
+        unlabeled_shards=small_world.unlabeled_pattern,
+        image_size=128,
+        num_workers=0,
     )
     cfg = RunConfig(out_dir=str(run), data=data, model=tiny_model_config())
     config = tmp_path / "config.yaml"
@@ -123,9 +134,13 @@ def test_prefect_validates_the_parameters_of_a_locked_flow(small_world, tmp_path
     from flows import stages
 
     data = DataConfig(
-        train_images=str(small_world.images_dir), train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir), val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern, image_size=128, num_workers=0,
+        train_images=str(small_world.images_dir),
+        train_annotations=str(small_world.train_annotations),
+        val_images=str(small_world.images_dir),
+        val_annotations=str(small_world.val_annotations),
+        unlabeled_shards=small_world.unlabeled_pattern,
+        image_size=128,
+        num_workers=0,
     )
     cfg = RunConfig(out_dir=str(tmp_path / "run"), data=data, model=tiny_model_config())
     params = stages.student_flow.validate_parameters({"cfg": cfg.model_dump(mode="json"), "round_index": "1"})

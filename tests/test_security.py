@@ -50,7 +50,9 @@ def server(tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env={**env, "PREFECT_SERVER_API_AUTH_STRING": AUTH}, stdout=f, stderr=subprocess.STDOUT,
+            env={**env, "PREFECT_SERVER_API_AUTH_STRING": AUTH},
+            stdout=f,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
@@ -101,9 +103,13 @@ def evaluate_command(small_world, tmp_path_factory) -> list[str]:
 
     root = tmp_path_factory.mktemp("auth-run")
     data = DataConfig(
-        train_images=str(small_world.images_dir), train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir), val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern, image_size=128, num_workers=0,
+        train_images=str(small_world.images_dir),
+        train_annotations=str(small_world.train_annotations),
+        val_images=str(small_world.images_dir),
+        val_annotations=str(small_world.val_annotations),
+        unlabeled_shards=small_world.unlabeled_pattern,
+        image_size=128,
+        num_workers=0,
     )
     cfg = RunConfig(out_dir=str(root / "run"), data=data, model=tiny_model_config(), eval_batch_size=8)
     model = save_model(root / "model.pt", cfg.family, cfg.model, get_family(cfg.family).build_model(cfg.model))
@@ -122,7 +128,7 @@ def test_a_client_with_the_auth_string_runs_flows(server, evaluate_command):
     env = {**server["env"], "PREFECT_API_AUTH_STRING": AUTH}
     done = subprocess.run(evaluate_command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "AP" in json.loads(done.stdout[done.stdout.index("{"):])
+    assert "AP" in json.loads(done.stdout[done.stdout.index("{") :])
     runs = [r for r in flow_runs(server["api"]) if r["name"] == "evaluate"]
     assert runs and all(r["state"]["type"] == "COMPLETED" for r in runs)
 

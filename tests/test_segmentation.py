@@ -80,8 +80,12 @@ def test_voc_errors_name_the_bad_value(tmp_path):
 
 
 def test_world_masks_agree_with_its_boxes(small_world):
-    cfg = DataConfig(format="voc", voc_root=str(small_world.voc_root), image_size=128,
-                     voc_classes=["background", *small_world.class_names])
+    cfg = DataConfig(
+        format="voc",
+        voc_root=str(small_world.voc_root),
+        image_size=128,
+        voc_classes=["background", *small_world.class_names],
+    )
     ds = FAMILY.labeled_dataset(cfg, "val", None)
     assert FAMILY.num_classes(cfg) == small_world.num_classes + 1
     values = torch.cat([ds[i][1]["mask"].flatten() for i in range(len(ds))]).unique().tolist()
@@ -122,7 +126,10 @@ def test_segmenter_logits_match_the_input_and_loss_ignores_255():
 def test_multi_scale_probabilities_are_an_average_in_the_image_frame():
     torch.manual_seed(0)
     model = FAMILY.build_model(tiny_model_config(num_classes=4)).eval()
-    images = [torch.randint(0, 255, (3, 90, 120), dtype=torch.uint8), torch.randint(0, 255, (3, 64, 40), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 255, (3, 90, 120), dtype=torch.uint8),
+        torch.randint(0, 255, (3, 64, 40), dtype=torch.uint8),
+    ]
     one = probabilities(model, images, 128, (1.0,))
     twice = probabilities(model, images, 128, (1.0, 1.0))
     multi = probabilities(model, images, 128, (0.5, 1.0, 1.75))

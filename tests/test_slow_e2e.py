@@ -53,8 +53,18 @@ def test_segmentation_demo_end_to_end(prefect_harness, tmp_path, capsys):
     from data.shards import iter_shard
     from segmentation.pseudo import decode
 
-    args = ["demo", "--family", "segmentation", "--quick", "--out", str(tmp_path),
-            "--set", "pseudo.scales=[0.5,1.0]", "--set", "student.train.augment_level=S3"]
+    args = [
+        "demo",
+        "--family",
+        "segmentation",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "pseudo.scales=[0.5,1.0]",
+        "--set",
+        "student.train.augment_level=S3",
+    ]
     assert main(args) == 0
     assert "student mIoU" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -139,8 +139,14 @@ def served(run, tmp_path):
     cli = Path(sys.executable).parent / "noisy-student"
     with open(log, "wb") as f:
         # another working directory: the served entrypoints are module paths
-        proc = subprocess.Popen([str(cli), "serve", "--name", "rerun"], cwd=tmp_path, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(cli), "serve", "--name", "rerun"],
+            cwd=tmp_path,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         with get_client(sync_client=True) as client:

@@ -56,7 +56,10 @@ class Server:
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(
                 [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while not self.healthy():
@@ -184,8 +187,9 @@ def test_ui_shows_the_quick_demo_runs_and_artifacts(server, demo, page, shots):
     # the metrics table renders the numbers of summary.json
     (r0,) = json.loads((demo / "summary.json").read_text())["rounds"]
     page.goto(f"{server.url}/artifacts/artifact/{artifacts['metrics-table']['id']}")
-    wait_for_texts(page, ["teacher AP", "student AP", f"{r0['teacher_metrics']['AP']:.2f}",
-                          f"{r0['student_metrics']['AP']:.2f}"])
+    wait_for_texts(
+        page, ["teacher AP", "student AP", f"{r0['teacher_metrics']['AP']:.2f}", f"{r0['student_metrics']['AP']:.2f}"]
+    )
     screenshot(page, shots / "metrics-table.png")
 
     page.goto(f"{server.url}/artifacts/artifact/{artifacts['pseudo-stats-round-0']['id']}")
@@ -199,8 +203,13 @@ def test_deploy_all_to_a_process_pool_and_run_a_custom_evaluate(server, demo, pa
     server.run(prefect, "--no-prompt", "deploy", "--all", cwd=ROOT)
 
     deployments = {f"{d['entrypoint'].rsplit(':', 1)[1]}": d for d in server.post("/deployments/filter")}
-    assert set(deployments) >= {"noisy_student_flow", "teacher_flow", "pseudo_label_flow", "student_flow",
-                                "evaluate_flow"}
+    assert set(deployments) >= {
+        "noisy_student_flow",
+        "teacher_flow",
+        "pseudo_label_flow",
+        "student_flow",
+        "evaluate_flow",
+    }
     for d in deployments.values():
         assert d["name"] == "cluster" and d["work_pool_name"] == "noisy-student"
         assert "cfg" in d["parameter_openapi_schema"]["required"]
