@@ -32,8 +32,9 @@ FAMILY_NAMES = ("detection", "segmentation")
 # A from-scratch B0 + NAS-FPN teacher (batch 16, AdamW 3e-3) first paints every shape
 # "square" and separates the classes later: on seed 0 at 34.5 mIoU after 250 steps, 66.7
 # after 375 and 69.5 after 500 (benchmarks/segmentation_teacher_curve.py). With shapes of
-# 24-64 px and up to two distractors the same teacher was still at 31-40 mIoU after 400
-# steps (triangle 0 IoU), with the FPN neck too, and calming the textures did not help.
+# 24-64 px and up to two distractors, seed 0's teacher stayed at 31-40 mIoU after 400
+# steps with triangles at 0 IoU: 31.2 with NAS-FPN at lr 1e-3, 39.6 with the FPN neck at
+# 3e-3, 34.4 with calmer textures (NAS-FPN, 3e-3); batches of 8 gave 31.1 after 500.
 WORLD_SPECS = {
     "detection": WorldSpec(
         object_size=(20.0, 60.0),

@@ -32,6 +32,22 @@ def small_world(tmp_path_factory):
     )
 
 
+def world_data(world, **kw):
+    """DataConfig of a written world's COCO layout at 128 px, no loader workers; `kw` replaces fields."""
+    from configs import DataConfig
+
+    where = dict(
+        train_images=str(world.images_dir),
+        train_annotations=str(world.train_annotations),
+        val_images=str(world.images_dir),
+        val_annotations=str(world.val_annotations),
+        unlabeled_shards=world.unlabeled_pattern,
+        image_size=128,
+        num_workers=0,
+    )
+    return DataConfig(**{**where, **kw})
+
+
 def tiny_model_config(**kw):
     from configs import ModelConfig
 

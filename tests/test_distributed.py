@@ -18,31 +18,19 @@ from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
-from configs import DataConfig, RunConfig, StudentConfig, TrainConfig
+from configs import RunConfig, StudentConfig, TrainConfig
 from data.mixing import InfiniteSampler, PseudoLabeledShards, endless_loader
 from data.shards import iter_shard, write_shard
 from detection import pseudo
 from tasks import distributed, training
 from tasks.engine import CHECKPOINT, LossNormalizer
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, world_data
 
 STEPS = 3
 
 
 class Crash(RuntimeError):
     pass
-
-
-def world_data(world) -> DataConfig:
-    return DataConfig(
-        train_images=str(world.images_dir),
-        train_annotations=str(world.train_annotations),
-        val_images=str(world.images_dir),
-        val_annotations=str(world.val_annotations),
-        unlabeled_shards=world.unlabeled_pattern,
-        image_size=128,
-        num_workers=0,
-    )
 
 
 def teacher_config(world, processes: int, **kw) -> RunConfig:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from configs import DataConfig, RunConfig, TrainConfig, dump_config
+from configs import RunConfig, TrainConfig, dump_config
 from tasks import distributed
 from tasks.engine import CHECKPOINT, DIVERGED, DIVERGED_CHECKPOINT, TrainingDiverged, fit
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, world_data
 
 NAN = float("nan")
 
@@ -165,15 +165,7 @@ def test_diverged_teacher_stage_resumes_after_a_lower_lr(prefect_harness, small_
     from flows.cli import main
     from tasks import training
 
-    data = DataConfig(
-        train_images=str(small_world.images_dir),
-        train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir),
-        val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern,
-        image_size=128,
-        num_workers=0,
-    )
+    data = world_data(small_world)
     teacher = TrainConfig(
         steps=8, batch_size=2, augment_level="none", warmup_steps=0, lr=3e-3, checkpoint_every=3, log_every=1
     )

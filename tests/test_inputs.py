@@ -8,20 +8,11 @@ from configs import DataConfig, RunConfig, dump_config
 from flows import stages
 from flows.cli import main
 from tasks.inputs import MissingInputsError, check_inputs, missing_inputs
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, world_data
 
 
 def coco_config(world, out, **data) -> RunConfig:
-    where = dict(
-        train_images=str(world.images_dir),
-        train_annotations=str(world.train_annotations),
-        val_images=str(world.images_dir),
-        val_annotations=str(world.val_annotations),
-        unlabeled_shards=world.unlabeled_pattern,
-        image_size=128,
-        num_workers=0,
-    )
-    return RunConfig(out_dir=str(out), data=DataConfig(**{**where, **data}), model=tiny_model_config())
+    return RunConfig(out_dir=str(out), data=world_data(world, **data), model=tiny_model_config())
 
 
 def test_complete_inputs_pass(small_world, tmp_path):

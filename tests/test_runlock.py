@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from configs import DataConfig, RunConfig, dump_config
+from configs import RunConfig, dump_config
 from flows.cli import main
 from tasks.runlock import LOCK_FILE, RunDirLocked, hold_run_dir, holds_run_dir
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, world_data
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -94,15 +94,7 @@ def test_lock_is_reentrant_in_one_process_and_released_after_the_outermost(tmp_p
 
 def test_cli_run_refuses_a_held_run_directory_before_any_stage(small_world, holder, tmp_path, capsys):
     run, proc = holder
-    data = DataConfig(
-        train_images=str(small_world.images_dir),
-        train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir),
-        val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern,
-        image_size=128,
-        num_workers=0,
-    )
+    data = world_data(small_world)
     cfg = RunConfig(out_dir=str(run), data=data, model=tiny_model_config())
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))
@@ -133,15 +125,7 @@ def test_prefect_validates_the_parameters_of_a_locked_flow(small_world, tmp_path
     look the names up in the wrapper's module)."""
     from flows import stages
 
-    data = DataConfig(
-        train_images=str(small_world.images_dir),
-        train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir),
-        val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern,
-        image_size=128,
-        num_workers=0,
-    )
+    data = world_data(small_world)
     cfg = RunConfig(out_dir=str(tmp_path / "run"), data=data, model=tiny_model_config())
     params = stages.student_flow.validate_parameters({"cfg": cfg.model_dump(mode="json"), "round_index": "1"})
     assert isinstance(params["cfg"], RunConfig) and params["round_index"] == 1

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import DataConfig, PseudoLabelConfig, RunConfig, dump_config
-from tests.conftest import tiny_model_config
+from configs import PseudoLabelConfig, RunConfig, dump_config
+from tests.conftest import tiny_model_config, world_data
 from tests.test_interrupt import LOOPBACK, MARKER, listening, marked
 
 pytestmark = pytest.mark.slow
@@ -102,15 +102,7 @@ def evaluate_command(small_world, tmp_path_factory) -> list[str]:
     from tasks.training import save_model
 
     root = tmp_path_factory.mktemp("auth-run")
-    data = DataConfig(
-        train_images=str(small_world.images_dir),
-        train_annotations=str(small_world.train_annotations),
-        val_images=str(small_world.images_dir),
-        val_annotations=str(small_world.val_annotations),
-        unlabeled_shards=small_world.unlabeled_pattern,
-        image_size=128,
-        num_workers=0,
-    )
+    data = world_data(small_world)
     cfg = RunConfig(out_dir=str(root / "run"), data=data, model=tiny_model_config(), eval_batch_size=8)
     model = save_model(root / "model.pt", cfg.family, cfg.model, get_family(cfg.family).build_model(cfg.model))
     config = root / "config.yaml"
