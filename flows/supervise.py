@@ -7,9 +7,10 @@ spends minutes retrying calls to the dead server. So the `noisy-student` command
 the command in a child process, *the run*, in a process group of its own, and waits:
 
 - On SIGINT, SIGTERM or SIGHUP it sends one SIGINT to the run's main process only. The
-  run silences its output and stops as a script does on Ctrl-C (KeyboardInterrupt):
+  run silences its output, kills its data loader workers and training ranks (so none
+  prints a traceback) and stops as a script does on Ctrl-C (KeyboardInterrupt):
   Prefect marks its runs Crashed through the server, which is still up, and training
-  and data loading stop. It then exits at once, without Prefect's exit handlers.
+  stops. It then exits at once, without Prefect's exit handlers.
 - Whatever is left of the run's group when it has exited, or `GRACE_S` seconds after
   the signal, or at a second signal, gets SIGKILL. Then one line is printed and the
   command exits with 128 + the signal's number.
@@ -142,6 +143,48 @@ def enter_run() -> None:
         exit_interrupted()
 
 
+def _descendants(pids: list[int]) -> list[int]:
+    """`pids` and every process below them, from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return list(pids)
+    for name in entries:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state"
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _stop_workers() -> None:
+    """SIGKILL this process's multiprocessing children (data loader workers, training
+    ranks) and everything below them.
+
+    Done before the KeyboardInterrupt unwinds: a loader worker that is handing a tensor
+    to this process over a socket (torch's file-descriptor sharing) would otherwise see
+    the socket close and print a traceback to the terminal it shares. Killed first, it
+    prints nothing. The temporary Prefect server is no multiprocessing child: it stays
+    up for the crash reports."""
+    import multiprocessing
+
+    for pid in _descendants([p.pid for p in multiprocessing.active_children() if p.pid]):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _on_interrupt(signum, frame) -> None:
     global _interrupted
     if _interrupted:
@@ -153,6 +196,7 @@ def _on_interrupt(signum, frame) -> None:
     os.dup2(null, 1)
     os.dup2(null, 2)
     os.close(null)
+    _stop_workers()
     raise KeyboardInterrupt
 
 
