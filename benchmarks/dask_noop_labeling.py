@@ -121,7 +121,7 @@ def write_world(root: Path, num_shards: int) -> str:
     return str(pool / brace_pattern("pool", num_shards))
 
 
-def write_config(root: Path, pattern: str, workers: int) -> RunConfig:
+def write_config(root: Path, pattern: str, workers: int, shards_per_task: int | None = None) -> RunConfig:
     from flows.stages import teacher_inputs
     from tasks.rundir import RunDir, file_digest, write_manifest
     from tasks.training import MODEL_FILE, save_model
@@ -138,7 +138,7 @@ def write_config(root: Path, pattern: str, workers: int) -> RunConfig:
             "family": "noop",
             "out_dir": str(root / "run"),
             "data": data,
-            "pseudo": {"max_workers": workers, "batch_size": 1},
+            "pseudo": {"max_workers": workers, "batch_size": 1, "shards_per_task": shards_per_task},
         }
     )
     stage = RunDir(cfg.out_dir).stage(0, "teacher")
@@ -159,6 +159,70 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def rss_mib(pids: list[int]) -> float:
+    """Summed resident memory of `pids` now (MiB); processes gone count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * resource.getpagesize()
+        except OSError:
+            pass
+    return round(total / 2**20, 1)
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+class RssSampler:
+    """RSS of a process tree every `every` seconds, in a thread: is memory flat over a run?"""
+
+    def __init__(self, pid: int, every: float = 0.5, children: bool = True):
+        import threading
+
+        self.pid, self.every, self.samples, self.children = pid, every, [], children
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(self.now())
+
+    def now(self) -> float:
+        return rss_mib(tree(self.pid) if self.children else [self.pid])
+
+    def __enter__(self) -> RssSampler:
+        self.samples.append(self.now())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.now())
+
+    def summary(self) -> dict:
+        """RSS at a tenth of the run (after start-up), at its end, and the peak (MiB)."""
+        s = self.samples
+        early = s[max(1, len(s) // 10)] if len(s) > 2 else s[0]
+        return {"at_10pct_mib": early, "end_mib": s[-1], "peak_mib": max(s), "end_over_10pct": round(s[-1] / early, 3)}
+
+
 def _timed_flow(cfg: RunConfig, runner_cls: type) -> dict:
     """Run the flow; time its runner's `submit` calls apart from the rest."""
     from flows import stages
@@ -176,12 +240,21 @@ def _timed_flow(cfg: RunConfig, runner_cls: type) -> dict:
 
     runner_cls.submit = timed_submit
     try:
-        t0 = time.perf_counter()
-        out = stages.pseudo_label_flow(cfg, 0)
-        flow_s = time.perf_counter() - t0
+        with RssSampler(os.getpid(), children=False) as rss:  # Dask workers apart
+            t0 = time.perf_counter()
+            out = stages.pseudo_label_flow(cfg, 0)
+            flow_s = time.perf_counter() - t0
     finally:
         runner_cls.submit = submit
-    return {"flow_s": round(flow_s, 2), "submit_s": round(submit_s, 2), "images": out["stats"]["images"]}
+    tasks = -(-len(out["pairs"]) // cfg.pseudo.chunk_size(len(out["pairs"])))
+    return {
+        "flow_s": round(flow_s, 2),
+        "submit_s": round(submit_s, 2),
+        "images": out["stats"]["images"],
+        "tasks": tasks,
+        "shards_per_task": cfg.pseudo.chunk_size(len(out["pairs"])),
+        "flow_rss": rss.summary(),
+    }
 
 
 def _import(name: str) -> None:
@@ -285,6 +358,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2, help="threads / Dask worker processes")
+    parser.add_argument(
+        "--shards-per-task", type=int, default=None, help="pseudo.shards_per_task (default: the flow's own chunking)"
+    )
     parser.add_argument("--runners", nargs="+", default=["bare", "thread", "dask"], choices=["bare", "thread", "dask"])
     parser.add_argument("--child", choices=["bare", "thread", "dask"], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -296,7 +372,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dask-noop-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        write_config(root, write_world(root, args.shards), args.workers)
+        write_config(root, write_world(root, args.shards), args.workers, args.shards_per_task)
         world_s = time.perf_counter() - t0
         server, url = start_prefect_server(root / "prefect-home")
         env = {
@@ -310,8 +386,11 @@ def main() -> int:
         try:
             for mode in args.runners:
                 cmd = [sys.executable, __file__, "--child", mode, "--root", str(root), "--workers", str(args.workers)]
-                done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
+                with RssSampler(server.pid) as server_rss:
+                    done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
                 results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+                if mode != "bare":
+                    results[mode]["server_rss"] = server_rss.summary()
                 print(json.dumps({mode: results[mode]}), file=sys.stderr, flush=True)
         finally:
             server.terminate()
@@ -321,7 +400,8 @@ def main() -> int:
     for mode in ("thread", "dask"):
         if mode in results and bare_s is not None:
             r = results[mode]
-            r["overhead_per_task_s"] = round((r["flow_s"] - bare_s) / n, 4)
+            r["overhead_per_shard_s"] = round((r["flow_s"] - bare_s) / n, 4)
+            r["overhead_per_task_s"] = round((r["flow_s"] - bare_s) / r["tasks"], 4)
             r["wall_per_shard_s"] = round(r["flow_s"] / n, 4)
     print(
         json.dumps(

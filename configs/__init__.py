@@ -11,6 +11,7 @@ Presets: `load_config("demo")` or `load_config("path/to/file.yaml", ["student.al
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PRESET_DIR = Path(__file__).parent
 
 AugmentLevel = Literal["none", "S1", "S2", "S3", "S4"]
+Precision = Literal["off", "bf16", "fp16"]
+
+
+def _precision(v: Any) -> Any:
+    """`amp: true/false` (configs written before amp named a dtype) -> bf16 / off."""
+    return {True: "bf16", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def run_setting(default: Any, **kwargs: Any) -> Any:
@@ -135,8 +145,15 @@ class TrainConfig(_Config):
     checkpoint_every: int = run_setting(100, ge=1)
     log_every: int = run_setting(25, ge=1)
     seed: int = 0
-    amp: bool = Field(False, description="autocast (bf16 on CPU, fp16 on CUDA)")
-    channels_last: bool = run_setting(False)
+    amp: Precision = Field(
+        "off",
+        description="autocast dtype: bf16 (CPU, and CUDA from Ampere on; no loss scaling), fp16 (with a "
+        "GradScaler, for GPUs without bf16), off: fp32; true means bf16",
+    )
+    channels_last: bool = run_setting(False, description="model and input batches in channels_last memory format")
+    compile: CompileMode = run_setting(
+        "off", description="torch.compile mode for the training step's model (off, default, reduce-overhead, ...)"
+    )
     processes: int = run_setting(
         1,
         ge=1,
@@ -151,6 +168,8 @@ class TrainConfig(_Config):
         description="with processes > 1, BatchNorm uses statistics of the global batch, as one process would; "
         "off: each process normalizes over its own batch_size/processes samples",
     )
+
+    _amp_from_bool = field_validator("amp", mode="before")(lambda v: _precision(v))
 
     @field_validator("scale_jitter")
     @classmethod
@@ -176,7 +195,11 @@ class PseudoLabelConfig(_Config):
     nms_iou: float = Field(0.5, gt=0, le=1)
     max_boxes: int = Field(100, ge=1)
     per_class_cap: int | None = Field(None, ge=1, description="at most N labels of a class per image")
-    batch_size: int = run_setting(32, ge=1)
+    batch_size: int = run_setting(32, ge=1, description="images per teacher forward (larger on a GPU: 64-256)")
+    amp: Precision = Field("off", description="autocast dtype of the teacher's forward (see teacher.amp)")
+    decode_threads: int = run_setting(
+        1, ge=1, description="threads decoding the next batches while the teacher runs (a GPU wants 4-8)"
+    )
     runner: Literal["thread", "process", "dask"] = run_setting(
         "thread", description="thread or process: a pool on this machine; dask: a Dask cluster, one task per shard"
     )
@@ -186,10 +209,25 @@ class PseudoLabelConfig(_Config):
     dask_address: str | None = run_setting(
         None, description="running Dask scheduler (tcp://host:8786); None: the dask runner starts a LocalCluster"
     )
+    shards_per_task: int | None = run_setting(
+        None,
+        ge=1,
+        description="shards one Prefect task labels in a row; None: enough for 16 tasks per worker, "
+        "at least 100 tasks (or one per shard, if fewer)",
+    )
     shard_limit: int | None = Field(None, ge=1, description="label only the first N shards")
     scales: tuple[float, ...] = Field(
         (1.0,), min_length=1, description="segmentation teacher: average softmax over these input scales"
     )
+
+    _amp_from_bool = field_validator("amp", mode="before")(lambda v: _precision(v))
+
+    def chunk_size(self, shards: int) -> int:
+        """Shards per labeling task for `shards` shards to label (`shards_per_task`)."""
+        if self.shards_per_task is not None:
+            return self.shards_per_task
+        tasks = min(shards, max(16 * self.max_workers, 100))
+        return max(1, math.ceil(shards / max(1, tasks)))
 
     @field_validator("scales")
     @classmethod
@@ -235,6 +273,9 @@ class RunConfig(_Config):
     rounds: int = run_setting(1, ge=1, description="self-training rounds (each round's stages are digested alone)")
     device: str = run_setting("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     eval_batch_size: int = run_setting(32, ge=1)
+    cudnn_benchmark: bool = run_setting(
+        True, description="on CUDA, let cuDNN pick the fastest kernels for the (fixed) input size"
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     teacher: TrainConfig = TrainConfig()

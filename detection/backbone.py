@@ -24,6 +24,17 @@ HEAD_PREFIXES = ("conv_head.", "bn2.", "global_pool.", "classifier.", "head.", "
 KEY_PREFIXES = ("module.", "backbone.", "body.")
 
 
+def model_input(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A batch [B,3,H,W] on the model's device, in channels_last when the model's weights
+    are (`channels_last: true`); the copy is non-blocking (overlapped when pinned)."""
+    first = next(model.parameters())
+    images = images.to(first.device, non_blocking=True)
+    conv = next((p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1), None)
+    if conv is not None and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous():
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 class Backbone(nn.Module):
     """A timm features_only model whose outputs are named by pyramid level.
 

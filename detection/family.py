@@ -19,7 +19,7 @@ from data.coco import CocoDetection
 from data.mixing import list_collate, loader_options
 from detection import evaluate as coco_eval
 from detection import pseudo
-from detection.backbone import build_backbone
+from detection.backbone import build_backbone, model_input
 from detection.necks import build_neck
 from detection.retinanet import RetinaNet
 
@@ -73,8 +73,7 @@ class DetectionFamily:
         pseudo part are each normalised by their own number of matched anchors, so the
         mean over either part is that part's loss (`RetinaNet.loss`).
         """
-        device = next(model.parameters()).device
-        images = batch["images"].to(device, non_blocking=True)
+        images = model_input(batch["images"], model)
         b = len(batch["targets"])
         num_human = batch.get("num_human", b)
         return model.loss(model(images), batch["targets"], group_sizes=(num_human, b - num_human))
@@ -100,7 +99,6 @@ class DetectionFamily:
             return []
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
         batch, scales, sizes = [], [], []
         for im in images:
             h, w = im.shape[-2:]
@@ -109,7 +107,7 @@ class DetectionFamily:
             scales.append(scale)
             sizes.append((min(image_size, round(h * scale)), min(image_size, round(w * scale))))
         try:
-            dets = select(model(torch.stack(batch).to(device)), sizes)
+            dets = select(model(model_input(torch.stack(batch), model)), sizes)
         finally:
             model.train(was_training)
         for d, scale in zip(dets, scales):

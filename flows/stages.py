@@ -252,7 +252,8 @@ def _started(runner, rule: PseudoLabelConfig, device: str, logger):
 @flow(name="pseudo-label", flow_run_name="pseudo-label-round-{round_index}")
 @holds_run_dir
 def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
-    """Label every unlabeled shard with the round's teacher, one task per shard.
+    """Label every unlabeled shard with the round's teacher, in tasks of
+    `cfg.pseudo.chunk_size` shards each.
 
     The shards are spread over the task runner that `cfg.pseudo.runner` names (a
     bounded thread or process pool, or Dask), chosen at run time so that deployments
@@ -299,24 +300,28 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
             _started(runner, cfg.pseudo, cfg.device, logger),
             _annotated(annotations),
         ):
+            size = cfg.pseudo.chunk_size(len(todo))
+            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+            logger.info("labeling %d shards in %d tasks of up to %d shards", len(todo), len(chunks), size)
             futures = [
                 runner.submit(
-                    units.label_shard,
+                    units.label_shards,
                     parameters=dict(
                         cfg=cfg,
                         teacher_checkpoint=teacher["checkpoint"],
-                        shard=shards[i],
-                        index=i,
+                        shards=[shards[i] for i in chunk],
+                        indices=chunk,
+                        keys=[keys[i] for i in chunk],
                         out_dir=str(stage),
-                        key=keys[i],
                         num_classes=num_classes,
                     ),
                 )
-                for i in todo
+                for chunk in chunks
             ]
             for fut in as_completed(futures):
-                per_shard.append(fut.result())
-                progress.advance(per_shard[-1])
+                for stats in fut.result():
+                    per_shard.append(stats)
+                    progress.advance(stats)
     per_shard.sort(key=lambda s: s["sidecar"])
     total = empty_stats(num_classes)
     for s in per_shard:

@@ -18,7 +18,7 @@ from configs import DataConfig, ModelConfig, PseudoLabelConfig
 from data.augment import Augment, crop_pad, resize
 from data.mixing import list_collate, loader_options
 from data.voc import VOC_CLASSES, VOCSegmentation
-from detection.backbone import build_backbone
+from detection.backbone import build_backbone, model_input
 from detection.necks import build_neck
 from segmentation import evaluate as seg_eval
 from segmentation import pseudo
@@ -35,7 +35,6 @@ def probabilities(
     multiple of the model's size divisibility; the softmax maps, cropped to the image and
     resized back to its size, are averaged over the scales (the multi-scale teacher).
     """
-    device = next(model.parameters()).device
     total: list[torch.Tensor | None] = [None] * len(images)
     for s in scales:
         long_side = max(1, round(image_size * s))
@@ -47,7 +46,7 @@ def probabilities(
             boxed, _ = resize(im, {}, factor) if factor != 1.0 else (im, {})
             windows.append(tuple(boxed.shape[-2:]))
             batch.append(crop_pad(boxed, {}, 0, 0, padded)[0])
-        probs = model(torch.stack(batch).to(device)).float().softmax(1)
+        probs = model(model_input(torch.stack(batch), model)).float().softmax(1)
         for i, (im, (nh, nw)) in enumerate(zip(images, windows)):
             p = probs[i : i + 1, :, :nh, :nw]
             if (nh, nw) != tuple(im.shape[-2:]):
@@ -110,8 +109,7 @@ class SegmentationFamily:
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Per-image cross-entropy {loss_seg: [B]} over labeled pixels."""
-        device = next(model.parameters()).device
-        logits = model(batch["images"].to(device, non_blocking=True))
+        logits = model(model_input(batch["images"], model))
         return {"loss_seg": Segmenter.loss(logits, batch["masks"])}
 
     # ------------------------------------------------------------------ inference

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from configs import TrainConfig
 from tasks import distributed
@@ -136,34 +137,51 @@ class LossNormalizer:
 
     def __init__(self, alpha: float = 1.0, decay: float = 0.99, enabled: bool = True):
         self.alpha, self.decay, self.enabled = alpha, decay, enabled
-        self.mavg_h: float | None = None
-        self.mavg_p: float | None = None
+        # float64 [mavg(L_h), mavg(L_p)] on the losses' device, NaN where an average has
+        # not started: the update stays on the device (no host sync per step).
+        self._avg: torch.Tensor | None = None
 
-    def _update(self, avg: float | None, value: float) -> float | None:
-        if avg is None:
-            return value if value > 0 else None
-        return self.decay * avg + (1 - self.decay) * value
+    def _value(self, i: int) -> float | None:
+        if self._avg is None:
+            return None
+        v = float(self._avg[i])
+        return None if math.isnan(v) else v
+
+    @property
+    def mavg_h(self) -> float | None:
+        return self._value(0)
+
+    @property
+    def mavg_p(self) -> float | None:
+        return self._value(1)
+
+    @staticmethod
+    def _ratio(avg: torch.Tensor) -> torch.Tensor:
+        return torch.where(avg.isnan().any(), torch.ones_like(avg[0]), avg[0] / avg[1].clamp(min=1e-12))
 
     @property
     def ratio(self) -> float:
         """mavg(L_h) / mavg(L_p), or 1 while either average has not started."""
-        if self.mavg_h is None or self.mavg_p is None:
-            return 1.0
-        return self.mavg_h / max(self.mavg_p, 1e-12)
+        return 1.0 if self._avg is None else float(self._ratio(self._avg))
 
     def __call__(self, loss_h: torch.Tensor, loss_p: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return loss_h + self.alpha * loss_p
-        mean_h, mean_p = distributed.average_over_ranks(torch.stack([loss_h.float(), loss_p.float()])).tolist()
-        self.mavg_h = self._update(self.mavg_h, mean_h)
-        self.mavg_p = self._update(self.mavg_p, mean_p)
-        return (loss_h + self.alpha * self.ratio * loss_p) / (1 + self.alpha)
+        current = distributed.average_over_ranks(torch.stack([loss_h.detach(), loss_p.detach()]).double())
+        avg = torch.full_like(current, math.nan) if self._avg is None else self._avg.to(current.device)
+        fresh = torch.where(current > 0, current, torch.full_like(current, math.nan))
+        self._avg = torch.where(avg.isnan(), fresh, self.decay * avg + (1 - self.decay) * current)
+        ratio = self._ratio(self._avg).to(loss_p.dtype)
+        return (loss_h + self.alpha * ratio * loss_p) / (1 + self.alpha)
 
     def state_dict(self) -> dict:
         return {"mavg_h": self.mavg_h, "mavg_p": self.mavg_p}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mavg_h, self.mavg_p = state["mavg_h"], state["mavg_p"]
+        values = [math.nan if state[k] is None else float(state[k]) for k in ("mavg_h", "mavg_p")]
+        self._avg = (
+            None if state["mavg_h"] is None and state["mavg_p"] is None else torch.tensor(values, dtype=torch.float64)
+        )
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,14 +205,63 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
 
-def autocast(device: torch.device, enabled: bool):
-    if not enabled:
+def device_settings(device: str | torch.device, cudnn_benchmark: bool) -> None:
+    """Process-wide settings of a device: on CUDA, cuDNN's kernel search for fixed sizes."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+# The phases of a training step, as torch.profiler shows them (benchmarks/profile_step.py).
+STEP_PHASES = ("next_batch", "forward_and_loss", "backward", "guard", "optimizer_step")
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast at `precision` ("bf16", "fp16"), or nothing for "off"."""
+    if precision == "off":
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
-StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+def _materialize(logs: dict[str, Any]) -> dict[str, float]:
+    """Log values (floats or 0-d tensors) as floats: one host sync for all tensors."""
+    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return dict(logs)
+    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+    return {**logs, **dict(zip(tensors, values))}
+
+
+def _mean_logs(logs: dict[str, Any]) -> dict[str, float]:
+    """Log values as floats, each averaged over ranks (a collective: every rank calls it
+    at the same steps)."""
+    return distributed.mean_over_ranks(_materialize(logs))
+
+
+def to_device_ahead(batches: Iterator[dict], device: torch.device, pin: bool) -> Iterator[dict]:
+    """The batches with their top-level tensors on `device`, each copied one batch ahead:
+    batch N+1 is pinned (`pin`) and its non-blocking copy queued before step N runs, so
+    the host prepares it while the device computes."""
+
+    def move(batch: dict) -> dict:
+        return {
+            k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+
+    ahead = None
+    for batch in batches:
+        if ahead is not None:
+            current, ahead = ahead, move(batch)
+            yield current
+        else:
+            ahead = move(batch)
+    if ahead is not None:
+        yield ahead
+
+
+StepFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 
 def fit(
@@ -213,8 +280,10 @@ def fit(
     """Train `model` for `cfg.steps` steps, resuming from `<stage_dir>/checkpoint.pt`.
 
     make_batches(start_step) -> endless iterator of batches (seeded by start_step).
-    step_loss(model, batch) -> (scalar loss, {name: float}) for logging; `model` is
-    the module being trained (a DDP replica with several processes).
+    step_loss(model, batch) -> (scalar loss, {name: float or 0-d tensor}) for logging;
+    `model` is the module being trained (a DDP replica with several processes, compiled
+    with cfg.compile). Tensors are read back only on the steps that log, checkpoint or
+    call on_step; each step syncs once, to check the loss and gradient norm.
     key: digest of the stage's inputs; a checkpoint with another key is ignored, unless
     it is the last good one of a diverged run and `resume_key` (the digest of the inputs
     without the learning rate) is its resume key.
@@ -233,7 +302,8 @@ def fit(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    # Loss scaling only for fp16, whose range needs it; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     start = 0
     ckpt_path = stage_dir / CHECKPOINT
@@ -257,6 +327,8 @@ def fit(
             log(f"ignoring {ckpt_path}: it belongs to other inputs")
 
     net = distributed.prepare_model(model, device, cfg.sync_batchnorm)
+    if cfg.compile != "off":
+        net = torch.compile(net, mode=None if cfg.compile == "default" else cfg.compile)
     ranks = distributed.world_size()
     if start:
         # A checkpoint holds no per-rank state: like the data streams, the noise drawn
@@ -266,6 +338,9 @@ def fit(
         torch.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + start))
 
     saved = start or None  # step of the last good checkpoint
+    # Logs are averaged over ranks (a collective) on the same steps everywhere: every step
+    # if any rank has an on_step hook (with several processes only rank 0 has it).
+    every_step = bool(distributed.sum_over_ranks(torch.tensor([float(on_step is not None)])).item())
 
     def diverged(what: str, step: int, logs: dict[str, float]) -> TrainingDiverged:
         """Record the stop (rank 0) and the error every rank raises."""
@@ -312,41 +387,55 @@ def fit(
 
     net.train()
     batches = make_batches(start) if start < cfg.steps else iter(())
+    if device.type == "cuda":
+        batches = to_device_ahead(batches, device, pin=True)
     t0 = time.perf_counter()
     images, logs = 0, {}
     window_t, window_images = t0, 0
     for step in range(start, cfg.steps):
-        batch = next(batches)
+        with record_function("next_batch"):
+            batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-        with autocast(device, cfg.amp):
+        with record_function("forward_and_loss"), autocast(device, cfg.amp):
             loss, logs = step_loss(net, batch)
-        # One all-reduce: every rank logs global means and stops together on a bad loss.
-        logs = distributed.mean_over_ranks({**logs, "_loss": float(loss.detach())})
-        total = logs.pop("_loss")
-        if not math.isfinite(total):
-            raise diverged("the loss", step + 1, {"loss": total, **logs})
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        with record_function("backward"):
+            scaler.scale(loss).backward()
+        # One host sync per step, before the update: the loss and the gradient norm, summed
+        # over ranks (one all-reduce), so every rank stops together on a bad value. The
+        # log values stay on the device until a step logs them.
+        with record_function("guard"):
+            guard = [loss.detach().float()]
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                guard.append(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).float())
+            checked = distributed.sum_over_ranks(torch.stack(guard)).tolist()
+        total = checked[0] / ranks
+        if not math.isfinite(total):
+            raise diverged("the loss", step + 1, {"loss": total, **_mean_logs(logs)})
         if cfg.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            logs["grad_norm"] = checked[1] / ranks
             # With a GradScaler an infinite norm is expected now and then (it skips that step).
             if not scaler.is_enabled() and not math.isfinite(logs["grad_norm"]):
-                raise diverged("the gradient norm", step + 1, logs)
-        scaler.step(optimizer)
-        scaler.update()
+                raise diverged("the gradient norm", step + 1, _mean_logs(logs))
+        with record_function("optimizer_step"):
+            scaler.step(optimizer)
+            scaler.update()
         n = len(batch["images"]) * ranks
         images += n
         window_images += n
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        last = done == cfg.steps
+        if every_step or last or done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0:
+            logs = _mean_logs(logs)
+        if done % cfg.log_every == 0 or last:
             now = time.perf_counter()
             rate = window_images / max(now - window_t, 1e-9)
             window_t, window_images = now, 0
             parts = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
             log(f"step {done}/{cfg.steps} lr={optimizer.param_groups[0]['lr']:.3g} {parts} ({rate:.1f} img/s)")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or last:
             save(done, logs)
         if on_step is not None:
             on_step(done, logs)

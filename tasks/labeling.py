@@ -16,6 +16,7 @@ so the key) changes.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 from configs import PseudoLabelConfig
 from data.shards import CorruptImageError, ShardReadError, decode_image, image_bytes, iter_shard, write_shard
 from tasks.contract import Family
+from tasks.engine import autocast
 from tasks.rundir import atomic_write_json, read_json
 
 log = logging.getLogger("noisy_student.labeling")
@@ -97,11 +99,14 @@ def add_stats(total: dict, part: dict) -> dict:
 
 
 def _decoded_batches(
-    shard: str, batch_size: int, damage: list[ShardReadError]
+    shard: str, batch_size: int, damage: list[ShardReadError], threads: int = 1
 ) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
-    """(keys, images, corrupt keys) per batch, decoded one batch ahead in a thread.
+    """(keys, images, corrupt keys) per batch, in shard order, decoded ahead of the teacher.
 
-    A damaged shard ends the batches early; its error is appended to `damage`."""
+    `threads` batches decode at once, each in a thread of its own (PIL's decoders release
+    the GIL), and one more is read ahead, so the teacher's forward never waits on a
+    decode that could have run meanwhile. A damaged shard ends the batches early; its
+    error is appended to `damage`."""
 
     def decode(records):
         keys, images, corrupt = [], [], []
@@ -130,15 +135,14 @@ def _decoded_batches(
         if chunk:
             yield chunk
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
         for chunk in chunks():
-            nxt = pool.submit(decode, chunk)
-            if pending is not None:
-                yield pending.result()
-            pending = nxt
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(decode, chunk))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @torch.inference_mode()
@@ -168,12 +172,14 @@ def label_shard(
         return done
     stats = empty_stats(num_classes)
     damage: list[ShardReadError] = []
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # a model may have none
 
     def records():
         nonlocal stats
-        for keys, images, corrupt in _decoded_batches(shard, rule.batch_size, damage):
+        for keys, images, corrupt in _decoded_batches(shard, rule.batch_size, damage, rule.decode_threads):
             stats["corrupt"] += len(corrupt)
-            labels = family.label_images(model, images, image_size, rule) if images else []
+            with autocast(device, rule.amp):
+                labels = family.label_images(model, images, image_size, rule) if images else []
             for k, lab in zip(keys, labels):
                 stats["images"] += 1
                 if lab is None:

@@ -23,7 +23,7 @@ from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
 from tasks import distributed
 from tasks.contract import Family
-from tasks.engine import LossNormalizer, TrainingDiverged, fit
+from tasks.engine import LossNormalizer, TrainingDiverged, device_settings, fit
 from tasks.families import get_family
 from tasks.rundir import atomic_torch_save, json_digest
 
@@ -122,6 +122,7 @@ def train_teacher(
 def _teacher_rank(
     cfg: RunConfig, stage_dir: str, key: str, resume_key: str | None, *, device: torch.device, log, on_step
 ) -> dict:
+    device_settings(device, cfg.cudnn_benchmark)
     family = get_family(cfg.family)
     _check_classes(family, cfg, cfg.model)
     tcfg = cfg.teacher
@@ -143,7 +144,7 @@ def _teacher_rank(
     def step_loss(model: nn.Module, batch: dict):
         losses = family.losses(model, batch)
         total = _sum_losses(losses).mean()
-        return total, {"loss": total.item(), **{k: v.mean().item() for k, v in losses.items()}}
+        return total, {"loss": total.detach(), **{k: v.detach().mean() for k, v in losses.items()}}
 
     result = fit(
         stage_dir, model, make_batches, step_loss, tcfg, device, key, log=log, on_step=on_step, resume_key=resume_key
@@ -185,6 +186,7 @@ def _student_rank(
     log,
     on_step,
 ) -> dict:
+    device_settings(device, cfg.cudnn_benchmark)
     family = get_family(cfg.family)
     scfg = cfg.student
     tcfg = scfg.train
@@ -237,7 +239,7 @@ def _student_rank(
         n = batch["num_human"]
         loss_h, loss_p = per_sample[:n].mean(), per_sample[n:].mean()
         loss = normalizer(loss_h, loss_p)
-        return loss, {"loss": loss.item(), "loss_h": loss_h.item(), "loss_p": loss_p.item()}
+        return loss, {"loss": loss.detach(), "loss_h": loss_h.detach(), "loss_p": loss_p.detach()}
 
     result = fit(
         stage_dir,
@@ -257,5 +259,6 @@ def _student_rank(
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, float]:
+    device_settings(cfg.device, cfg.cudnn_benchmark)
     family, model = load_model(checkpoint, cfg.device)
     return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers)

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import RunConfig
 from data.files import DiskFullError
 from tasks import labeling, training
+from tasks.engine import device_settings
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -76,19 +77,7 @@ def _worth_retrying(task, task_run, state) -> bool:
     return not isinstance(err, DiskFullError)
 
 
-# An attempt that raises (a flaky read, a CUDA error) is retried twice in place. A worker
-# that dies mid-shard (killed, out of memory) takes its attempt with it: the Dask
-# scheduler runs the task again on another worker, at most
-# `distributed.scheduler.allowed-failures` times (3 by default), then fails it with
-# KilledWorker. Either way the next attempt starts by removing what the failed one left.
-@task(
-    name="label-shard",
-    task_run_name="label-shard-{index:06d}",
-    retries=2,
-    retry_condition_fn=_worth_retrying,
-    **_TASK,
-)
-def label_shard(
+def _label_one(
     cfg: RunConfig, teacher_checkpoint: str, shard: str, index: int, out_dir: str, key: str, num_classes: int
 ) -> dict:
     """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict).
@@ -104,6 +93,7 @@ def label_shard(
         return done
     if removed := labeling.remove_temporaries(out_dir, index):
         _logger().info("shard %s: removed %d temporary file(s) of a failed attempt", shard, len(removed))
+    device_settings(cfg.device, cfg.cudnn_benchmark)
     family, model = training.shared_model(teacher_checkpoint, cfg.device)
     stats = labeling.label_shard(
         family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key
@@ -117,3 +107,42 @@ def label_shard(
         stats["corrupt"],
     )
     return stats
+
+
+# One task labels a chunk of shards (`pseudo.shards_per_task`), one after the other: a
+# task run costs the Prefect server a few API calls and the runner a submit, so 10,000
+# one-shard tasks would spend more on orchestration than a small shard's labeling and
+# crowd the server. Each shard's sidecar is final as soon as it is written, so an
+# attempt that raises (a flaky read, a CUDA error) is retried twice in place, redoing
+# only the shards of the chunk it had not finished. A worker that dies mid-chunk (killed,
+# out of memory) takes its attempt with it: the Dask scheduler runs the task again on
+# another worker, at most `distributed.scheduler.allowed-failures` times (3 by default),
+# then fails it with KilledWorker. Either way the next attempt starts by removing what
+# the failed one left.
+def _chunk_name(parameters: dict) -> str:
+    """label-shards-<first index>-x<shards>: the task run's name in the UI."""
+    indices = parameters["indices"]
+    return f"label-shards-{indices[0]:06d}-x{len(indices)}" if indices else "label-shards-empty"
+
+
+@task(
+    name="label-shards",
+    task_run_name=_chunk_name,
+    retries=2,
+    retry_condition_fn=_worth_retrying,
+    **_TASK,
+)
+def label_shards(
+    cfg: RunConfig,
+    teacher_checkpoint: str,
+    shards: list[str],
+    indices: list[int],
+    keys: list[str],
+    out_dir: str,
+    num_classes: int,
+) -> list[dict]:
+    """Label `shards` (shard `indices[i]` with key `keys[i]`) in order; their stats."""
+    return [
+        _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
+        for shard, index, key in zip(shards, indices, keys, strict=True)
+    ]

@@ -78,8 +78,41 @@ def test_scheduler_address_from_config(thread_run, base_cfg, tmp_path):
         cluster.scheduler.add_plugin(finished)
         cfg = with_out_dir(base_cfg, tmp_path, runner="dask", dask_address=cluster.scheduler_address)
         out = stages.pseudo_label_flow(cfg, 0)
-    assert finished.counts["label_shard"] == 3  # one task per shard ran on this scheduler
+    assert finished.counts["label_shards"] == 3  # one task per shard (3 shards) ran on this scheduler
     assert_same_labels((out, tmp_path), thread_run)
+
+
+def test_chunked_tasks_label_like_one_task_per_shard(thread_run, base_cfg, tmp_path):
+    """Two shards per task on the thread pool: two task runs, the same sidecars."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    cfg = with_out_dir(base_cfg, tmp_path, runner="thread", shards_per_task=2)
+    state = stages.pseudo_label_flow(cfg, 0, return_state=True)
+    assert_same_labels((state.result(), tmp_path), thread_run)
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        names = sorted(r.name for r in client.read_task_runs(flow_run_filter=flow_run))
+    assert names == ["label-shards-000000-x2", "label-shards-000002-x1"]
+
+
+def test_chunked_tasks_on_a_scheduler(thread_run, base_cfg, tmp_path):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        finished = FinishedTasks()
+        cluster.scheduler.add_plugin(finished)
+        cfg = with_out_dir(base_cfg, tmp_path, runner="dask", dask_address=cluster.scheduler_address, shards_per_task=3)
+        out = stages.pseudo_label_flow(cfg, 0)
+    assert finished.counts["label_shards"] == 1
+    assert_same_labels((out, tmp_path), thread_run)
+
+
+def test_default_chunks_keep_many_tasks_for_few_shards_and_few_for_many():
+    from configs import PseudoLabelConfig
+
+    assert PseudoLabelConfig(max_workers=2).chunk_size(3) == 1  # one task per shard
+    assert PseudoLabelConfig(max_workers=2).chunk_size(10_000) == 100  # 100 tasks
+    assert PseudoLabelConfig(max_workers=8).chunk_size(1_282) == 11  # 128 tasks: 16 per worker
+    assert PseudoLabelConfig(max_workers=8, shards_per_task=40).chunk_size(1_282) == 40
 
 
 def test_unreachable_scheduler_names_its_address(prefect_harness, base_cfg, tmp_path):

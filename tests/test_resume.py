@@ -54,7 +54,7 @@ def check_sidecar(family, tar: Path, stats: dict, num_classes: int) -> None:
 def label_shard_runs(flow_run_id) -> int:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sum(r.name.startswith("label-shard-") for r in runs)
+    return sum(r.name.startswith("label-shards-") for r in runs)
 
 
 def test_killed_labeling_resumes_with_the_unfinished_shards(prefect_harness, tmp_path):
@@ -194,7 +194,7 @@ def test_a_failed_attempt_is_retried_in_place_and_a_full_disk_is_not(prefect_har
     assert sorted(p.name for p in pseudo.iterdir()) == sorted(
         ["manifest.json"] + [f"labels-{i:06d}.{ext}" for i in range(2) for ext in ("json", "tar")]
     )
-    assert units.label_shard.retries == 2  # bounded
+    assert units.label_shards.retries == 2  # bounded
     assert not units._worth_retrying(None, None, Failed(data=DiskFullError(pseudo / "labels-000000.tar")))
     assert units._worth_retrying(None, None, Failed(data=OSError(errno.EIO, "Input/output error")))
 
