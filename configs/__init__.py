@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -270,7 +270,13 @@ class RunConfig(_Config):
 
     family: str = "detection"
     out_dir: str = run_setting("runs/default")
-    rounds: int = run_setting(1, ge=1, description="self-training rounds (each round's stages are digested alone)")
+    rounds: Annotated[int, Field(ge=1)] | Literal["auto"] = run_setting(
+        1,
+        description="self-training rounds (each round's stages are digested alone); auto: rounds until a "
+        "student gains less than min_gain over its teacher, at most max_rounds",
+    )
+    min_gain: float = run_setting(0.5, description="rounds: auto stops after a round whose gain is below this")
+    max_rounds: int = run_setting(5, ge=1, description="rounds: auto runs at most this many rounds")
     device: str = run_setting("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     eval_batch_size: int = run_setting(32, ge=1)
     cudnn_benchmark: bool = run_setting(

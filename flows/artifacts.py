@@ -1,4 +1,5 @@
-"""What the Prefect UI shows: metrics per round, pseudo-label statistics, labeling progress.
+"""What the Prefect UI shows: metrics per round, pseudo-label statistics, labeling progress,
+and pictures (a PNG in a markdown artifact, as a data: URI, which the UI renders).
 
 Artifact keys are stable across reruns (`metrics-table`, `pseudo-stats-round-0`, ...),
 so the UI lists each artifact's history under one key.
@@ -6,8 +7,10 @@ so the UI lists each artifact's history under one key.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -109,6 +112,43 @@ def pseudo_stats(round_index: int, total: dict, unit: str, class_names: list[str
     )
 
 
+def image_markdown(png: bytes, alt: str) -> str:
+    """Markdown showing `png` inline (a data: URI)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def rounds_plot(summary: dict, path: Path) -> Path:
+    """The metric per round (the first teacher at round 0, each round's student after it) as
+    a PNG at `path`, and the `rounds` markdown artifact that shows it with its table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, rounds = summary["metric"], summary["rounds"]
+    xs = [0] + [r["round"] + 1 for r in rounds]
+    ys = [rounds[0]["teacher_metrics"][metric]] + [r["student_metrics"][metric] for r in rounds]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(xs, ys, marker="o")
+    ax.set_xticks(xs, ["teacher"] + [f"round {x - 1}" for x in xs[1:]])
+    ax.set_ylabel(metric)
+    ax.set_title(
+        f"{metric} per round" + (f" (stopped: {summary['stopped']})" if summary.get("stopped") else ""), fontsize=8
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    table = report_markdown(summary).split("\n", 2)[2]  # without the title line
+    create_markdown_artifact(
+        image_markdown(path.read_bytes(), f"{metric} per round") + "\n\n" + table,
+        key="rounds",
+        description=f"{metric} per round",
+    )
+    return path
+
+
 def report_markdown(summary: dict) -> str:
     metric = summary["metric"]
     lines = [
@@ -121,5 +161,7 @@ def report_markdown(summary: dict) -> str:
         t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
         p = r["pseudo"]
         lines.append(f"| {r['round']} | {t:.2f} | {s:.2f} | {s - t:+.2f} | {p['kept']}/{p['images']} | {p['labels']} |")
+    if summary.get("stopped"):
+        lines += ["", f"Rounds stopped: {summary['stopped']}."]
     lines += ["", f"Elapsed: {summary['elapsed_s']:.0f} s", ""]
     return "\n".join(lines)

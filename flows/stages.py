@@ -60,6 +60,7 @@ def teacher_inputs(cfg: RunConfig) -> dict:
 
 # Content digests of the unlabeled shards, cached across stages and runs (data/shards.py).
 SHARD_DIGESTS = "shard-digests.json"
+ROUNDS_PLOT = "rounds.png"
 
 
 def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
@@ -400,8 +401,11 @@ def evaluate_flow(cfg: RunConfig, checkpoint: str) -> dict:
 def noisy_student_flow(cfg: RunConfig) -> dict:
     """Teacher -> (pseudo-label -> student) x rounds; the student teaches the next round.
 
-    Writes <run>/config.yaml first and <run>/summary.json and report.md last. Fails
-    before any stage runs when inputs are missing, naming all of them (tasks/inputs.py).
+    `rounds: auto` runs rounds until one's student gains less than `min_gain` over its
+    teacher (at most `max_rounds`). Writes <run>/config.yaml first and <run>/summary.json
+    and report.md last; with several rounds also rounds.png, the metric per round, shown
+    in the UI as the `rounds` artifact. Fails before any stage runs when inputs are
+    missing, naming all of them (tasks/inputs.py).
     """
     check_inputs(cfg)
     t0 = time.perf_counter()
@@ -411,7 +415,9 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     family = get_family(cfg.family)
     teacher = teacher_flow(cfg)
     rounds = []
-    for r in range(cfg.rounds):
+    auto = cfg.rounds == "auto"
+    stopped = None
+    for r in range(cfg.max_rounds if auto else cfg.rounds):
         pseudo = pseudo_label_flow(cfg, r)
         student = student_flow(cfg, r)
         stats = pseudo["stats"]
@@ -430,13 +436,23 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
         )
         artifacts.metrics_table(rounds, family.metric)
         teacher = student
+        gain = student["metrics"][family.metric] - rounds[-1]["teacher_metrics"][family.metric]
+        if auto and gain < cfg.min_gain:
+            stopped = f"round {r} gained {gain:+.2f} {family.metric}, less than min_gain={cfg.min_gain:g}"
+            get_run_logger().info("rounds: auto stops: %s", stopped)
+            break
+    if auto and stopped is None:
+        stopped = f"max_rounds={cfg.max_rounds} reached"
     summary = {
         "family": family.name,
         "metric": family.metric,
         "rounds": rounds,
+        "stopped": stopped,
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "run_dir": str(run.root),
     }
+    if len(rounds) > 1 or auto:
+        artifacts.rounds_plot(summary, run.root / ROUNDS_PLOT)
     atomic_write_json(run.summary, summary)
     atomic_write_bytes(run.report, artifacts.report_markdown(summary).encode())
     return summary

@@ -87,3 +87,23 @@ def test_segmentation_demo_end_to_end(prefect_harness, tmp_path, capsys):
     assert sum(sum(s["class_counts"]) for s in shard_stats) == kept_pixels
     assert sum(s["pixels"] for s in shard_stats) >= kept_pixels
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["pseudo"]["scales"] == [0.5, 1.0]
+
+
+def test_rounds_auto_stops_at_min_gain_or_max_rounds(prefect_harness, tmp_path):
+    """rounds: auto runs until a round gains less than min_gain (at most max_rounds), plots the
+    metric per round into rounds.png and shows it in the UI's `rounds` artifact."""
+    from prefect.client.orchestration import get_client
+
+    summary = run_quick(tmp_path, "rounds=auto", "min_gain=-1000", "max_rounds=2")
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert summary["stopped"] == "max_rounds=2 reached"
+    png = (tmp_path / "run" / "rounds.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    with get_client(sync_client=True) as client:
+        (latest,) = [a for a in client.read_latest_artifacts() if a.key == "rounds"]
+    assert latest.type == "markdown" and "](data:image/png;base64," in latest.data
+    # The same run directory: round 0 is kept, and a gain below min_gain stops after it.
+    summary = run_quick(tmp_path, "rounds=auto", "min_gain=1000", "max_rounds=3")
+    assert [r["round"] for r in summary["rounds"]] == [0]
+    assert summary["stopped"].startswith("round 0 gained ") and "less than min_gain=1000" in summary["stopped"]
+    assert "Rounds stopped: round 0 gained" in (tmp_path / "run" / "report.md").read_text()
