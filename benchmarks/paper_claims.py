@@ -122,6 +122,7 @@ def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_l
     """Run (or skip, when finished) one cell; returns its per-round results."""
     from flows import stages
     from flows.demo import demo_config
+    from tasks.families import get_family
 
     seed_dir = root / f"seed-{seed}"
     cell_dir = seed_dir / cell.name
@@ -134,7 +135,21 @@ def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_l
         cell_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
     )
     t0 = time.perf_counter()
-    summary = stages.noisy_student_flow(cfg)
+    try:
+        summary = stages.noisy_student_flow(cfg)
+    except stages.NoPseudoLabels as err:
+        # A teacher that keeps no image at this cell's threshold is a result, not a failure:
+        # the cell has no student (NaN, left out of the means) and says why.
+        metric = get_family(family).metric
+        teacher = stages.teacher_outputs(cfg, 0)["metrics"][metric]
+        nan = math.nan
+        rounds = [{"teacher": teacher, "student": nan, "gain": nan, "kept": 0, "labels": 0, "no_pseudo": str(err)}]
+        return {
+            "metric": metric,
+            "rounds": rounds,
+            "loss_curve": {"step": []},
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     metric = summary["metric"]
     rounds = [
         {
@@ -193,6 +208,7 @@ def row(label: str, results: dict[int, dict], round_index: int = 0) -> dict:
         "student": mean_std([r["student"] for r in rs]),
         "gain": mean_std([r["gain"] for r in rs]),
         "kept": mean_std([r["kept"] for r in rs]),
+        "no_pseudo": sum(1 for r in rs if r.get("no_pseudo")),  # seeds whose teacher kept no image
     }
 
 
@@ -255,7 +271,7 @@ def aggregate(results: dict[str, dict[int, dict]], claims: list[str], base_level
     if "e" in claims:
         cells = {0.3: "threshold-0.3", 0.5: "base", 0.7: "threshold-0.7"}
         rows = [row(str(t), results[c]) for t, c in cells.items()]
-        best = max(rows, key=lambda r: r["gain"]["mean"])["value"]
+        best = max(rows, key=lambda r: r["gain"]["mean"] if math.isfinite(r["gain"]["mean"]) else -math.inf)["value"]
         out["e"] = {
             "title": "Pseudo-label threshold",
             "expected": "each threshold gains; the recipe's 0.5 is as good as the others",
@@ -334,7 +350,9 @@ def report_markdown(result: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for r in claim["rows"]:
-            cols = [r["value"], _pm(r["teacher"]), _pm(r["student"]), _pm(r["gain"]), f"{r['kept']['mean']:.0f}"]
+            none = f"no student on {r['no_pseudo']} seed(s): no image kept" if r.get("no_pseudo") else None
+            student = none if none and r["student"]["n"] == 0 else _pm(r["student"])
+            cols = [r["value"], _pm(r["teacher"]), student, _pm(r["gain"]), f"{r['kept']['mean']:.0f}"]
             lines.append("| " + " | ".join(str(c) for c in cols) + " |")
         if key == "b":
             lines += ["", "Mean step-to-step change of the loss over the second half of training:", ""]

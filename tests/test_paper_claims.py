@@ -108,3 +108,21 @@ def test_tiny_claims_run_resumes_and_reports(tmp_path):
     again = json.loads((out / "claims.json").read_text())
     assert again["claims"]["a"]["rows"] == claim["rows"]
     assert sum(v["seconds"] for per in again["cells"].values() for v in per.values()) < first
+
+
+def test_a_threshold_that_keeps_nothing_is_a_row_without_a_student():
+    """A teacher that keeps no image at 0.7: no student, left out of the means, named in the report."""
+    seeds = (0, 1)
+    results = {c: {s: _res(20.0, 22.0 + s) for s in seeds} for c in ("base", "threshold-0.3")}
+    nan = math.nan
+    empty = {"teacher": 20.0, "student": nan, "gain": nan, "kept": 0, "labels": 0, "no_pseudo": "kept no image"}
+    results["threshold-0.7"] = {s: {**_res(20.0, 20.0), "rounds": [empty]} for s in seeds}
+    out = pc.aggregate(results, ["e"], "S2")
+    rows = {r["value"]: r for r in out["e"]["rows"]}
+    assert rows["0.7"]["no_pseudo"] == 2 and rows["0.7"]["student"]["n"] == 0
+    assert math.isnan(rows["0.7"]["gain"]["mean"])
+    assert out["e"]["best"] in ("0.3", "0.5") and out["e"]["holds"] is False
+    result = {"family": "detection", "scale": "small", "seeds": list(seeds), "elapsed_s": 60.0, "metric": "AP"}
+    out["e"]["plot"] = "claim-e.png"
+    report = pc.report_markdown({**result, "claims": out})
+    assert "| 0.7 | 20.00 ± 0.00 | no student on 2 seed(s): no image kept |" in report
