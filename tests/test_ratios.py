@@ -28,7 +28,7 @@ def test_ratios_quick_measures_every_pair(tmp_path: Path):
         op, goal = r[name]["goal"].split()
         assert r[name]["met"] == (r[name]["ratio"] >= float(goal) if op == ">=" else r[name]["ratio"] <= float(goal))
     assert r["labeling"]["pipeline_img_s"] > 0 and len(r["labeling"]["bare_img_s"]) == 2
-    assert r["memory"]["peak_rss_mib_3_shards"] >= 100 and r["training_rss"]["last_mib"] > 0
+    assert r["memory"]["labeling_peak_rss_mib_3_shards"] >= 100 and r["training_rss"]["last_mib"] > 0
     # The student trained on the labeling pair's sidecars: one per shard.
     assert len(list((tmp_path / "labels").glob("labels-*.tar"))) == 3
 
