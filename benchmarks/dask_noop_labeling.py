@@ -302,9 +302,7 @@ def child(mode: str, root: Path, workers: int) -> dict:
 
     t0 = time.perf_counter()
     rule = cfg.pseudo.model_copy(update={"runner": "dask"})
-    with LocalCluster(
-        **local_cluster_kwargs(rule, cfg.device), preload=[str(Path(__file__).resolve())], dashboard_address=":0"
-    ) as cluster:
+    with LocalCluster(**local_cluster_kwargs(rule, cfg.device), preload=[str(Path(__file__).resolve())]) as cluster:
         started_s = time.perf_counter() - t0
         with Client(cluster) as client:
             client.run(_import, "tasks.units")  # what each worker imports for its first task

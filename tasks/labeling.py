@@ -16,8 +16,9 @@ so the key) changes.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,15 +39,25 @@ def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
     return out_dir / f"labels-{index:06d}.tar", out_dir / f"labels-{index:06d}.json"
 
 
-def remove_temporaries(out_dir: str | Path, index: int | None = None) -> list[Path]:
+def remove_temporaries(out_dir: str | Path, index: int | Iterable[int] | None = None) -> list[Path]:
     """Remove the temporary files of sidecar writes that never finished (a killed run or
-    worker leaves `.labels-NNNNNN.{tar,json}.*.tmp` behind): every shard's, or only shard
-    `index`'s. Returns the removed paths. Call it only while nothing else writes there."""
-    pattern = ".labels-*.tmp" if index is None else f".labels-{index:06d}.*.tmp"
+    worker leaves `.labels-NNNNNN.{tar,json}.*.tmp` behind): every shard's, or only those
+    of shard `index` (or of the shards in it). One listing of the folder, however many
+    shards: a folder of 10,000 shards holds 20,000 files. Returns the removed paths. Call
+    it only while nothing else writes there."""
+    wanted = None if index is None else {index} if isinstance(index, int) else set(index)
     removed = []
-    for p in sorted(Path(out_dir).glob(pattern)):
-        p.unlink(missing_ok=True)
-        removed.append(p)
+    try:
+        with os.scandir(out_dir) as entries:
+            names = sorted(e.name for e in entries if e.name.startswith(".labels-") and e.name.endswith(".tmp"))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        number = name[len(".labels-") :].split(".", 1)[0]
+        if wanted is None or (number.isdigit() and int(number) in wanted):
+            p = Path(out_dir) / name
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 

@@ -83,16 +83,13 @@ def _label_one(
     """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict).
 
     A shard already labeled with this `key` is returned as it is, before the teacher is
-    loaded, so a retried or resumed task costs a file read. Otherwise the temporary
-    files of an earlier attempt at this shard are removed first: only this task writes
-    them.
+    loaded, so a retried or resumed task costs a file read. The chunk's task has removed
+    the temporary files of earlier attempts first.
     """
     out_tar, out_json = labeling.sidecar_paths(out_dir, index)
     if done := labeling.finished_shard(out_tar, out_json, key):
         _logger().info("shard %s: already labeled (%s); skipped", shard, out_json.name)
         return done
-    if removed := labeling.remove_temporaries(out_dir, index):
-        _logger().info("shard %s: removed %d temporary file(s) of a failed attempt", shard, len(removed))
     device_settings(cfg.device, cfg.cudnn_benchmark)
     family, model = training.shared_model(teacher_checkpoint, cfg.device)
     stats = labeling.label_shard(
@@ -141,7 +138,11 @@ def label_shards(
     out_dir: str,
     num_classes: int,
 ) -> list[dict]:
-    """Label `shards` (shard `indices[i]` with key `keys[i]`) in order; their stats."""
+    """Label `shards` (shard `indices[i]` with key `keys[i]`) in order; their stats. The
+    temporary files an earlier attempt left for these shards are removed first: only this
+    task writes them."""
+    if removed := labeling.remove_temporaries(out_dir, indices):
+        _logger().info("removed %d temporary file(s) of a failed attempt: %s", len(removed), removed[:3])
     return [
         _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
         for shard, index, key in zip(shards, indices, keys, strict=True)

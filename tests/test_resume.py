@@ -243,3 +243,15 @@ def read_progress(artifact_id) -> float:
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
     return float(artifact.data)
+
+
+def test_remove_temporaries_of_some_shards_keeps_the_others(tmp_path):
+    from tasks.labeling import remove_temporaries
+
+    names = [".labels-000001.tar.a.tmp", ".labels-000002.json.b.tmp", ".labels-000010.tar.c.tmp", "labels-000001.tar"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    removed = remove_temporaries(tmp_path, [1, 10])
+    assert sorted(p.name for p in removed) == [".labels-000001.tar.a.tmp", ".labels-000010.tar.c.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".labels-000002.json.b.tmp", "labels-000001.tar"]
+    assert remove_temporaries(tmp_path / "missing") == []
