@@ -66,11 +66,15 @@ def test_run_settings_are_declared_on_the_fields():
         "checkpoint_every",
         "dist_backend",
         "channels_last",
+        "compile",
     }
     assert "num_workers" not in DataConfig(**DATA).digest_view()
-    assert {"runner", "max_workers", "dask_address", "batch_size"}.isdisjoint(PseudoLabelConfig().digest_view())
+    settings = {"runner", "max_workers", "dask_address", "batch_size", "decode_threads", "shards_per_task"}
+    assert settings.isdisjoint(PseudoLabelConfig().digest_view())
+    assert "amp" in PseudoLabelConfig().digest_view()  # the teacher's precision changes its labels
     view = RunConfig(data=DataConfig(**DATA)).digest_view()
     assert "eval_batch_size" not in view and "processes" not in view["student"]["train"]
+    assert {"cudnn_benchmark", "rounds", "min_gain", "max_rounds"}.isdisjoint(view)
     assert view["teacher"]["lr"] == TrainConfig().lr
 
 
