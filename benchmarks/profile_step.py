@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.warmup + args.steps + 1
     cfg = ratios.config(out, args.family, args.device, n, 2, 32, args.quick, extra)
     teacher = ratios.teacher_file(cfg, out)
-    _, pairs = ratios.label_pool(cfg, teacher, out / "labels")
+    dense = cfg.pseudo.model_copy(update={"score_threshold": 0.0, "max_boxes": 3})
+    _, pairs = ratios.label_pool(cfg, teacher, out / "labels", rule=dense)
     quiet = lambda m: None  # noqa: E731
     result = {
         "benchmark": "profile_step",
