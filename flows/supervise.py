@@ -209,4 +209,21 @@ def exit_interrupted() -> NoReturn:
             handlers.APILogWorker.drain_all(timeout=2)  # the crash logs reach the server
         except Exception:
             pass
+    _stop_resource_tracker()
     os._exit(128 + signal.SIGINT)
+
+
+def _stop_resource_tracker() -> None:
+    """SIGKILL multiprocessing's resource tracker (a child that shares the terminal).
+
+    Once this process and the killed workers are gone, the tracker would see its pipe
+    close and warn about the loaders' semaphores ("leaked semaphore objects"), which are
+    already unlinked: killed first, it says nothing. Its pid is only kept privately."""
+    import multiprocessing.resource_tracker as tracker
+
+    pid = getattr(getattr(tracker, "_resource_tracker", None), "_pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
