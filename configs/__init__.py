@@ -212,8 +212,8 @@ class PseudoLabelConfig(_Config):
     shards_per_task: int | None = run_setting(
         None,
         ge=1,
-        description="shards one Prefect task labels in a row; None: enough for 16 tasks per worker, "
-        "at least 100 tasks (or one per shard, if fewer)",
+        description="shards one Prefect task labels in a row; None: sized for 16 tasks per worker and "
+        "at least 100 tasks, rounded up (one per shard when there are fewer shards)",
     )
     shard_limit: int | None = Field(None, ge=1, description="label only the first N shards")
     scales: tuple[float, ...] = Field(

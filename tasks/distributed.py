@@ -136,25 +136,16 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, (t / n).tolist()))
 
 
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Detached sum of `t` over ranks (one all-reduce; `t` itself, detached, with one process)."""
-    t = t.detach()
-    if world_size() == 1:
-        return t
-    out = t.to(_collective_device(), copy=True)
-    dist.all_reduce(out)
-    return out
-
-
 def average_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Detached mean of `t` over ranks (`t` itself, detached, with one process)."""
+    """Detached mean of `t` over ranks, on `t`'s device (one all-reduce, on the backend's
+    device; `t` itself, detached, with one process)."""
     n = world_size()
     t = t.detach()
     if n == 1:
         return t
-    out = t.clone()
+    out = t.to(_collective_device(), copy=True)
     dist.all_reduce(out)
-    return out / n
+    return (out / n).to(t.device)
 
 
 # --------------------------------------------------------------------------- BatchNorm

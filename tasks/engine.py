@@ -340,7 +340,7 @@ def fit(
     saved = start or None  # step of the last good checkpoint
     # Logs are averaged over ranks (a collective) on the same steps everywhere: every step
     # if any rank has an on_step hook (with several processes only rank 0 has it).
-    every_step = bool(distributed.sum_over_ranks(torch.tensor([float(on_step is not None)])).item())
+    every_step = distributed.average_over_ranks(torch.tensor([float(on_step is not None)])).item() > 0
 
     def diverged(what: str, step: int, logs: dict[str, float]) -> TrainingDiverged:
         """Record the stop (rank 0) and the error every rank raises."""
@@ -402,7 +402,7 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             scaler.scale(loss).backward()
-        # One host sync per step, before the update: the loss and the gradient norm, summed
+        # One host sync per step, before the update: the loss and the gradient norm, averaged
         # over ranks (one all-reduce), so every rank stops together on a bad value. The
         # log values stay on the device until a step logs them.
         with record_function("guard"):
@@ -410,12 +410,12 @@ def fit(
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 guard.append(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).float())
-            checked = distributed.sum_over_ranks(torch.stack(guard)).tolist()
-        total = checked[0] / ranks
+            checked = distributed.average_over_ranks(torch.stack(guard)).tolist()
+        total = checked[0]
         if not math.isfinite(total):
             raise diverged("the loss", step + 1, {"loss": total, **_mean_logs(logs)})
         if cfg.grad_clip is not None:
-            logs["grad_norm"] = checked[1] / ranks
+            logs["grad_norm"] = checked[1]
             # With a GradScaler an infinite norm is expected now and then (it skips that step).
             if not scaler.is_enabled() and not math.isfinite(logs["grad_norm"]):
                 raise diverged("the gradient norm", step + 1, _mean_logs(logs))

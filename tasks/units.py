@@ -90,7 +90,6 @@ def _label_one(
     if done := labeling.finished_shard(out_tar, out_json, key):
         _logger().info("shard %s: already labeled (%s); skipped", shard, out_json.name)
         return done
-    device_settings(cfg.device, cfg.cudnn_benchmark)
     family, model = training.shared_model(teacher_checkpoint, cfg.device)
     stats = labeling.label_shard(
         family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key
@@ -106,6 +105,12 @@ def _label_one(
     return stats
 
 
+def _chunk_name(parameters: dict) -> str:
+    """label-shards-<first index>-x<shards>: the task run's name in the UI."""
+    indices = parameters["indices"]
+    return f"label-shards-{indices[0]:06d}-x{len(indices)}" if indices else "label-shards-empty"
+
+
 # One task labels a chunk of shards (`pseudo.shards_per_task`), one after the other: a
 # task run costs the Prefect server a few API calls and the runner a submit, so 10,000
 # one-shard tasks would spend more on orchestration than a small shard's labeling and
@@ -116,12 +121,6 @@ def _label_one(
 # another worker, at most `distributed.scheduler.allowed-failures` times (3 by default),
 # then fails it with KilledWorker. Either way the next attempt starts by removing what
 # the failed one left.
-def _chunk_name(parameters: dict) -> str:
-    """label-shards-<first index>-x<shards>: the task run's name in the UI."""
-    indices = parameters["indices"]
-    return f"label-shards-{indices[0]:06d}-x{len(indices)}" if indices else "label-shards-empty"
-
-
 @task(
     name="label-shards",
     task_run_name=_chunk_name,
@@ -143,6 +142,7 @@ def label_shards(
     task writes them."""
     if removed := labeling.remove_temporaries(out_dir, indices):
         _logger().info("removed %d temporary file(s) of a failed attempt: %s", len(removed), removed[:3])
+    device_settings(cfg.device, cfg.cudnn_benchmark)
     return [
         _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
         for shard, index, key in zip(shards, indices, keys, strict=True)

@@ -111,7 +111,9 @@ def test_default_chunks_keep_many_tasks_for_few_shards_and_few_for_many():
 
     assert PseudoLabelConfig(max_workers=2).chunk_size(3) == 1  # one task per shard
     assert PseudoLabelConfig(max_workers=2).chunk_size(10_000) == 100  # 100 tasks
-    assert PseudoLabelConfig(max_workers=8).chunk_size(1_282) == 11  # 128 tasks: 16 per worker
+    assert (
+        PseudoLabelConfig(max_workers=8).chunk_size(1_282) == 11
+    )  # 1,282 / 128 (16 per worker), rounded up: 117 tasks
     assert PseudoLabelConfig(max_workers=8, shards_per_task=40).chunk_size(1_282) == 40
 
 
