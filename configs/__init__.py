@@ -44,6 +44,24 @@ def _digested(field: Any) -> bool:
     return not (isinstance(extra, dict) and extra.get("digest") is False)
 
 
+# How `amp` entered stage digests before it named a dtype: a bool, and the labeling
+# rule had none (it ran in fp32). Digesting the values that mean the same thing as
+# they were digested then keeps finished stages valid across the upgrade: a
+# days-long teacher is not retrained because its config now reads `off`.
+_AMP_DIGEST = {"off": False, "bf16": True}
+
+
+def _digest_value(field: Any, value: Any) -> Any:
+    extra = field.json_schema_extra
+    legacy = extra.get("digest_legacy") if isinstance(extra, dict) else None
+    return legacy.get(value, value) if isinstance(legacy, dict) and isinstance(value, str) else value
+
+
+def _digest_omitted(field: Any, value: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and "digest_omit" in extra and extra["digest_omit"] == value
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -56,7 +74,9 @@ class _Config(BaseModel):
             if not _digested(field):
                 continue
             value = getattr(self, name)
-            out[name] = value.digest_view() if isinstance(value, _Config) else dumped[name]
+            if _digest_omitted(field, value):
+                continue
+            out[name] = value.digest_view() if isinstance(value, _Config) else _digest_value(field, dumped[name])
         return out
 
 
@@ -149,6 +169,7 @@ class TrainConfig(_Config):
         "off",
         description="autocast dtype: bf16 (CPU, and CUDA from Ampere on; no loss scaling), fp16 (with a "
         "GradScaler, for GPUs without bf16), off: fp32; true means bf16",
+        json_schema_extra={"digest_legacy": _AMP_DIGEST},
     )
     channels_last: bool = run_setting(False, description="model and input batches in channels_last memory format")
     compile: CompileMode = run_setting(
@@ -196,7 +217,11 @@ class PseudoLabelConfig(_Config):
     max_boxes: int = Field(100, ge=1)
     per_class_cap: int | None = Field(None, ge=1, description="at most N labels of a class per image")
     batch_size: int = run_setting(32, ge=1, description="images per teacher forward (larger on a GPU: 64-256)")
-    amp: Precision = Field("off", description="autocast dtype of the teacher's forward (see teacher.amp)")
+    amp: Precision = Field(
+        "off",
+        description="autocast dtype of the teacher's forward (see teacher.amp)",
+        json_schema_extra={"digest_omit": "off"},
+    )
     decode_threads: int = run_setting(
         1, ge=1, description="threads decoding the next batches while the teacher runs (a GPU wants 4-8)"
     )
