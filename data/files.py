@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from data import storage
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -50,15 +52,19 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path | str:
     """Call `write(f)` on a hidden temporary file beside `path`, then rename it into place.
 
     The temporary name ends in `.tmp`, so a leftover never matches a shard pattern; on
     any error it is removed and the error re-raised. When the filesystem is full (or
     over quota) the error is a DiskFullError naming `path`, and an older file under
-    `path` is left as it was. Parent folders are created.
+    `path` is left as it was. Parent folders are created. An object-storage URL
+    (`s3://...`) is uploaded whole instead, and appears only when complete
+    (`data.storage.write_remote`); the URL is returned.
     """
-    path = Path(path)
+    if storage.is_remote(path):
+        return storage.write_remote(os.fspath(path), write)
+    path = storage.local(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ Pure Python + torch/torchvision/PIL; no Prefect here (DESIGN.md section 2).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -25,11 +26,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 from braceexpand import braceexpand
 
+from data import storage
 from data.files import atomic_write
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -103,55 +106,56 @@ def _check_ext(key: str, ext: object) -> str:
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[tuple[str, dict[str, bytes]]]) -> int:
-    """Write records to a tar shard at `path`, atomically; return the number of records.
+    """Write records to a tar shard at `path` (a local path or an object-storage URL),
+    atomically; return the number of records.
 
     Each record `(key, {ext: bytes})` becomes members `{key}.{ext}` (extensions in
-    sorted order), records in iteration order. Keys must be non-empty, contain no '.'
-    or '/', and be unique within the shard (ValueError naming the key otherwise);
-    values must be bytes-like (TypeError). The tar is written to a hidden temporary file
-    beside `path` and renamed into place only when complete, so `path` never holds a
-    partial shard; on any error the temporary file is removed and the error re-raised.
-    Header fields are fixed (mtime 0, mode 0444, uid/gid 0, no user names), so the same
-    records always give byte-identical files. Parent folders are created.
+    sorted order), records in iteration order, written by webdataset's TarWriter. Keys
+    must be non-empty, contain no '.' or '/', and be unique within the shard (ValueError
+    naming the key otherwise); values must be bytes-like (TypeError). The tar goes to a
+    hidden temporary file beside `path` and is renamed into place only when complete
+    (an object is uploaded whole), so `path` never holds a partial shard; on any error
+    the temporary file is removed and the error re-raised. Header fields are fixed
+    (mtime 0, mode 0444, uid/gid 0, no user names), so the same records always give
+    byte-identical files. Parent folders are created.
     """
-    path = Path(path)
+    import webdataset as wds
+
     count = 0
     seen: set[str] = set()
 
-    def write(f) -> None:
+    def samples() -> Iterator[dict]:
         nonlocal count
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for key, members in records:
-                _check_key(key)
-                if key in seen:
-                    # A repeated key would merge or split records on reading.
-                    raise ValueError(f"duplicate shard key {key!r} in {path}")
-                seen.add(key)
-                for ext in sorted(members):
-                    _check_ext(key, ext)
-                    data = members[ext]
-                    if not isinstance(data, (bytes, bytearray, memoryview)):
-                        raise TypeError(f"member {key}.{ext} must be bytes, got {type(data).__name__}")
-                    data = bytes(data)
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = _MTIME
-                    info.mode = _MODE
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-                count += 1
+        for key, members in records:
+            _check_key(key)
+            if key in seen:
+                # A repeated key would merge or split records on reading.
+                raise ValueError(f"duplicate shard key {key!r} in {os.fspath(path)}")
+            seen.add(key)
+            sample: dict = {"__key__": key}
+            for ext, data in members.items():
+                _check_ext(key, ext)
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"member {key}.{ext} must be bytes, got {type(data).__name__}")
+                sample[ext] = bytes(data)
+            count += 1
+            yield sample
+
+    def write(f) -> None:
+        # encoder=False: members are stored as the bytes given; TarWriter sorts them by
+        # extension. user/group "" and mtime 0 keep the bytes a function of the records.
+        with wds.TarWriter(f, user="", group="", mode=_MODE, mtime=_MTIME, encoder=False, format="PAX_FORMAT") as sink:
+            for sample in samples():
+                sink.write(sample)
 
     # Hidden temporary name not ending in .tar: a leftover never matches a shard pattern.
     atomic_write(path, write)
     return count
 
 
-# webdataset's split: the key is the member path up to the first '.' of its last path
-# component; the rest is the extension. Members without an extension are skipped.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # webdataset skips `__key__`-style meta members entirely.
-_META = re.compile(r"__[^/]*__($|/)")
+_META = r"__[^/]*__($|/)"
+_BLOCK = 512
 
 
 class ShardReadError(tarfile.ReadError):
@@ -172,33 +176,63 @@ class ShardReadError(tarfile.ReadError):
 
 # What a damaged tar raises while it is read: tarfile's own errors, and the
 # decompressors' for a damaged .tar.gz. OSError (a failing disk or mount) is not one.
-_DAMAGED = (tarfile.TarError, EOFError, zlib.error)
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
-class _EndNotingInfo(tarfile.TarInfo):
-    """Notes on its TarFile the header error that ended the archive. Past the first
-    member tarfile takes any unreadable header for the end of the archive, so a shard
-    cut off at or inside a header would read as complete; only a zero block (the
-    end-of-archive marker, EOFHeaderError) is a proper end."""
+class _Tail(io.RawIOBase):
+    """A reader that remembers how many bytes passed and the last block of them.
 
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as err:
-            tar.header_error = err
-            raise
+    Past its first member tarfile takes any unreadable header for the end of the archive,
+    so a shard cut off at or inside a header would read as complete. A whole tar is a
+    run of 512-byte blocks ending in zero blocks (the end-of-archive marker and the
+    record padding): `ended_properly` checks that, once the stream has been drained."""
+
+    def __init__(self, f: IO[bytes], head: bytes = b""):
+        self.f, self.head, self.total, self.last = f, head, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.head:
+            data, self.head = self.head[: len(buf)], self.head[len(buf) :]
+        else:
+            data = self.f.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.total += n
+        self.last = (self.last + data)[-_BLOCK:]
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def ended_properly(self) -> bool:
+        return self.total > 0 and self.total % _BLOCK == 0 and self.last == bytes(_BLOCK)
+
+
+def _open_stream(path: str) -> IO[bytes]:
+    """A binary stream of a shard: `pipe:command` through webdataset's gopen (as in its
+    shard lists), any other URL or path through data.storage (fsspec)."""
+    if path.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(path, "rb")
+    return storage.open_read(path)
 
 
 def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream `(key, {ext: bytes})` records from a tar shard, in member order.
 
-    The tar is read sequentially (stream mode, one member in memory at a time; gzip
-    compressed tars are accepted). Consecutive regular members with the same key are
-    grouped; key and extension are split like webdataset does (key = path up to the
-    first '.' of the file name, extension lower-cased), members without an extension
-    and `__meta__` members are skipped. A key that reappears after another key starts
-    a new record. A repeated extension within one record raises ValueError.
+    `path` is a local path, an object-storage URL (`s3://bucket/pool-000000.tar`) or a
+    webdataset `pipe:` command. The tar is read sequentially by webdataset's own
+    readers (`tar_file_iterator`, one member in memory at a time, then `group_by_keys`:
+    consecutive members with the same key form one record, the key being the path up
+    to the first '.' of the file name, the extension lower-cased; members without an
+    extension and `__meta__` members are skipped; a key that reappears after another
+    key starts a new record). Gzip-compressed tars are accepted. A repeated extension
+    within one record raises ValueError.
 
     A damaged shard (cut off anywhere, garbage, an empty file, no end-of-archive
     marker) raises ShardReadError after the records read before the damage were
@@ -206,48 +240,59 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
     the one whose member was being read is lost (its key is in the error). A file that
     cannot be opened raises OSError as usual.
     """
+    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
     path = os.fspath(path)
-    key: str | None = None
-    record: dict[str, bytes] = {}
     yielded = 0
-    in_member = False
-    with open(path, "rb") as f:
+    reading: list[str] = []  # the member tar_file_iterator is reading (webdataset's hook runs before its read)
+    damage: list[BaseException] = []
+
+    def select(fname: str) -> bool:
+        reading[:] = [fname]
+        return True
+
+    def members(tail: _Tail) -> Iterator[dict]:
         try:
-            with tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndNotingInfo) as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    name = info.name
-                    if _META.match(name):
-                        continue
-                    m = _KEY_EXT.match(name)
-                    if m is None:
-                        continue
-                    k, ext = m.group(1), m.group(2).lower()
-                    if k != key:
-                        if key is not None:
-                            yielded += 1
-                            yield key, record
-                        key, record = k, {}
-                    if ext in record:
-                        raise ValueError(f"duplicate member {name!r} in shard {path}")
-                    in_member = True
-                    member = tar.extractfile(info)
-                    record[ext] = member.read() if member is not None else b""
-                    in_member = False
-                    # tarfile keeps every TarInfo it has seen; drop them so memory stays flat.
-                    tar.members = []
-                end = getattr(tar, "header_error", None)
-                if not isinstance(end, tarfile.EOFHeaderError):
-                    raise tarfile.ReadError(f"no end-of-archive marker ({type(end).__name__}: {end})")
+            for member in tar_file_iterator(tail, skip_meta=_META, select_files=select):
+                member["__url__"] = path
+                reading.clear()
+                yield member
+            tail.drain()
+            if not tail.ended_properly():
+                raise tarfile.ReadError(f"no end-of-archive marker after {tail.total} bytes")
         except _DAMAGED as err:
-            lost = key if in_member else None
-            if key is not None and not in_member:
+            damage.append(err)  # stop here: group_by_keys yields what it holds, checked below
+
+    with _open_stream(path) as raw:
+        head = raw.read(2)
+        source: IO[bytes] = raw
+        if head == b"\x1f\x8b":  # gzip: the tar (and its end) is checked after decompression
+            source, head = gzip.GzipFile(fileobj=_Tail(raw, head), mode="rb"), b""
+        tail = _Tail(source, head)
+        lost = None
+        pending = None
+        try:
+            for sample in group_by_keys(members(tail), keys=base_plus_ext, lcase=True):
+                if pending is not None:
+                    yielded += 1
+                    yield pending
+                key = sample.pop("__key__")
+                sample.pop("__url__", None)
+                pending = (key, sample)
+            if damage and reading:
+                lost = base_plus_ext(reading[0])[0]
+            if pending is not None and pending[0] != lost:
+                # the last record is whole unless the damage struck inside one of its members
                 yielded += 1
-                yield key, record
-            raise ShardReadError(path, yielded, lost, f"{type(err).__name__}: {err}") from err
-        if key is not None:
-            yield key, record
+                yield pending
+        finally:
+            if source is not raw:
+                source.close()
+        if damage:
+            err = damage[0]
+            # webdataset appends " @ <stream object>" to the messages it passes on
+            reason = str(err).split(" @ <", 1)[0]
+            raise ShardReadError(path, yielded, lost, f"{type(err).__name__}: {reason}") from err
 
 
 def image_bytes(record: dict[str, bytes]) -> tuple[str, bytes] | None:
@@ -321,20 +366,56 @@ def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def remote_identity(url: str) -> dict:
+    """`{"path", "size", "etag"}` of an object: the store's own checksum of its bytes
+    (S3's ETag, an MD5 of the content or of its parts; GCS's md5Hash or crc32c), which
+    changes with any change of content and is known without reading the object."""
+    meta = storage.info(url)
+    tag = next((meta[k] for k in ("ETag", "etag", "md5Hash", "crc32c") if meta.get(k)), None)
+    if tag is None:  # a backend without a content checksum: hash the bytes once
+        h = hashlib.sha256()
+        with storage.open_read(url) as f:
+            while block := f.read(_HASH_CHUNK):
+                h.update(block)
+        tag = "sha256:" + h.hexdigest()
+    return {"path": url, "size": int(meta.get("size", 0)), "etag": str(tag).strip('"')}
+
+
 def shard_identities(
     paths: Sequence[str | os.PathLike], cache_path: str | os.PathLike | None = None, threads: int = 4
 ) -> list[dict]:
-    """`{"path": resolved path, "size": bytes, "sha256": hex}` per local shard file, in order.
+    """`{"path": resolved path, "size": bytes, "sha256": hex}` per local shard file, in order;
+    `{"path": url, "size": bytes, "etag": checksum}` per object-storage URL (`remote_identity`).
 
-    Digests are looked up in the json file `cache_path` (when given) by resolved path
+    Local digests are looked up in the json file `cache_path` (when given) by resolved path
     and (size, mtime_ns, ctime_ns, inode); the others are hashed, in up to `threads`
     threads, and the cache is rewritten atomically. A cache that is missing or
     unreadable is rebuilt. Raises FileNotFoundError naming every missing shard.
     """
-    resolved = [Path(p).resolve() for p in paths]
-    missing = [os.fspath(p) for p, r in zip(paths, resolved) if not r.is_file()]
+    remote = {os.fspath(p): None for p in paths if storage.is_remote(p)}
+    if remote:
+        with ThreadPoolExecutor(max(1, min(threads, len(remote)))) as pool:
+            found = list(pool.map(_remote_or_none, remote))
+        remote = dict(zip(remote, found))
+    resolved = {os.fspath(p): storage.local(p).resolve() for p in paths if not storage.is_remote(p)}
+    missing = [os.fspath(p) for p in paths if (remote.get(os.fspath(p)) is None and os.fspath(p) in remote)]
+    missing += [p for p, r in resolved.items() if not r.is_file()]
     if missing:
-        raise FileNotFoundError(f"unlabeled shard(s) not found: {', '.join(missing)}")
+        raise FileNotFoundError(
+            f"unlabeled shard(s) not found: {', '.join(sorted(missing, key=list(map(os.fspath, paths)).index))}"
+        )
+    local = _local_identities(list(dict.fromkeys(resolved.values())), cache_path, threads)
+    return [remote[os.fspath(p)] if os.fspath(p) in remote else local[resolved[os.fspath(p)]] for p in paths]
+
+
+def _remote_or_none(url: str) -> dict | None:
+    try:
+        return remote_identity(url)
+    except FileNotFoundError:
+        return None
+
+
+def _local_identities(resolved: list[Path], cache_path: str | os.PathLike | None, threads: int) -> dict[Path, dict]:
     stats = {str(r): os.stat(r) for r in resolved}
     cache: dict = {}
     if cache_path is not None:
@@ -357,7 +438,7 @@ def shard_identities(
             for path in todo:
                 cache[path] = {"stat": _stat_key(stats[path]), "sha256": digests[path]}
             _atomic_write_text(Path(cache_path), json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    return [{"path": str(r), "size": stats[str(r)].st_size, "sha256": digests[str(r)]} for r in resolved]
+    return {r: {"path": str(r), "size": stats[str(r)].st_size, "sha256": digests[str(r)]} for r in resolved}
 
 
 # --------------------------------------------------------------------------- decoding
