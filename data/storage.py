@@ -54,10 +54,13 @@ def local(path: str | os.PathLike) -> Path:
 
 
 def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) of a remote URL."""
+    """(fsspec filesystem, path within it) of a remote URL. Listings that fsspec cached
+    are dropped first: other processes (Dask workers, ranks) write the same store."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    fs, p = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(p)
+    return fs, p
 
 
 def join(base: str | os.PathLike, *names: str) -> str | Path:
@@ -144,7 +147,8 @@ def write_remote(url: str, write: Callable[[IO[bytes]], object]) -> str:
     except BaseException:
         discard = getattr(f, "discard", None)
         if discard is not None:
-            discard()  # fsspec's buffered files: drop the buffer and abort the upload
+            discard()  # fsspec's buffered files: drop the buffer and abort a multipart upload
+            f.closed = True  # and never flush it: closing would upload what was written
         else:  # a backend without discard (local-like): close, then remove what it wrote
             f.close()
             remove(url)

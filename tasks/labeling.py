@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from configs import PseudoLabelConfig
+from data import storage
 from data.shards import CorruptImageError, ShardReadError, decode_image, image_bytes, iter_shard, write_shard
 from tasks.contract import Family
 from tasks.engine import autocast
@@ -34,9 +35,9 @@ from tasks.rundir import atomic_write_json, read_json
 log = logging.getLogger("noisy_student.labeling")
 
 
-def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    return out_dir / f"labels-{index:06d}.tar", out_dir / f"labels-{index:06d}.json"
+def sidecar_paths(out_dir: str | Path, index: int) -> tuple[Path | str, Path | str]:
+    """The sidecar tar and json of shard `index` in `out_dir` (a folder or an object-storage URL)."""
+    return storage.join(out_dir, f"labels-{index:06d}.tar"), storage.join(out_dir, f"labels-{index:06d}.json")
 
 
 def remove_temporaries(out_dir: str | Path, index: int | Iterable[int] | None = None) -> list[Path]:
@@ -45,6 +46,8 @@ def remove_temporaries(out_dir: str | Path, index: int | Iterable[int] | None = 
     of shard `index` (or of the shards in it). One listing of the folder, however many
     shards: a folder of 10,000 shards holds 20,000 files. Returns the removed paths. Call
     it only while nothing else writes there."""
+    if storage.is_remote(out_dir):
+        return []  # objects are uploaded whole: no temporaries on object storage
     wanted = None if index is None else {index} if isinstance(index, int) else set(index)
     removed = []
     try:
@@ -64,7 +67,7 @@ def remove_temporaries(out_dir: str | Path, index: int | Iterable[int] | None = 
 def finished_shard(out_tar: str | Path, out_json: str | Path, key: str) -> dict | None:
     """The stats a finished shard recorded, if they carry `key` and its tar exists; else None."""
     done = read_json(out_json)
-    if isinstance(done, dict) and done.get("key") == key and Path(out_tar).exists():
+    if isinstance(done, dict) and done.get("key") == key and storage.exists(out_tar):
         return done
     return None
 
@@ -178,7 +181,6 @@ def label_shard(
     shard `error` (the reason, naming the shard). A broken or empty shard is logged as
     a warning.
     """
-    out_tar, out_json = Path(out_tar), Path(out_json)
     if done := finished_shard(out_tar, out_json, key):
         return done
     stats = empty_stats(num_classes)
@@ -209,6 +211,6 @@ def label_shard(
     elif stats["images"] + stats["corrupt"] == 0:
         stats["empty_shards"] = 1
         log.warning("shard %s holds no records", shard)
-    stats.update({"key": key, "shard": str(shard), "sidecar": out_tar.name})
+    stats.update({"key": key, "shard": str(shard), "sidecar": storage.name(out_tar)})
     atomic_write_json(out_json, stats)
     return stats

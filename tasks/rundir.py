@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from data import storage
 from data.files import atomic_write
 
 MANIFEST = "manifest.json"
@@ -53,9 +54,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def read_json(path: str | Path) -> Any | None:
+    """The JSON at a local path or URL; None when it is absent or not JSON."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
