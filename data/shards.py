@@ -54,20 +54,27 @@ class CorruptImageError(ValueError):
 def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard paths named by brace patterns, in order.
 
-    `pattern` is one pattern (`pool-{000000..000012}.tar`, `{a,b}.tar`), several
-    patterns separated by whitespace in one string, or a sequence of patterns. Each is
+    `pattern` is one pattern (`pool-{000000..000012}.tar`, `{a,b}.tar`,
+    `s3://bucket/pool-{000000..000012}.tar`), several patterns separated by whitespace in
+    one string, or a sequence of patterns. A webdataset `pipe:` command is one pattern,
+    spaces and all (`pipe:aws s3 cp s3://b/pool-{0..9}.tar -`). Each is
     expanded with `braceexpand`; the results are concatenated in the given order
     (duplicates are kept: the caller decides). An empty string gives [].
     """
     if isinstance(pattern, (str, os.PathLike)):
-        parts = os.fspath(pattern).split()
+        parts = _split_patterns(os.fspath(pattern))
     else:
         parts = []
         for p in pattern:
             if not isinstance(p, (str, os.PathLike)):
                 raise TypeError(f"shard pattern must be a string or path, got {type(p).__name__}: {p!r}")
-            parts.extend(os.fspath(p).split())
+            parts.extend(_split_patterns(os.fspath(p)))
     return [url for part in parts for url in braceexpand(part)]
+
+
+def _split_patterns(text: str) -> list[str]:
+    text = text.strip()
+    return [text] if text.startswith("pipe:") else text.split()
 
 
 def brace_pattern(prefix: str, count: int, suffix: str = ".tar") -> str:

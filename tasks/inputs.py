@@ -4,7 +4,8 @@
 annotation file, image folder, VOC list or mask folder, unlabeled shard and weights
 file, each with its config key. So a run with two wrong paths fails at once and once,
 instead of in the stage that first reads the second one, possibly hours later.
-Remote shards and files (`s3://`, `gs://`, `pipe:`) are left to their readers.
+Unlabeled shards at object-storage URLs are checked with one listing per folder;
+other remote files (`s3://` annotations, `pipe:` shards) are left to their readers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from configs import ConfigError, RunConfig
+from data import storage
 from data.shards import expand_urls
 from data.voc import split_paths
 
@@ -31,6 +33,26 @@ class MissingInputsError(ConfigError):
 
 def _remote(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
+
+
+def _absent_shards(shards: list[str]) -> list[str]:
+    """The shards that do not exist, in order: a stat per local file, one listing per
+    object-storage folder (not a request per object); `pipe:` commands are not checked."""
+    listed: dict[str, set[str]] = {}
+    absent = []
+    for s in shards:
+        if s.startswith("pipe:"):
+            continue
+        if not storage.is_remote(s):
+            if not Path(s).is_file():
+                absent.append(s)
+            continue
+        folder = s.rsplit("/", 1)[0]
+        if folder not in listed:
+            listed[folder] = set(storage.list_names(folder))
+        if storage.name(s) not in listed[folder]:
+            absent.append(s)
+    return absent
 
 
 def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple[str, str, str]]:
@@ -79,7 +101,7 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
         shards = expand_urls(data.unlabeled_shards)[: cfg.pseudo.shard_limit]
         if not shards:
             missing.append(("data.unlabeled_shards", repr(data.unlabeled_shards), "matches no shard"))
-        absent = [s for s in shards if not _remote(s) and not Path(s).is_file()]
+        absent = _absent_shards(shards)
         for s in absent[:SHARDS_NAMED]:
             missing.append(("data.unlabeled_shards", s, "no such shard"))
         if len(absent) > SHARDS_NAMED:

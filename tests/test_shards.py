@@ -421,3 +421,11 @@ def test_missing_shards_are_named_together(tmp_path):
     write_shard(tmp_path / "ok.tar", [("a", {"jpg": b"1"})])
     with pytest.raises(FileNotFoundError, match="gone-1.tar, .*gone-2.tar"):
         shard_identities([tmp_path / "gone-1.tar", tmp_path / "ok.tar", tmp_path / "gone-2.tar"])
+
+
+def test_a_pipe_command_is_one_pattern_and_is_read_through_webdataset(tmp_path):
+    write_shard(tmp_path / "s-0.tar", RECORDS[:1])
+    write_shard(tmp_path / "s-1.tar", RECORDS[1:])
+    urls = expand_urls(f"pipe:cat {tmp_path}/s-{{0..1}}.tar")
+    assert urls == [f"pipe:cat {tmp_path}/s-0.tar", f"pipe:cat {tmp_path}/s-1.tar"]
+    assert [r for u in urls for r in iter_shard(u)] == RECORDS

@@ -101,3 +101,37 @@ def test_labeling_reads_an_s3_shard_and_writes_its_sidecar_there(bucket, tmp_pat
     # finished: the recorded key skips the work (the model is not called again)
     assert label_shard(family, None, shard, out_tar, out_json, 128, rule, 3, key="k") == stats
     assert remove_temporaries(f"{bucket}/run/pseudo") == []
+
+
+def test_missing_s3_shards_are_named_before_any_stage_runs(bucket, small_world):
+    from configs import RunConfig
+    from tasks.inputs import missing_inputs
+
+    from .conftest import world_data
+
+    write_shard(f"{bucket}/pool-000000.tar", GOOD)
+    cfg = RunConfig(data=world_data(small_world, unlabeled_shards=f"{bucket}/pool-{{000000..000002}}.tar"))
+    assert missing_inputs(cfg, ["pseudo-label"]) == [
+        ("data.unlabeled_shards", f"{bucket}/pool-000001.tar", "no such shard"),
+        ("data.unlabeled_shards", f"{bucket}/pool-000002.tar", "no such shard"),
+    ]
+
+
+@pytest.mark.slow
+def test_the_quick_demo_labels_a_pool_on_s3(bucket, tmp_path, prefect_harness):
+    import json
+
+    from flows.cli import main
+    from flows.demo import demo_config
+
+    _, _ = demo_config(tmp_path, quick=True)  # writes the quick world under tmp_path/world
+    fs = fsspec.filesystem("s3")
+    for i in range(3):
+        fs.put(str(tmp_path / f"world/unlabeled/pool-{i:06d}.tar"), f"{bucket[5:]}/pool/pool-{i:06d}.tar")
+    pool = f"{bucket}/pool/pool-{{000000..000002}}.tar"
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--set", f"data.unlabeled_shards={pool}"]) == 0
+    manifest = json.loads((tmp_path / "run/round-0/pseudo/manifest.json").read_text())
+    shards = manifest["inputs"]["shards"]
+    assert [s["path"] for s in shards] == [f"{bucket}/pool/pool-{i:06d}.tar" for i in range(3)]
+    assert all(s["etag"] for s in shards) and manifest["outputs"]["stats"]["images"] == 48
+    assert (tmp_path / "run/round-0/student/model.pt").exists()
