@@ -27,6 +27,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from data import storage
 from data.augment import Augment, as_augment
 from data.shards import decode_image
 
@@ -81,11 +82,11 @@ def _check_dataset(dataset, path: Path) -> None:
 
 def load_coco(annotations: str | Path) -> COCO:
     """pycocotools COCO object of a checked json (CocoFormatError otherwise), without its prints."""
-    path = Path(annotations)
-    if not path.exists():
+    path = storage.path(annotations)
+    if not storage.exists(path):
         raise FileNotFoundError(f"COCO annotations not found: {path}")
     try:
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CocoFormatError(f"{path}: not valid JSON ({err})") from None
@@ -104,11 +105,15 @@ def _missing_files(images_dir: Path, names: list[str]) -> list[str]:
     for name in names:
         folder, _, base = name.rpartition("/")
         if folder not in listed:
-            try:
-                with os.scandir(images_dir / folder) as it:
-                    listed[folder] = {e.name for e in it if e.is_file()}
-            except (FileNotFoundError, NotADirectoryError):
-                listed[folder] = set()
+            where = images_dir / folder if folder else images_dir
+            if storage.is_remote(where):  # one listing of the object prefix
+                listed[folder] = set(storage.list_names(where))
+            else:
+                try:
+                    with os.scandir(where) as it:
+                        listed[folder] = {e.name for e in it if e.is_file()}
+                except (FileNotFoundError, NotADirectoryError):
+                    listed[folder] = set()
         if base not in listed[folder]:
             missing.append(name)
     return missing
@@ -147,7 +152,7 @@ class CocoDetection(Dataset):
         size: int = 640,
         limit: int | None = None,
     ):
-        self.images_dir = Path(images_dir)
+        self.images_dir = storage.path(images_dir)
         self.coco = load_coco(annotations)
         self.ids = sorted(self.coco.getImgIds())[:limit]
         self.cat_ids = sorted(self.coco.getCatIds())

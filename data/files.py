@@ -63,7 +63,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     (`data.storage.write_remote`); the URL is returned.
     """
     if storage.is_remote(path):
-        return storage.write_remote(os.fspath(path), write)
+        return storage.write_remote(storage.text(path), write)
     path = storage.local(path)
     tmp = None
     try:

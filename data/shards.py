@@ -137,7 +137,7 @@ def write_shard(path: str | os.PathLike, records: Iterable[tuple[str, dict[str, 
             _check_key(key)
             if key in seen:
                 # A repeated key would merge or split records on reading.
-                raise ValueError(f"duplicate shard key {key!r} in {os.fspath(path)}")
+                raise ValueError(f"duplicate shard key {key!r} in {storage.text(path)}")
             seen.add(key)
             sample: dict = {"__key__": key}
             for ext, data in members.items():
@@ -249,7 +249,7 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
     """
     from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-    path = os.fspath(path)
+    path = storage.text(path)
     yielded = 0
     reading: list[str] = []  # the member tar_file_iterator is reading (webdataset's hook runs before its read)
     damage: list[BaseException] = []
@@ -335,8 +335,8 @@ def iter_with_sidecar(
                     break
             else:
                 raise ValueError(
-                    f"sidecar shard {os.fspath(sidecar_shard)} has key {side_key!r} that is not in "
-                    f"image shard {os.fspath(image_shard)} (or not in the same order)"
+                    f"sidecar shard {storage.text(sidecar_shard)} has key {side_key!r} that is not in "
+                    f"image shard {storage.text(image_shard)} (or not in the same order)"
                 )
     finally:
         # Close both files now, also when the consumer stops early.
@@ -399,20 +399,20 @@ def shard_identities(
     threads, and the cache is rewritten atomically. A cache that is missing or
     unreadable is rebuilt. Raises FileNotFoundError naming every missing shard.
     """
-    remote = {os.fspath(p): None for p in paths if storage.is_remote(p)}
+    remote = {storage.text(p): None for p in paths if storage.is_remote(p)}
     if remote:
         with ThreadPoolExecutor(max(1, min(threads, len(remote)))) as pool:
             found = list(pool.map(_remote_or_none, remote))
         remote = dict(zip(remote, found))
-    resolved = {os.fspath(p): storage.local(p).resolve() for p in paths if not storage.is_remote(p)}
-    missing = [os.fspath(p) for p in paths if (remote.get(os.fspath(p)) is None and os.fspath(p) in remote)]
+    resolved = {storage.text(p): storage.local(p).resolve() for p in paths if not storage.is_remote(p)}
+    missing = [storage.text(p) for p in paths if (remote.get(storage.text(p)) is None and storage.text(p) in remote)]
     missing += [p for p, r in resolved.items() if not r.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"unlabeled shard(s) not found: {', '.join(sorted(missing, key=list(map(os.fspath, paths)).index))}"
+            f"unlabeled shard(s) not found: {', '.join(sorted(missing, key=list(map(storage.text, paths)).index))}"
         )
     local = _local_identities(list(dict.fromkeys(resolved.values())), cache_path, threads)
-    return [remote[os.fspath(p)] if os.fspath(p) in remote else local[resolved[os.fspath(p)]] for p in paths]
+    return [remote[storage.text(p)] if storage.text(p) in remote else local[resolved[storage.text(p)]] for p in paths]
 
 
 def _remote_or_none(url: str) -> dict | None:

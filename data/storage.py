@@ -31,8 +31,14 @@ from typing import IO, Any
 LOCAL_SCHEMES = ("", "file", "local")
 
 
+def text(path: Any) -> str:
+    """The string form of a path, URL or UPath."""
+    return _text(path)
+
+
 def _text(path: str | os.PathLike) -> str:
-    return os.fspath(path)
+    # a UPath of a URL is no os.PathLike; its str is the URL
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
 
 
 def scheme(path: str | os.PathLike) -> str:
@@ -155,3 +161,86 @@ def write_remote(url: str, write: Callable[[IO[bytes]], object]) -> str:
         raise
     f.close()
     return url
+
+
+def path(p: str | os.PathLike) -> Any:
+    """A pathlib object for `p`: a Path for a local path, a universal_pathlib UPath (the
+    pathlib API over fsspec: `/`, exists, read_bytes, iterdir, ...) for a URL. Its
+    listings are not cached, since other processes write the same store."""
+    if isinstance(p, Path) or not is_remote(p):
+        return local(p)
+    from upath import UPath
+
+    if isinstance(p, UPath):
+        return p
+    options = {"use_listings_cache": False} if scheme(p) in ("s3", "s3a", "gs", "gcs") else {}
+    return UPath(_text(p), **options)
+
+
+def makedirs(p: str | os.PathLike) -> None:
+    """Create a local folder and its parents; object stores have no folders to create."""
+    if not is_remote(p):
+        local(p).mkdir(parents=True, exist_ok=True)
+
+
+def torch_load(p: str | os.PathLike, **kwargs: Any) -> Any:
+    """`torch.load` of a local file or an object (read whole into memory first)."""
+    import io
+
+    import torch
+
+    if not is_remote(p):
+        return torch.load(local(p), **kwargs)
+    return torch.load(io.BytesIO(read_bytes(p)), **kwargs)
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a file or object whole to `dst`, atomically (a hard link where possible)."""
+    import shutil
+
+    if not is_remote(src) and not is_remote(dst):
+        from data.files import atomic_write
+
+        s, d = local(src), local(dst)
+        tmp = d.with_name(f".{d.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(s, tmp)
+            os.replace(tmp, d)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            with open(s, "rb") as f:
+                atomic_write(d, lambda out: shutil.copyfileobj(f, out))
+        return
+    data = read_bytes(src)
+    from data.files import atomic_write
+
+    atomic_write(dst, lambda out: out.write(data))
+
+
+class AppendLog:
+    """A text file that grows by lines: appended in place on a local disk; on object
+    storage (which cannot append) the whole object is rewritten with each line, so it is
+    always whole. Lines already there (a resumed stage) are kept."""
+
+    def __init__(self, p: str | os.PathLike):
+        self.p = p
+        self.remote = is_remote(p)
+        if self.remote:
+            try:
+                self.text = read_bytes(p).decode()
+            except FileNotFoundError:
+                self.text = ""
+        else:
+            local(p).parent.mkdir(parents=True, exist_ok=True)
+
+    def write_line(self, line: str) -> None:
+        if not self.remote:
+            with open(local(self.p), "a") as f:
+                f.write(line + "\n")
+            return
+        from data.files import atomic_write
+
+        self.text += line + "\n"
+        data = self.text.encode()
+        atomic_write(self.p, lambda f: f.write(data))

@@ -13,6 +13,7 @@ A mask is read as its raw pixel values, never through the palette's colours.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data import storage
 from data.augment import IGNORE, Augment, as_augment
 from data.shards import decode_image
 
@@ -31,7 +33,7 @@ VOC_CLASSES = (
 
 def split_paths(root: str | Path, split: str, masks: str = "SegmentationClass") -> dict[str, Path]:
     """What one split reads under `root`: its id list, the image folder, its mask folder."""
-    root = Path(root)
+    root = storage.path(root)
     return {
         "list": root / "ImageSets" / "Segmentation" / f"{split}.txt",
         "images": root / "JPEGImages",
@@ -41,7 +43,7 @@ def split_paths(root: str | Path, split: str, masks: str = "SegmentationClass") 
 
 def read_ids(path: str | Path) -> list[str]:
     """Ids of a VOC split file, in file order (blank lines skipped)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"VOC split list not found: {path}")
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
@@ -52,7 +54,7 @@ def read_ids(path: str | Path) -> list[str]:
 
 def read_mask(path: str | Path) -> torch.Tensor:
     """Class-index mask uint8 [H,W] of a palette ('P') or grey-scale ('L') PNG."""
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
         if im.mode not in ("P", "L"):
             raise ValueError(f"{path}: mask mode {im.mode!r}; VOC masks are palette (P) or grey (L) PNGs")
         return torch.from_numpy(np.array(im, dtype=np.uint8))
@@ -77,7 +79,7 @@ class VOCSegmentation(Dataset):
         masks: str = "SegmentationClass",
         num_classes: int = len(VOC_CLASSES),
     ):
-        self.root = Path(root)
+        self.root = storage.path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"VOC root not found: {self.root}")
         paths = split_paths(self.root, split, masks)

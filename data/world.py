@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data import storage
 from data.files import atomic_write
 from data.shards import brace_pattern, shard_name, write_shard
 
@@ -517,7 +518,8 @@ def write_world(
             raise ValueError(f"{name} must be >= 0, got {n}")
     if per_shard < 1:
         raise ValueError(f"per_shard must be >= 1, got {per_shard}")
-    root = Path(out_dir).resolve()
+    root = storage.path(out_dir)
+    root = root if storage.is_remote(root) else root.resolve()
     n_shards = math.ceil(n_unlabeled / per_shard)
     rel_pattern = f"unlabeled/{brace_pattern('pool', n_shards)}" if n_shards else ""
     shards = [f"unlabeled/{shard_name('pool', i)}" for i in range(n_shards)]
@@ -555,7 +557,7 @@ def write_world(
                 if pattern.match(entry.name):
                     entry.unlink()
     for sub in ("JPEGImages", "SegmentationClass", "annotations", "ImageSets/Segmentation", "unlabeled"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        storage.makedirs(root / sub)
 
     for split, n in (("train", n_train), ("val", n_val)):
         scenes = []

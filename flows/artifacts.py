@@ -8,6 +8,7 @@ so the UI lists each artifact's history under one key.
 from __future__ import annotations
 
 import base64
+import io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+
+from data.files import atomic_write
 
 
 class LabelingProgress:
@@ -137,12 +140,14 @@ def rounds_plot(summary: dict, path: Path) -> Path:
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    png = buf.getvalue()
+    atomic_write(path, lambda f: f.write(png))
     table = report_markdown(summary).split("\n", 2)[2]  # without the title line
     create_markdown_artifact(
-        image_markdown(path.read_bytes(), f"{metric} per round") + "\n\n" + table,
+        image_markdown(png, f"{metric} per round") + "\n\n" + table,
         key="rounds",
         description=f"{metric} per round",
     )

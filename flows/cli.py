@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from data import storage
 from flows import supervise
 
 SUPERVISED = ("demo", "run", "stage")
@@ -208,7 +209,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from flows.demo import demo_config, demo_preset, format_summary
 
         out = args.out or f"runs/{demo_preset(args.family, args.quick)}"
-        with hold_run_dir(Path(out) / "run"):  # before the world is written
+        with hold_run_dir(storage.join(out, "run")):  # before the world is written
             cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides, args.family)
             from flows import stages
 
@@ -230,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
         from flows import stages
 
-        ckpt = args.checkpoint or str(Path(cfg.out_dir) / f"round-{args.round_index}" / "student" / "model.pt")
+        ckpt = args.checkpoint or str(storage.join(cfg.out_dir, f"round-{args.round_index}", "student", "model.pt"))
         print(json.dumps(stages.evaluate_flow(cfg, ckpt), indent=2))
         return 0
     with hold_run_dir(cfg.out_dir):

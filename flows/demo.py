@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from configs import RunConfig, build_config, merge, resolve_preset
+from data import storage
 from data.world import WorldSpec, write_world
 
 # World sizes: labeled train / val / unlabeled pool, images per shard.
@@ -94,8 +95,8 @@ def demo_config(
     unknown = set(sizes) - set(WORLDS["full"])
     if unknown:
         raise ValueError(f"unknown world sizes {sorted(unknown)}; valid: {', '.join(WORLDS['full'])}")
-    out = Path(out)
-    world = write_world(Path(world_dir) if world_dir else out / "world", WORLD_SPECS[family], seed=seed, **sizes)
+    out = storage.path(out)
+    world = write_world(world_dir if world_dir else out / "world", WORLD_SPECS[family], seed=seed, **sizes)
     data, num_classes = _world_data(family, world)
     raw = yaml.safe_load(resolve_preset(preset).read_text())
     raw = merge(

@@ -20,6 +20,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from configs import PseudoLabelConfig, RunConfig, dump_config
+from data import storage
 from data.shards import expand_urls, shard_identities
 from flows import artifacts
 from tasks import units
@@ -70,7 +71,7 @@ def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
         "teacher": teacher["digest"],
         "rule": cfg.pseudo.digest_view(),
         "image_size": cfg.data.image_size,
-        "shards": shard_identities(shards, Path(cfg.out_dir) / SHARD_DIGESTS),
+        "shards": shard_identities(shards, storage.join(cfg.out_dir, SHARD_DIGESTS)),
     }
 
 
@@ -275,7 +276,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         logger.info("pseudo-labels of round %d are up to date; skipped", round_index)
         return done["outputs"]
     invalidate(stage)
-    stage.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(stage)
     num_classes = family.num_classes(cfg.data)
     common = {k: v for k, v in inputs.items() if k != "shards"}
     keys = [json_digest({**common, "shard": ident}) for ident in inputs["shards"]]
@@ -410,7 +411,7 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     check_inputs(cfg)
     t0 = time.perf_counter()
     run = RunDir(cfg.out_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run.root)
     atomic_write_bytes(run.config, dump_config(cfg).encode())
     family = get_family(cfg.family)
     teacher = teacher_flow(cfg)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +35,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from configs import TrainConfig
+from data import storage
 from tasks import distributed
 from tasks.rundir import atomic_torch_save, atomic_write_json, read_json
 
@@ -72,7 +71,7 @@ class TrainingDiverged(FloatingPointError, distributed.RankError):
         if self.checkpoint_step:
             then = (
                 f"the last good checkpoint (step {self.checkpoint_step}) is kept in "
-                f"{Path(self.stage_dir) / CHECKPOINT}: {lower} to resume from it"
+                f"{storage.join(self.stage_dir, CHECKPOINT)}: {lower} to resume from it"
             )
         else:
             then = f"no checkpoint was written before it: {lower} to start again"
@@ -105,14 +104,7 @@ def _diverged_run_resumes(stage_dir: Path, state: dict, resume_key: str | None) 
 
 def _keep_diverged_checkpoint(ckpt_path: Path) -> None:
     """`checkpoint-diverged.pt` beside `ckpt_path`: a hard link (a copy where links fail)."""
-    kept = ckpt_path.with_name(DIVERGED_CHECKPOINT)
-    tmp = ckpt_path.with_name(f".{DIVERGED_CHECKPOINT}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(ckpt_path, tmp)
-    except OSError:
-        shutil.copyfile(ckpt_path, tmp)
-    os.replace(tmp, kept)
+    storage.copy(ckpt_path, ckpt_path.with_name(DIVERGED_CHECKPOINT))
 
 
 class Stateful(Protocol):
@@ -294,8 +286,8 @@ def fit(
     Returns {"step", "resumed_from", "seconds", "images_per_s" (all ranks), "processes",
     "last": logs}.
     """
-    stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir = storage.path(stage_dir)
+    storage.makedirs(stage_dir)
     device = torch.device(device)
     extra_state = extra_state or {}
     model.to(device)
@@ -307,8 +299,8 @@ def fit(
 
     start = 0
     ckpt_path = stage_dir / CHECKPOINT
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if storage.exists(ckpt_path):
+        state = storage.torch_load(ckpt_path, map_location=device, weights_only=True)
         if state.get("key") == key or _diverged_run_resumes(stage_dir, state, resume_key):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -35,7 +35,7 @@ def json_digest(obj: Any) -> str:
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -62,7 +62,7 @@ def read_json(path: str | Path) -> Any | None:
 
 
 def read_manifest(stage_dir: str | Path) -> dict | None:
-    return read_json(Path(stage_dir) / MANIFEST)
+    return read_json(storage.join(stage_dir, MANIFEST))
 
 
 def finished(stage_dir: str | Path, inputs: dict) -> dict | None:
@@ -71,7 +71,7 @@ def finished(stage_dir: str | Path, inputs: dict) -> dict | None:
     if not m or m.get("inputs_digest") != json_digest(inputs):
         return None
     files = m.get("outputs", {}).get("files", [])
-    if not all((Path(stage_dir) / f).exists() for f in files):
+    if not all(storage.exists(storage.join(stage_dir, f)) for f in files):
         return None
     return m
 
@@ -85,20 +85,20 @@ def write_manifest(stage_dir: str | Path, inputs: dict, outputs: dict) -> dict:
         "outputs": outputs,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_json(Path(stage_dir) / MANIFEST, m)
+    atomic_write_json(storage.join(stage_dir, MANIFEST), m)
     return m
 
 
 def invalidate(stage_dir: str | Path) -> None:
     """Forget that a stage finished (its outputs stay until it is recomputed)."""
-    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+    storage.remove(storage.join(stage_dir, MANIFEST))
 
 
 class RunDir:
-    """Paths of one run's stages."""
+    """Paths of one run's stages: Paths, or UPaths of a run at an object-storage URL."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = storage.path(root)
 
     def stage(self, round_index: int, name: str) -> Path:
         return self.root / f"round-{round_index}" / name

@@ -9,17 +9,22 @@ its flows start, and each stage flow holds it too (for deployments and `serve`),
 which in the same process only counts up.
 
 flock works on local filesystems and on NFS (Linux maps it onto NFS byte-range locks).
+Object stores have no locks: a run directory at a URL (`s3://...`) is locked on this
+host only, by a local lock file named after the URL (`lock_path`); two hosts must not
+run the same remote run directory at once.
 """
 
 from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import inspect
 import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import typing
@@ -27,6 +32,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from data import storage
 
 LOCK_FILE = "run.lock"
 _READ_TRIES = 20  # a holder writes its record right after taking the lock
@@ -45,7 +52,7 @@ class RunDirLocked(RuntimeError):
         since = f" since {holder['started']}" if holder.get("started") else ""
         super().__init__(
             f"run directory {run_dir} is in use by another run ({who}{since}); "
-            f"wait for it to finish or stop it (its lock: {Path(run_dir) / LOCK_FILE})"
+            f"wait for it to finish or stop it (its lock: {lock_path(run_dir)})"
         )
 
     def __reduce__(self):
@@ -61,9 +68,18 @@ def _record(fd: int) -> dict:
     return rec if isinstance(rec, dict) else {}
 
 
-def _acquire(root: Path) -> int:
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def lock_path(root: str | Path) -> Path:
+    """`<root>/run.lock`; for a run directory at a URL, a file in this host's temp folder."""
+    if storage.is_remote(root):
+        digest = hashlib.sha256(str(root).rstrip("/").encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "noisy-student-locks" / f"{digest}.lock"
+    return Path(root) / LOCK_FILE
+
+
+def _acquire(root: str | Path) -> int:
+    lock = lock_path(root)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -102,12 +118,12 @@ def _release(fd: int) -> None:
 @contextmanager
 def hold_run_dir(root: str | Path) -> Iterator[None]:
     """Hold `root`'s lock for the block; RunDirLocked at once if another run holds it."""
-    key = str(Path(root).resolve())
+    key = str(root).rstrip("/") if storage.is_remote(root) else str(Path(root).resolve())
     with _guard:
         if key in _held:
             _held[key][1] += 1
         else:
-            _held[key] = [_acquire(Path(root)), 1]
+            _held[key] = [_acquire(root), 1]
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from configs import ModelConfig, RunConfig, TrainConfig
+from data import storage
 from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
 from tasks import distributed
@@ -37,7 +38,7 @@ def save_model(path: str | Path, family: str, model_cfg: ModelConfig, model: nn.
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, nn.Module]:
     """Rebuild a model saved by `save_model`, in eval mode on `device`."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = storage.torch_load(path, map_location="cpu", weights_only=True)
     family = get_family(ckpt["family"])
     model = family.build_model(ModelConfig.model_validate(ckpt["model_cfg"]))
     model.load_state_dict(ckpt["state"])
@@ -45,12 +46,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fa
 
 
 @lru_cache(maxsize=2)
-def _cached_model(path: str, mtime_ns: int, device: str) -> tuple[Family, nn.Module]:
+def _cached_model(path: str, version: object, device: str) -> tuple[Family, nn.Module]:
     return load_model(path, device)
 
 
 def shared_model(path: str | Path, device: str) -> tuple[Family, nn.Module]:
     """One read-only model per process for the labeling tasks that run in it."""
+    if storage.is_remote(path):  # an object's ETag changes with its content
+        return _cached_model(str(path), storage.info(path).get("ETag"), device)
     p = Path(path)
     return _cached_model(str(p.resolve()), p.stat().st_mtime_ns, device)
 
@@ -103,7 +106,7 @@ def _seed_rank_noise(tcfg: TrainConfig) -> None:
 def _write_model(stage_dir: str | Path, family_name: str, model_cfg: ModelConfig, model: nn.Module) -> None:
     """Rank 0 writes model.pt; every rank returns once it exists."""
     if distributed.is_main():
-        save_model(Path(stage_dir) / MODEL_FILE, family_name, model_cfg, model)
+        save_model(storage.join(stage_dir, MODEL_FILE), family_name, model_cfg, model)
     distributed.barrier()
 
 
@@ -199,7 +202,7 @@ def _student_rank(
     model = family.build_model(model_cfg)
     if scfg.init != "scratch":
         path = teacher_checkpoint if scfg.init == "teacher" else scfg.init_checkpoint
-        state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+        state = storage.torch_load(path, map_location="cpu", weights_only=True)["state"]
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(

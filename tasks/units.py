@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from configs import RunConfig
+from data import storage
 from data.files import DiskFullError
 from tasks import labeling, training
 from tasks.engine import device_settings
@@ -31,20 +32,18 @@ def _logger():
 def _train_log(stage_dir: Path):
     """Log to the Prefect run and append to <stage>/train.log."""
     logger = _logger()
-    path = Path(stage_dir) / "train.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = storage.AppendLog(storage.join(stage_dir, "train.log"))
 
     def log(msg: str) -> None:
         logger.info(msg)
-        with open(path, "a") as f:
-            f.write(msg + "\n")
+        lines.write_line(msg)
 
     return log
 
 
 @task(name="train-teacher", **_TASK)
 def train_teacher(cfg: RunConfig, stage_dir: str, key: str, resume_key: str | None = None) -> dict:
-    return training.train_teacher(cfg, stage_dir, key, log=_train_log(Path(stage_dir)), resume_key=resume_key)
+    return training.train_teacher(cfg, stage_dir, key, log=_train_log(stage_dir), resume_key=resume_key)
 
 
 @task(name="train-student", **_TASK)
@@ -57,7 +56,7 @@ def train_student(
     resume_key: str | None = None,
 ) -> dict:
     return training.train_student(
-        cfg, stage_dir, key, pseudo_pairs, teacher_checkpoint, log=_train_log(Path(stage_dir)), resume_key=resume_key
+        cfg, stage_dir, key, pseudo_pairs, teacher_checkpoint, log=_train_log(stage_dir), resume_key=resume_key
     )
 
 

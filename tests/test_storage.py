@@ -135,3 +135,42 @@ def test_the_quick_demo_labels_a_pool_on_s3(bucket, tmp_path, prefect_harness):
     assert [s["path"] for s in shards] == [f"{bucket}/pool/pool-{i:06d}.tar" for i in range(3)]
     assert all(s["etag"] for s in shards) and manifest["outputs"]["stats"]["images"] == 48
     assert (tmp_path / "run/round-0/student/model.pt").exists()
+
+
+@pytest.mark.slow
+def test_the_whole_quick_demo_runs_on_s3_and_a_rerun_skips_every_stage(bucket, prefect_harness, capsys):
+    import json
+
+    from flows.cli import main
+
+    out = f"{bucket}/demo"
+    assert main(["demo", "--quick", "--out", out]) == 0
+    assert "student AP" in capsys.readouterr().out
+    names = set(fsspec.filesystem("s3").find(out[5:]))
+    prefix = out[5:]
+    for rel in (
+        "world/world.json",
+        "world/unlabeled/pool-000000.tar",
+        "run/config.yaml",
+        "run/summary.json",
+        "run/report.md",
+        "run/round-0/teacher/model.pt",
+        "run/round-0/teacher/checkpoint.pt",
+        "run/round-0/teacher/train.log",
+        "run/round-0/pseudo/labels-000002.tar",
+        "run/round-0/pseudo/manifest.json",
+        "run/round-0/student/model.pt",
+        "run/round-0/student/metrics.json",
+    ):
+        assert f"{prefix}/{rel}" in names, rel
+    assert not [n for n in names if n.endswith(".tmp")]  # nothing but whole objects
+    summary = json.loads(storage.read_bytes(f"{out}/run/summary.json"))
+    assert summary["rounds"][0]["pseudo"]["images"] == 48
+    stamps = {
+        s: json.loads(storage.read_bytes(f"{out}/run/round-0/{s}/manifest.json"))["finished_at"]
+        for s in ("teacher", "pseudo", "student")
+    }
+    assert main(["demo", "--quick", "--out", out]) == 0  # resumes from the bucket: nothing to do
+    assert {
+        s: json.loads(storage.read_bytes(f"{out}/run/round-0/{s}/manifest.json"))["finished_at"] for s in stamps
+    } == stamps
