@@ -18,6 +18,8 @@ Augmentation randomness is drawn per rank (`rank_seed`), never shared between ra
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 
@@ -33,11 +35,27 @@ from data.shards import decode_image, image_bytes, iter_with_sidecar
 WORKER_CONTEXT = "forkserver"
 
 
+# Storage settings a worker needs to read shards and images at URLs (data/storage.py).
+# The fork server keeps the environment of the moment it started (once per process),
+# so settings made later (credentials a Prefect job sets, a test's S3 endpoint) are
+# handed to each worker with the loader.
+STORAGE_ENV = ("AWS_", "GOOGLE_", "FSSPEC_", "GCSFS_")
+
+
+def _set_environment(values: dict[str, str], worker_id: int) -> None:
+    os.environ.update(values)
+
+
 def loader_options(num_workers: int) -> dict:
     """DataLoader keyword arguments for `num_workers` worker processes."""
     if num_workers == 0:
         return {"num_workers": 0}
-    return {"num_workers": num_workers, "multiprocessing_context": WORKER_CONTEXT}
+    env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+    return {
+        "num_workers": num_workers,
+        "multiprocessing_context": WORKER_CONTEXT,
+        "worker_init_fn": functools.partial(_set_environment, env),
+    }
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -58,6 +58,7 @@ import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data.mixing import STORAGE_ENV
 from data.mixing import rank_seed as _rank_seed
 
 HOST = "127.0.0.1"
@@ -310,9 +311,11 @@ def _rank_device(device: torch.device, r: int) -> torch.device:
     return device
 
 
-def _run_rank(r, fn, args, world, port, backend, device, threads, events, replies, want_steps, reports):
-    """Body of rank `r` (a fork-server child): join the group, run fn, hand back rank 0's result."""
+def _run_rank(r, fn, args, world, port, backend, device, threads, events, replies, want_steps, reports, env):
+    """Body of rank `r` (a fork-server child): join the group, run fn, hand back rank 0's result.
+    `env`: the launcher's storage settings (the fork server's environment may predate them)."""
     try:
+        os.environ.update(env)
         os.environ.update(
             MASTER_ADDR=HOST, MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world)
         )
@@ -429,7 +432,20 @@ def launch(
     log(f"training on {processes} processes ({backend}, {devices})")
     context = torch_mp.start_processes(
         _run_rank,
-        args=(fn, args, processes, store.port, backend, device, threads, events, replies, on_step is not None, reports),
+        args=(
+            fn,
+            args,
+            processes,
+            store.port,
+            backend,
+            device,
+            threads,
+            events,
+            replies,
+            on_step is not None,
+            reports,
+            {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)},
+        ),
         nprocs=processes,
         join=False,
         start_method=START_METHOD,
