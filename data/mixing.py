@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from data import storage
 from data.augment import Augment, as_augment
 from data.shards import decode_image, image_bytes, iter_with_sidecar
 
@@ -33,13 +34,6 @@ from data.shards import decode_image, image_bytes, iter_with_sidecar
 # process that has initialized CUDA, or that runs Prefect's threads and event loop,
 # cannot be forked safely (forked workers of a Prefect task die at exit with code 1).
 WORKER_CONTEXT = "forkserver"
-
-
-# Storage settings a worker needs to read shards and images at URLs (data/storage.py).
-# The fork server keeps the environment of the moment it started (once per process),
-# so settings made later (credentials a Prefect job sets, a test's S3 endpoint) are
-# handed to each worker with the loader.
-STORAGE_ENV = ("AWS_", "GOOGLE_", "FSSPEC_", "GCSFS_")
 
 
 def _set_environment(values: dict[str, str], worker_id: int) -> None:
@@ -50,11 +44,12 @@ def loader_options(num_workers: int) -> dict:
     """DataLoader keyword arguments for `num_workers` worker processes."""
     if num_workers == 0:
         return {"num_workers": 0}
-    env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+    # The fork server's environment may predate the storage settings (credentials a
+    # Prefect job set, a test's S3 endpoint): each worker gets this process's.
     return {
         "num_workers": num_workers,
         "multiprocessing_context": WORKER_CONTEXT,
-        "worker_init_fn": functools.partial(_set_environment, env),
+        "worker_init_fn": functools.partial(_set_environment, storage.settings()),
     }
 
 

@@ -399,20 +399,16 @@ def shard_identities(
     threads, and the cache is rewritten atomically. A cache that is missing or
     unreadable is rebuilt. Raises FileNotFoundError naming every missing shard.
     """
-    remote = {storage.text(p): None for p in paths if storage.is_remote(p)}
-    if remote:
-        with ThreadPoolExecutor(max(1, min(threads, len(remote)))) as pool:
-            found = list(pool.map(_remote_or_none, remote))
-        remote = dict(zip(remote, found))
-    resolved = {storage.text(p): storage.local(p).resolve() for p in paths if not storage.is_remote(p)}
-    missing = [storage.text(p) for p in paths if (remote.get(storage.text(p)) is None and storage.text(p) in remote)]
-    missing += [p for p, r in resolved.items() if not r.is_file()]
+    names = [storage.text(p) for p in paths]
+    urls = list(dict.fromkeys(n for n in names if storage.is_remote(n)))
+    with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
+        remote = dict(zip(urls, pool.map(_remote_or_none, urls)))
+    resolved = {n: storage.local(n).resolve() for n in names if n not in remote}
+    missing = [n for n in names if (remote[n] is None if n in remote else not resolved[n].is_file())]
     if missing:
-        raise FileNotFoundError(
-            f"unlabeled shard(s) not found: {', '.join(sorted(missing, key=list(map(storage.text, paths)).index))}"
-        )
+        raise FileNotFoundError(f"unlabeled shard(s) not found: {', '.join(missing)}")
     local = _local_identities(list(dict.fromkeys(resolved.values())), cache_path, threads)
-    return [remote[storage.text(p)] if storage.text(p) in remote else local[resolved[storage.text(p)]] for p in paths]
+    return [remote[n] if n in remote else local[resolved[n]] for n in names]
 
 
 def _remote_or_none(url: str) -> dict | None:
@@ -427,8 +423,8 @@ def _local_identities(resolved: list[Path], cache_path: str | os.PathLike | None
     cache: dict = {}
     if cache_path is not None:
         try:
-            cache = json.loads(Path(cache_path).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            cache = json.loads(storage.read_bytes(cache_path))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             cache = {}
         if not isinstance(cache, dict):
             cache = {}
@@ -444,7 +440,7 @@ def _local_identities(resolved: list[Path], cache_path: str | os.PathLike | None
         if cache_path is not None:
             for path in todo:
                 cache[path] = {"stat": _stat_key(stats[path]), "sha256": digests[path]}
-            _atomic_write_text(Path(cache_path), json.dumps(cache, indent=1, sort_keys=True) + "\n")
+            _atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
     return {r: {"path": str(r), "size": stats[str(r)].st_size, "sha256": digests[str(r)]} for r in resolved}
 
 
@@ -617,5 +613,5 @@ def build_shards_from_folder(
     return manifest
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

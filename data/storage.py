@@ -32,18 +32,25 @@ LOCAL_SCHEMES = ("", "file", "local")
 
 
 def text(path: Any) -> str:
-    """The string form of a path, URL or UPath."""
-    return _text(path)
-
-
-def _text(path: str | os.PathLike) -> str:
-    # a UPath of a URL is no os.PathLike; its str is the URL
+    """The string form of a path, URL or UPath (a UPath of a URL is no os.PathLike; its str is the URL)."""
     return os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+
+
+# The backends' settings (credentials, endpoints) in the environment: what a process
+# needs to reach the store. Processes started from multiprocessing's fork server (data
+# loader workers, training ranks) inherit the environment of the moment the server
+# started, once per process, so these are handed to them explicitly (`settings`).
+SETTINGS_PREFIXES = ("AWS_", "GOOGLE_", "FSSPEC_", "GCSFS_")
+
+
+def settings() -> dict[str, str]:
+    """This process's storage settings from the environment (names in SETTINGS_PREFIXES)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIXES)}
 
 
 def scheme(path: str | os.PathLike) -> str:
     """The URL scheme of `path` ('' for a plain local path)."""
-    s = _text(path)
+    s = text(path)
     head, sep, _ = s.partition("://")
     return head.lower() if sep and "/" not in head else ""
 
@@ -55,7 +62,7 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 def local(path: str | os.PathLike) -> Path:
     """The local Path of a plain path or `file://` URL."""
-    s = _text(path)
+    s = text(path)
     return Path(s.split("://", 1)[1] if scheme(s) in ("file", "local") else s)
 
 
@@ -73,19 +80,19 @@ def join(base: str | os.PathLike, *names: str) -> str | Path:
     """`base/name/...`: a Path for a local base, a '/'-joined URL for a remote one."""
     if not is_remote(base):
         return local(base).joinpath(*names)
-    return "/".join([_text(base).rstrip("/"), *names])
+    return "/".join([text(base).rstrip("/"), *names])
 
 
 def name(path: str | os.PathLike) -> str:
     """The last component of a path or URL."""
-    return _text(path).rstrip("/").rsplit("/", 1)[-1]
+    return text(path).rstrip("/").rsplit("/", 1)[-1]
 
 
 def open_read(path: str | os.PathLike) -> IO[bytes]:
     """A binary file object reading `path` (a local path or a URL)."""
     if not is_remote(path):
         return open(local(path), "rb")
-    fs, p = filesystem(_text(path))
+    fs, p = filesystem(text(path))
     return fs.open(p, "rb")
 
 
@@ -97,20 +104,20 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 def exists(path: str | os.PathLike) -> bool:
     if not is_remote(path):
         return local(path).exists()
-    fs, p = filesystem(_text(path))
+    fs, p = filesystem(text(path))
     return fs.exists(p)
 
 
 def is_file(path: str | os.PathLike) -> bool:
     if not is_remote(path):
         return local(path).is_file()
-    fs, p = filesystem(_text(path))
+    fs, p = filesystem(text(path))
     return fs.isfile(p)
 
 
 def info(path: str | os.PathLike) -> dict:
     """The backend's metadata of a remote object (size, ETag, ...); FileNotFoundError if absent."""
-    fs, p = filesystem(_text(path))
+    fs, p = filesystem(text(path))
     return fs.info(p)
 
 
@@ -119,7 +126,7 @@ def remove(path: str | os.PathLike) -> None:
     if not is_remote(path):
         local(path).unlink(missing_ok=True)
         return
-    fs, p = filesystem(_text(path))
+    fs, p = filesystem(text(path))
     try:
         fs.rm_file(p)
     except FileNotFoundError:
@@ -134,7 +141,7 @@ def list_names(folder: str | os.PathLike) -> list[str]:
                 return sorted(e.name for e in entries)
         except FileNotFoundError:
             return []
-    fs, p = filesystem(_text(folder))
+    fs, p = filesystem(text(folder))
     try:
         return sorted(name(e) for e in fs.ls(p, detail=False, refresh=True))
     except FileNotFoundError:
@@ -174,7 +181,7 @@ def path(p: str | os.PathLike) -> Any:
     if isinstance(p, UPath):
         return p
     options = {"use_listings_cache": False} if scheme(p) in ("s3", "s3a", "gs", "gcs") else {}
-    return UPath(_text(p), **options)
+    return UPath(text(p), **options)
 
 
 def makedirs(p: str | os.PathLike) -> None:
@@ -195,27 +202,24 @@ def torch_load(p: str | os.PathLike, **kwargs: Any) -> Any:
 
 
 def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy a file or object whole to `dst`, atomically (a hard link where possible)."""
+    """Copy a file or object whole to `dst`, atomically: a hard link where both are on a
+    local disk and links work, else the bytes through `data.files.atomic_write`."""
     import shutil
 
-    if not is_remote(src) and not is_remote(dst):
-        from data.files import atomic_write
+    from data.files import atomic_write  # data.files uses this module
 
+    if not is_remote(src) and not is_remote(dst):
         s, d = local(src), local(dst)
         tmp = d.with_name(f".{d.name}.link.tmp")
         tmp.unlink(missing_ok=True)
         try:
             os.link(s, tmp)
             os.replace(tmp, d)
+            return
         except OSError:
             tmp.unlink(missing_ok=True)
-            with open(s, "rb") as f:
-                atomic_write(d, lambda out: shutil.copyfileobj(f, out))
-        return
-    data = read_bytes(src)
-    from data.files import atomic_write
-
-    atomic_write(dst, lambda out: out.write(data))
+    with open_read(src) as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
 
 
 class AppendLog:

@@ -58,7 +58,7 @@ import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data.mixing import STORAGE_ENV
+from data import storage
 from data.mixing import rank_seed as _rank_seed
 
 HOST = "127.0.0.1"
@@ -444,7 +444,7 @@ def launch(
             replies,
             on_step is not None,
             reports,
-            {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)},
+            storage.settings(),
         ),
         nprocs=processes,
         join=False,

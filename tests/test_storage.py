@@ -3,6 +3,8 @@ loopback, spoken to over HTTP by s3fs), through the same calls as local files.""
 
 from __future__ import annotations
 
+import json
+
 import fsspec
 import pytest
 import torch
@@ -174,3 +176,12 @@ def test_the_whole_quick_demo_runs_on_s3_and_a_rerun_skips_every_stage(bucket, p
     assert {
         s: json.loads(storage.read_bytes(f"{out}/run/round-0/{s}/manifest.json"))["finished_at"] for s in stamps
     } == stamps
+
+
+def test_local_shards_keep_their_digest_cache_in_a_remote_run_directory(bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_shard(tmp_path / "s.tar", GOOD)
+    cache = f"{bucket}/run/shard-digests.json"
+    (first,) = shard_identities([tmp_path / "s.tar"], cache)
+    assert json.loads(storage.read_bytes(cache))[first["path"]]["sha256"] == first["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar"]  # nothing written beside it
