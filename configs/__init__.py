@@ -181,6 +181,17 @@ class TrainConfig(_Config):
         description="training processes on this machine (torch.distributed ranks, one GPU each on CUDA); "
         "each draws batch_size/processes samples of the global batch; a checkpoint resumes on any number",
     )
+    nodes: int = run_setting(
+        1,
+        ge=1,
+        description="machines the stage trains on, `processes` ranks each; nodes > 1 needs rdzv_endpoint, and "
+        "`noisy-student agent` running on every other node (README, Clusters)",
+    )
+    rdzv_endpoint: str = run_setting(
+        "",
+        description="HOST:PORT where the other nodes reach this one (the rendezvous store is served here); "
+        "needed with nodes > 1; empty: 127.0.0.1 at a free port",
+    )
     dist_backend: Literal["auto", "gloo", "nccl"] = run_setting(
         "auto", description="torch.distributed backend with processes > 1; auto: nccl on CUDA, gloo on CPU"
     )
@@ -201,10 +212,16 @@ class TrainConfig(_Config):
 
     @model_validator(mode="after")
     def _check_split(self) -> TrainConfig:
-        if self.batch_size % self.processes:
+        ranks = self.processes * self.nodes
+        if self.batch_size % ranks:
+            where = f"processes={self.processes}" + (f" x nodes={self.nodes}" if self.nodes > 1 else "")
             raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by processes={self.processes}: "
+                f"batch_size={self.batch_size} is not divisible by {where}: "
                 "each process draws batch_size/processes samples of the global batch"
+            )
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nodes={self.nodes} needs rdzv_endpoint (HOST:PORT of this node, reachable from the others)"
             )
         return self
 

@@ -4,6 +4,7 @@
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student serve [--name local] [--limit N]
+    noisy-student agent --rdzv-endpoint HOST:PORT --nodes N [--processes P] [--local-addr A] [--stages K]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
     noisy-student augment preview OUT.png [--level S3] [--n 16] [--config CONFIG] [--seed N]
@@ -74,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--name", default="local", help="deployment name: <flow>/<name> (default local)")
     serve.add_argument("--limit", type=int, default=None, help="at most N flow runs at once")
+
+    agent = sub.add_parser(
+        "agent",
+        help="on another node: join each training stage's rendezvous (train.nodes > 1) and run its ranks here",
+    )
+    agent.add_argument("--rdzv-endpoint", required=True, help="the stages' train.rdzv_endpoint, HOST:PORT")
+    agent.add_argument("--nodes", type=int, required=True, help="the stages' train.nodes (this node included)")
+    agent.add_argument("--processes", type=int, default=1, help="ranks on this node (the stages' train.processes)")
+    agent.add_argument("--local-addr", default=None, help="this node's address as the others reach it (default FQDN)")
+    agent.add_argument("--stages", type=int, default=None, help="stop after K stages (default: keep serving)")
+    agent.add_argument("--idle", type=float, default=3600.0, help="stop when no stage came for this many seconds")
 
     shards = sub.add_parser("shards", help="webdataset shards of unlabeled images")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
@@ -195,6 +207,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = preview(args.out, args.level, args.n, args.config, args.seed, args.overrides)
         print(json.dumps(report, indent=2))
         return 0
+
+    if args.command == "agent":
+        from tasks.launcher import serve_node
+
+        failed = serve_node(args.rdzv_endpoint, args.nodes, args.processes, args.local_addr, args.stages, args.idle)
+        return 1 if failed else 0
 
     # Prefect is imported only for the commands that run flows.
     if args.command == "serve":

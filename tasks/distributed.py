@@ -1,34 +1,8 @@
-"""Training on several processes with torch.distributed (DESIGN.md section 9). No Prefect here.
+"""Inside a training rank with torch.distributed (DESIGN.md section 9). No Prefect here.
 
-`launch(fn, args, processes, device, backend, log, on_step)` runs
-`fn(*args, device=, log=, on_step=)` once per rank and returns rank 0's result.
-
-- processes=1: `fn` runs in this process. No process group exists, `rank()` is 0,
-  `world_size()` is 1, and every helper below is the identity: the training code is
-  the same functions for 1 and N processes.
-- processes=N: N ranks start from multiprocessing's fork server, rank r on `cuda:(i+r)`
-  for device `cuda:i` (backend nccl) or on the CPU (gloo). They meet through a
-  TCPStore that this process serves on 127.0.0.1 at a port the OS picks, so there is no
-  free-port race. Rank 0's `log` lines and `on_step` calls travel back here over a
-  queue and run in this process (so a Prefect logger works); on_step runs synchronously
-  (rank 0 waits for it), so a hook that raises stops training right after that step,
-  as with one process. Other ranks do not log.
-- A rank that raises or dies ends the launch: the others are stopped and `WorkerError`
-  names the rank and its exception (with the rank's traceback). When one rank fails,
-  the others soon fail too (their peer closed the connection); each failing rank
-  stamps its report with the time, and the first one is the one named. A `RankError`
-  (an error whose message says all, such as a diverged loss) is raised as it is.
-
-Why not torchrun: its ranks are fresh interpreters that would re-import torch, timm
-and the model code (about 15 s each on a busy 2-core machine) and re-read the config
-from a file; results and failures would come back through files and exit codes.
-Forked from a server that has imported the training module (once per launching
-process), a rank starts in about half a second, takes the pydantic config and the
-run's arguments as they are, and hands its result back. Elastic restarts are not needed: a failed stage is rerun as a
-task and `fit` resumes from its checkpoint. Only one machine is covered (`processes`
-per node); multi-node training would need a rendezvous address instead of 127.0.0.1.
-The fork server (not fork) keeps ranks clear of the launching process's threads
-(Prefect's event loop) and CUDA state.
+The ranks are started by tasks/launcher.py (torch.distributed.elastic). With one
+process no process group exists, `rank()` is 0, `world_size()` is 1, and every helper
+below is the identity: the training code is the same functions for 1 and N processes.
 
 Inside a rank: `prepare_model` wraps the model in DistributedDataParallel (after
 optionally turning BatchNorm layers into `CrossRankBatchNorm`), `mean_over_ranks` and
@@ -38,33 +12,18 @@ guards writes (checkpoints, model.pt).
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import pickle
-import queue
-import shutil
-import tempfile
-import time
-import traceback
-from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import timm.layers
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data import storage
 from data.mixing import rank_seed as _rank_seed
 
-HOST = "127.0.0.1"
 TIMEOUT = timedelta(minutes=30)  # a collective (or rank 0 waiting on on_step) that takes longer fails
-START_METHOD = "forkserver"
-_POLL_S = 0.1
 
 
 class RankError(Exception):
@@ -303,199 +262,3 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         case "nccl" | "gloo":
             return backend
     raise ValueError(f"unknown dist_backend {backend!r}; valid: auto, gloo, nccl")
-
-
-def _rank_device(device: torch.device, r: int) -> torch.device:
-    if device.type == "cuda":
-        return torch.device("cuda", (device.index or 0) + r)
-    return device
-
-
-def _run_rank(r, fn, args, world, port, backend, device, threads, events, replies, want_steps, reports, env):
-    """Body of rank `r` (a fork-server child): join the group, run fn, hand back rank 0's result.
-    `env`: the launcher's storage settings (the fork server's environment may predate them)."""
-    try:
-        os.environ.update(env)
-        os.environ.update(
-            MASTER_ADDR=HOST, MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world)
-        )
-        device = _rank_device(device, r)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        else:
-            torch.set_num_threads(threads)
-        store = dist.TCPStore(HOST, port, is_master=False, timeout=TIMEOUT)
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=r,
-            world_size=world,
-            timeout=TIMEOUT,
-            device_id=device if backend == "nccl" else None,
-        )
-        log, on_step = (lambda msg: None), None
-        if r == 0:
-
-            def log(msg: str) -> None:
-                events.put(("log", msg))
-
-            if want_steps:
-
-                def on_step(step: int, logs: dict[str, float]) -> None:
-                    events.put(("step", step, logs))
-                    replies.get(timeout=TIMEOUT.total_seconds())  # the hook ran in the launcher
-
-        result = fn(*args, device=device, log=log, on_step=on_step)
-        if r == 0:
-            events.put(("result", result))
-    except Exception as exc:
-        if isinstance(exc, RankError):
-            Path(reports, f"rank-{r}.pickle").write_bytes(pickle.dumps(exc))
-        # Stamped before this rank leaves the group, hence before its peers fail because of it.
-        Path(reports, f"rank-{r}.txt").write_text(f"{time.time_ns()}\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _first_failure(reports: str) -> tuple[int, str] | None:
-    """(rank, traceback) of the earliest failure report, if any."""
-    found = []
-    for path in Path(reports).glob("rank-*.txt"):
-        stamp, _, trace = path.read_text().partition("\n")
-        if stamp.isdigit() and trace:
-            found.append((int(stamp), int(path.stem.removeprefix("rank-")), trace))
-    return min(found)[1:] if found else None
-
-
-def _rank_error(reports: str, rank: int) -> RankError | None:
-    path = Path(reports, f"rank-{rank}.pickle")
-    try:
-        return pickle.loads(path.read_bytes())
-    except Exception:  # none written, or it does not unpickle here: report the traceback instead
-        return None
-
-
-def _last_line(trace: str) -> str:
-    lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "unknown error"
-
-
-def _stop(context) -> None:
-    for p in context.processes:
-        if p.is_alive():
-            p.terminate()
-    for p in context.processes:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-
-
-def launch(
-    fn: Callable[..., Any],
-    args: tuple,
-    processes: int,
-    device: str | torch.device,
-    backend: str = "auto",
-    log: Callable[[str], None] = print,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> Any:
-    """Run `fn(*args, device=, log=, on_step=)` on `processes` ranks; return rank 0's result.
-
-    fn must be a module-level function and args picklable when processes > 1. Raises
-    WorkerError (naming the rank) if a rank fails (its RankError itself if it raised one),
-    or whatever `log`/`on_step` raised.
-    """
-    device = torch.device(device)
-    if processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-    if processes == 1:
-        return fn(*args, device=device, log=log, on_step=on_step)
-    backend = resolve_backend(backend, device)
-    if device.type == "cuda":
-        need = (device.index or 0) + processes
-        if torch.cuda.device_count() < need:
-            raise ValueError(
-                f"processes={processes} on device={str(device)!r} needs {need} GPUs, "
-                f"this machine has {torch.cuda.device_count()}"
-            )
-    ctx = multiprocessing.get_context(START_METHOD)
-    # Effective only if this process has not started its fork server yet.
-    ctx.set_forkserver_preload(["torch", fn.__module__])
-    events, replies = ctx.Queue(), ctx.Queue()
-    reports = tempfile.mkdtemp(prefix="noisy-student-ranks-")
-    store = dist.TCPStore(HOST, 0, world_size=None, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
-    threads = max(1, torch.get_num_threads() // processes)
-    devices = "cpu" if device.type == "cpu" else f"{_rank_device(device, 0)}..{_rank_device(device, processes - 1)}"
-    log(f"training on {processes} processes ({backend}, {devices})")
-    context = torch_mp.start_processes(
-        _run_rank,
-        args=(
-            fn,
-            args,
-            processes,
-            store.port,
-            backend,
-            device,
-            threads,
-            events,
-            replies,
-            on_step is not None,
-            reports,
-            storage.settings(),
-        ),
-        nprocs=processes,
-        join=False,
-        start_method=START_METHOD,
-    )
-    results: list = []
-
-    def handle(msg: tuple) -> None:
-        match msg:
-            case ("log", text):
-                log(text)
-            case ("step", step, logs):
-                on_step(step, logs)
-                replies.put("go")
-            case ("result", value):
-                results.append(value)
-
-    def drain(only_logs: bool = False) -> None:
-        while True:
-            try:
-                msg = events.get(timeout=_POLL_S)
-            except queue.Empty:
-                return
-            if not only_logs or msg[0] == "log":
-                handle(msg)
-
-    try:
-        while True:
-            try:
-                msg = events.get(timeout=_POLL_S)
-            except queue.Empty:
-                msg = None
-            if msg is not None:
-                handle(msg)
-            if context.join(timeout=0):  # raises as soon as a rank has failed
-                break
-        drain()
-    except torch_mp.ProcessRaisedException as err:
-        drain(only_logs=True)
-        rank_failed, trace = _first_failure(reports) or (err.error_index, err.msg)
-        if (as_raised := _rank_error(reports, rank_failed)) is not None:
-            raise as_raised from None
-        raise WorkerError(rank_failed, _last_line(trace), trace.strip()) from None
-    except torch_mp.ProcessExitedException as err:
-        drain(only_logs=True)
-        how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
-        raise WorkerError(err.error_index, f"process died ({how})") from None
-    finally:
-        _stop(context)
-        shutil.rmtree(reports, ignore_errors=True)
-        del store
-    if not results:
-        raise WorkerError(0, "finished without returning a result")
-    return results[0]

@@ -4,8 +4,8 @@
 anywhere, loaded with `weights_only=True`.
 
 `train_teacher` and `train_student` train on `processes` processes of their
-TrainConfig (tasks/distributed.py): with one process the stage runs here; with N, the
-same `_*_rank` function runs once per rank, each rank reading batch_size/N human (and
+TrainConfig (tasks/launcher.py), on each of its `nodes`: with one process the stage runs
+here; with N, the same `_*_rank` function runs once per rank, each rank reading batch_size/N human (and
 pseudo) samples per step, and rank 0 writes checkpoint.pt and model.pt.
 """
 
@@ -22,7 +22,7 @@ from configs import ModelConfig, RunConfig, TrainConfig
 from data import storage
 from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
-from tasks import distributed
+from tasks import distributed, launcher
 from tasks.contract import Family
 from tasks.engine import LossNormalizer, TrainingDiverged, device_settings, fit
 from tasks.families import get_family
@@ -77,7 +77,9 @@ def resume_key(inputs: dict) -> str:
 
 def _launch(fn, args: tuple, tcfg: TrainConfig, lr_setting: str, cfg: RunConfig, log, on_step) -> dict:
     try:
-        return distributed.launch(fn, args, tcfg.processes, cfg.device, tcfg.dist_backend, log, on_step)
+        return launcher.launch(
+            fn, args, tcfg.processes, cfg.device, tcfg.dist_backend, log, on_step, tcfg.nodes, tcfg.rdzv_endpoint
+        )
     except TrainingDiverged as err:
         err.setting = lr_setting  # the advice names the config key to lower
         raise
@@ -172,7 +174,7 @@ def train_student(
     """Joint training on human + pseudo labels with loss normalization, on
     `cfg.student.train.processes` processes; writes model.pt."""
     tcfg = cfg.student.train
-    distributed.per_rank(cfg.student.pseudo_per_batch, tcfg.processes, PSEUDO_PER_BATCH)
+    distributed.per_rank(cfg.student.pseudo_per_batch, tcfg.processes * tcfg.nodes, PSEUDO_PER_BATCH)
     args = (cfg, str(stage_dir), key, list(pseudo_pairs), str(teacher_checkpoint), resume_key)
     return _launch(_student_rank, args, tcfg, "student.train.lr", cfg, log, on_step)
 

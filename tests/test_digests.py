@@ -62,6 +62,8 @@ def test_a_result_deciding_change_changes_its_stages_digests(override, changed):
 def test_run_settings_are_declared_on_the_fields():
     assert set(TrainConfig.model_fields) - set(TrainConfig().digest_view()) == {
         "processes",
+        "nodes",
+        "rdzv_endpoint",
         "log_every",
         "checkpoint_every",
         "dist_backend",

@@ -22,7 +22,7 @@ from configs import RunConfig, StudentConfig, TrainConfig
 from data.mixing import InfiniteSampler, PseudoLabeledShards, endless_loader
 from data.shards import iter_shard, write_shard
 from detection import pseudo
-from tasks import distributed, training
+from tasks import distributed, launcher, training
 from tasks.engine import CHECKPOINT, LossNormalizer
 from tests.conftest import tiny_model_config, world_data
 
@@ -164,7 +164,7 @@ def fail_on_rank(bad_rank: int, *, device, log, on_step):
 
 def test_worker_exception_names_its_rank():
     with pytest.raises(distributed.WorkerError, match=r"rank 1 failed: ValueError: boom on rank 1") as err:
-        distributed.launch(fail_on_rank, (1,), processes=2, device="cpu")
+        launcher.launch(fail_on_rank, (1,), processes=2, device="cpu")
     assert err.value.rank == 1 and "fail_on_rank" in err.value.trace
 
 
@@ -185,7 +185,7 @@ def normalizer_states(*, device, log, on_step):
 
 
 def test_loss_normalizer_sees_the_mean_over_ranks():
-    (state0, losses0), (state1, losses1) = distributed.launch(normalizer_states, (), processes=2, device="cpu")
+    (state0, losses0), (state1, losses1) = launcher.launch(normalizer_states, (), processes=2, device="cpu")
     assert state0 == state1  # every rank holds the same averages
     alone = LossNormalizer(alpha=2.0, decay=0.5)
     for step in range(3):  # one process seeing the means of the two ranks' losses

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from configs import RunConfig, TrainConfig, dump_config
-from tasks import distributed
+from tasks import launcher
 from tasks.engine import CHECKPOINT, DIVERGED, DIVERGED_CHECKPOINT, TrainingDiverged, fit
 from tests.conftest import tiny_model_config, world_data
 
@@ -153,7 +153,7 @@ def raise_diverged(*, device, log, on_step):
 def test_launch_raises_a_ranks_divergence_as_it_is():
     """On several processes the error is the rank's TrainingDiverged, not a WorkerError with a traceback."""
     with pytest.raises(TrainingDiverged) as err:
-        distributed.launch(raise_diverged, (), 2, "cpu", log=lambda m: None)
+        launcher.launch(raise_diverged, (), 2, "cpu", log=lambda m: None)
     assert str(err.value).startswith("the loss is not finite at step 3/10 (loss=nan) with lr=0.1; no checkpoint")
     assert "Traceback" not in str(err.value)
 
