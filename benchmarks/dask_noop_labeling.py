@@ -11,7 +11,7 @@ that each peak RSS is its own:
           the shard work itself (read, decode, write the sidecar tar and json);
 - thread: `pseudo_label_flow` with the bounded thread pool (`--workers` threads);
 - dask:   a LocalCluster of `--workers` single-threaded worker processes (built from
-          `flows.stages.local_cluster_kwargs`, timed as cluster start, then the task
+          `tasks.runners.local_cluster_kwargs`, timed as cluster start, then the task
           modules imported on the workers), then `pseudo_label_flow` given its
           scheduler address (`pseudo.dask_address`).
 
@@ -300,7 +300,7 @@ def child(mode: str, root: Path, workers: int) -> dict:
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    from flows.stages import local_cluster_kwargs
+    from tasks.runners import local_cluster_kwargs
 
     t0 = time.perf_counter()
     rule = cfg.pseudo.model_copy(update={"runner": "dask"})

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -193,6 +194,23 @@ class WorldPaths:
 
 
 # ------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A family's demo on the embedded world (`noisy-student demo --family NAME`; each
+    family names its own, tasks/contract.py).
+
+    presets: the full and the quick preset's names (configs/); world: what the world
+    draws; data(world) -> (the config's data section pointing at a written world, the
+    model's class count)."""
+
+    presets: tuple[str, str]
+    world: WorldSpec
+    data: Callable[[WorldPaths], tuple[dict, int]]
+
+    def preset(self, quick: bool) -> str:
+        return self.presets[1] if quick else self.presets[0]
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:

@@ -80,8 +80,11 @@ def metrics_table_single(checkpoint: str, metrics: dict) -> None:
     create_table_artifact(rows, key="evaluation", description=f"Metrics of {checkpoint}")
 
 
-def pseudo_stats(round_index: int, total: dict, unit: str, class_names: list[str]) -> None:
-    """`unit`: what a label counts (the family's `label_unit`: boxes, pixels)."""
+def pseudo_stats(
+    round_index: int, total: dict, unit: str, class_names: list[str], extra_rows: list[tuple[str, str]] = ()
+) -> None:
+    """`unit`: what a label counts (the family's `label_unit`: boxes, pixels);
+    `extra_rows`: (name, value) rows of the family's own counts (`stats_rows`)."""
     kept = max(1, total["kept"])
     lines = [
         f"## Pseudo-labels, round {round_index}",
@@ -99,8 +102,7 @@ def pseudo_stats(round_index: int, total: dict, unit: str, class_names: list[str
     n = max(1, sum(total["class_counts"]))
     for name, c in zip(class_names, total["class_counts"]):
         lines.append(f"| {name} | {c} | {100 * c / n:.1f}% |")
-    if total.get("pixels"):
-        lines.insert(9, f"| share of kept images' {unit} labeled | {100 * total['labels'] / total['pixels']:.1f}% |")
+    lines[9:9] = [f"| {name} | {value} |" for name, value in extra_rows]
     # Histograms a family adds (score_hist: per label; kept_share_hist: per image), in tenths.
     for key in sorted(k for k in total if k.endswith("_hist")):
         hist = total[key] or []

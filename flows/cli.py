@@ -1,6 +1,6 @@
 """`noisy-student` command line.
 
-    noisy-student demo [--family detection|segmentation] [--quick] [--seed N] [--out DIR] [--device cpu]
+    noisy-student demo [--family NAME] [--quick] [--seed N] [--out DIR] [--device cpu]
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student serve [--name local] [--limit N]
@@ -53,9 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     demo.add_argument(
         "--family",
-        default="detection",
-        choices=["detection", "segmentation"],
-        help="detection (COCO boxes, AP) or segmentation (VOC class maps, mIoU)",
+        default=None,
+        help="a family with a demo: detection (COCO boxes, AP; the default), segmentation (VOC class maps, mIoU)",
     )
     _add_set(demo)
 

@@ -10,23 +10,19 @@ after it.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
 from prefect.futures import as_completed
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from configs import PseudoLabelConfig, RunConfig, dump_config
+from configs import RunConfig, dump_config
 from data import storage
 from data.shards import expand_urls, shard_identities
 from flows import artifacts
-from tasks import units
+from tasks import runners, units
 from tasks.families import get_family
 from tasks.inputs import check_inputs
-from tasks.labeling import add_stats, empty_stats, finished_shard, remove_temporaries, sidecar_paths
+from tasks.labeling import add_stats, empty_stats, finished_shards, remove_temporaries
 from tasks.rundir import (
     RunDir,
     atomic_write_bytes,
@@ -144,113 +140,6 @@ def finish(stage: Path, inputs: dict, outputs: dict) -> dict:
 # ----------------------------------------------------------------------------- labeling
 
 
-def _uses_gpu(device: str) -> bool:
-    return device.split(":", 1)[0] == "cuda"
-
-
-def local_cluster_kwargs(rule: PseudoLabelConfig, device: str) -> dict:
-    """The LocalCluster the Dask runner starts when no scheduler address is given:
-    `max_workers` single-threaded worker processes; on a CUDA device each offers one
-    "GPU" resource, which every labeling task asks for (`dask_annotations`). Like the
-    scheduler and workers, the dashboards (HTTP, no authentication) listen on loopback
-    only: distributed's default binds them to every interface."""
-    kwargs = {
-        "n_workers": rule.max_workers,
-        "threads_per_worker": 1,
-        "processes": True,
-        "dashboard_address": "127.0.0.1:0",
-        "worker_dashboard_address": "127.0.0.1:0",
-    }
-    if _uses_gpu(device):
-        kwargs["resources"] = {"GPU": 1}
-    return kwargs
-
-
-def dask_annotations(rule: PseudoLabelConfig, device: str) -> dict:
-    """Dask annotations of the labeling tasks: on a CUDA device each asks for one "GPU"
-    resource, so only workers started with one (`dask worker ADDRESS --nthreads 1
-    --resources GPU=1`, one per GPU with its CUDA_VISIBLE_DEVICES) run them, one at a
-    time per GPU. prefect-dask's `submit` passes the annotations of `dask.annotate`
-    through to the scheduler (distributed merges them in `Client.submit`)."""
-    if rule.runner == "dask" and _uses_gpu(device):
-        return {"resources": {"GPU": 1}}
-    return {}
-
-
-def _task_runner(rule: PseudoLabelConfig, device: str = "cpu"):
-    """The task runner `rule.runner` names: a bounded thread or process pool on this
-    machine, or Dask (the scheduler at `rule.dask_address`, else a LocalCluster started
-    for the flow run and closed after it)."""
-    match rule.runner:
-        case "thread":
-            return ThreadPoolTaskRunner(max_workers=rule.max_workers)
-        case "process":
-            return ProcessPoolTaskRunner(max_workers=rule.max_workers)
-        case "dask":
-            from prefect_dask import DaskTaskRunner
-
-            if rule.dask_address:
-                return DaskTaskRunner(address=rule.dask_address)
-            return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(rule, device))
-    raise ValueError(f"unknown runner {rule.runner!r}; valid: thread, process, dask")
-
-
-def _flow_api(rule: PseudoLabelConfig, logger):
-    """Settings under which task runs in other processes report to this flow's API.
-
-    With no PREFECT_API_URL the flow runs on Prefect's temporary local server, and a
-    pool process or Dask worker, knowing no address, would start a server of its own
-    (tens of seconds each) and record its task runs there, out of the flow's sight.
-    The settings travel with each submitted task, so naming the flow's server in them
-    is enough. That server listens on 127.0.0.1 only: workers on other hosts need a
-    real server (PREFECT_API_URL).
-    """
-    if rule.runner == "thread" or PREFECT_API_URL.value():
-        return nullcontext()
-    url = str(FlowRunContext.get().client.api_url)
-    if rule.runner == "dask" and rule.dask_address:
-        logger.warning(
-            "no PREFECT_API_URL: the flow runs on a temporary server at %s, which Dask workers on other "
-            "hosts cannot reach; set PREFECT_API_URL to a Prefect server they can reach",
-            url,
-        )
-    return temporary_settings({PREFECT_API_URL: url})
-
-
-def _annotated(annotations: dict):
-    if not annotations:
-        return nullcontext()
-    import dask
-
-    return dask.annotate(**annotations)
-
-
-@contextmanager
-def _started(runner, rule: PseudoLabelConfig, device: str, logger):
-    """Enter `runner`; a Dask runner connects at once, so an unreachable scheduler fails
-    here with its address instead of at the first task."""
-    with runner:
-        if rule.runner == "dask":
-            try:
-                client = runner.client
-            except OSError as err:
-                if not rule.dask_address:
-                    raise
-                raise ConnectionError(
-                    f"cannot reach the Dask scheduler at {rule.dask_address!r} (pseudo.dask_address): {err}"
-                ) from err
-            need = dask_annotations(rule, device).get("resources", {})
-            offers = [w.get("resources", {}) for w in client.scheduler_info()["workers"].values()] if need else []
-            if need and not any(all(o.get(r, 0) >= n for r, n in need.items()) for o in offers):
-                logger.warning(
-                    "no worker of the Dask scheduler at %s offers the resources %s yet; the labeling tasks "
-                    "wait for one (start workers with `dask worker ADDRESS --nthreads 1 --resources GPU=1`)",
-                    rule.dask_address,
-                    need,
-                )
-        yield runner
-
-
 @flow(name="pseudo-label", flow_run_name="pseudo-label-round-{round_index}")
 @holds_run_dir
 def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
@@ -280,12 +169,8 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     num_classes = family.num_classes(cfg.data)
     common = {k: v for k, v in inputs.items() if k != "shards"}
     keys = [json_digest({**common, "shard": ident}) for ident in inputs["shards"]]
-    per_shard, todo = [], []
-    for i, key in enumerate(keys):
-        if stats := finished_shard(*sidecar_paths(stage, i), key):
-            per_shard.append(stats)
-        else:
-            todo.append(i)
+    done, todo = finished_shards(stage, list(range(len(keys))), keys)
+    per_shard = list(done.values())
     if per_shard:
         logger.info(
             "%d of %d shards were labeled by an earlier run; labeling the other %d",
@@ -295,13 +180,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         )
     progress = artifacts.LabelingProgress(round_index, len(shards), finished=per_shard)
     if todo:
-        runner = _task_runner(cfg.pseudo, cfg.device)
-        annotations = dask_annotations(cfg.pseudo, cfg.device)
-        with (
-            _flow_api(cfg.pseudo, logger),
-            _started(runner, cfg.pseudo, cfg.device, logger),
-            _annotated(annotations),
-        ):
+        with runners.labeling_runner(cfg.pseudo, cfg.device, logger) as runner:
             size = cfg.pseudo.chunk_size(len(todo))
             chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
             logger.info("labeling %d shards in %d tasks of up to %d shards", len(todo), len(chunks), size)
@@ -335,7 +214,8 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     for s in per_shard:
         if s.get("empty_shards"):
             logger.warning("shard %s holds no records", s["shard"])
-    artifacts.pseudo_stats(round_index, total, family.label_unit, family.class_names(cfg.data))
+    names = family.class_names(cfg.data)
+    artifacts.pseudo_stats(round_index, total, family.label_unit, names, family.stats_rows(total, family.label_unit))
     outputs = {
         "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
         "pairs": [[s["shard"], str(stage / s["sidecar"])] for s in per_shard],

@@ -1,8 +1,12 @@
 """The family contract: all that flows/ and tasks/ know about a task family.
 
-A family (detection, segmentation, ...) is an object with the methods below; flows
+A family (detection, segmentation, ...) is an object with the members below; flows
 pick one by name from `FAMILIES`. Adding a family means writing one such object and
-one line in `FAMILIES`; nothing in flows/ changes.
+one line in `FAMILIES`; nothing in flows/ changes. The contract has two halves:
+`LabelingFamily`, what the pseudo-label stage needs (a teacher's labels, their
+sidecar bytes and statistics), and `TrainingFamily`, what the teacher and student
+stages need (data, batches, per-sample losses, evaluation). `Family` is both, plus
+what the flows show of a family: its demo (optional) and its statistics' extra rows.
 
 Shared formats:
 - a sample is `(image, target)`: image uint8 [3,H,W] RGB; target a dict
@@ -19,7 +23,7 @@ Shared formats:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,24 +31,47 @@ from torch.utils.data import Dataset
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
 from data.augment import Augment
+from data.world import Demo
 
 
-class Family(Protocol):
+class _Classes(Protocol):
     name: str
-    metric: str  # the headline metric's key in evaluate()'s dict ("AP", "mIoU")
-    sidecar_ext: str  # "json" (boxes) or "png" (class maps)
-    label_unit: str  # what pseudo-label counts count: "boxes", "pixels"
 
     def build_model(self, cfg: ModelConfig) -> nn.Module: ...
 
-    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> Dataset:
-        """Human-labeled samples augmented by `augment_level` (a level name, or a
-        `data.augment.Augment` with its settings); None keeps original sizes (evaluation)."""
+    def num_classes(self, data: DataConfig) -> int: ...
 
     def class_names(self, data: DataConfig) -> list[str]:
         """Names of the classes, in label order."""
 
-    def num_classes(self, data: DataConfig) -> int: ...
+
+class LabelingFamily(_Classes, Protocol):
+    """What the pseudo-label stage needs: the teacher's labels and their sidecar form."""
+
+    sidecar_ext: str  # "json" (boxes) or "png" (class maps)
+    label_unit: str  # what pseudo-label counts count: "boxes", "pixels"
+
+    def label_images(
+        self, model: nn.Module, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig
+    ) -> list[dict | None]:
+        """Un-noised teacher pseudo-labels for a batch of images (None = left empty)."""
+
+    def encode(self, label: dict) -> bytes: ...
+
+    def label_stats(self, label: dict, num_classes: int) -> dict:
+        """Additive statistics of one pseudo-label (ints and lists of ints; keys ending
+        in `_hist` are histograms over [0, 1] that the statistics artifact draws)."""
+
+
+class TrainingFamily(_Classes, Protocol):
+    """What the teacher and student stages need: batches, losses, evaluation."""
+
+    metric: str  # the headline metric's key in evaluate()'s dict ("AP", "mIoU")
+    sidecar_ext: str
+
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> Dataset:
+        """Human-labeled samples augmented by `augment_level` (a level name, or a
+        `data.augment.Augment` with its settings); None keeps original sizes (evaluation)."""
 
     def collate(self, samples: list[tuple[torch.Tensor, dict]]) -> dict:
         """Equal-size samples -> a batch {"images": uint8 [B,3,S,S], ...}."""
@@ -53,24 +80,18 @@ class Family(Protocol):
         """One forward pass; {"loss_*": float32 [B]} per sample, whose means over the
         human part and over the pseudo part are the losses of those parts."""
 
-    def predict(self, model: nn.Module, images: list[torch.Tensor], image_size: int) -> list[Any]:
-        """Predictions in each image's own pixel frame; eval mode, whatever the module's mode."""
-
-    def label_images(
-        self, model: nn.Module, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig
-    ) -> list[dict | None]:
-        """Un-noised teacher pseudo-labels for a batch of images (None = left empty)."""
-
-    def to_pseudo_label(self, prediction: Any, rule: PseudoLabelConfig) -> dict | None: ...
-
-    def encode(self, label: dict) -> bytes: ...
-
-    def decode(self, data: bytes) -> dict: ...
-
-    def label_stats(self, label: dict, num_classes: int) -> dict:
-        """Additive statistics of one pseudo-label (ints and lists of ints)."""
+    def decode(self, data: bytes) -> dict:
+        """A pseudo-label from its sidecar bytes (`LabelingFamily.encode`'s inverse)."""
 
     def evaluate(
         self, model: nn.Module, data: DataConfig, batch_size: int = 32, num_workers: int = 0
     ) -> dict[str, float]:
         """Metrics in percent on the val split, `metric` among them."""
+
+
+class Family(LabelingFamily, TrainingFamily, Protocol):
+    demo: Demo | None  # None: no demo (`noisy-student demo` does not offer it)
+
+    def stats_rows(self, total: dict, unit: str) -> list[tuple[str, str]]:
+        """Extra (name, value) rows of the pseudo-label statistics table for the counts
+        this family adds to `label_stats`; [] when it adds none."""

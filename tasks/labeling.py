@@ -64,12 +64,20 @@ def remove_temporaries(out_dir: str | Path, index: int | Iterable[int] | None = 
     return removed
 
 
-def finished_shard(out_tar: str | Path, out_json: str | Path, key: str) -> dict | None:
-    """The stats a finished shard recorded, if they carry `key` and its tar exists; else None."""
-    done = read_json(out_json)
-    if isinstance(done, dict) and done.get("key") == key and storage.exists(out_tar):
-        return done
-    return None
+def finished_shards(out_dir: str | Path, indices: list[int], keys: list[str]) -> tuple[dict[int, dict], list[int]]:
+    """The resume check of labeling: ({index: recorded stats} of the shards among
+    `indices` whose sidecar json records their key (of `keys`) and whose tar exists, [the
+    other indices]). The flow plans its tasks with it; each task attempt checks its own
+    shards again, so a retried attempt keeps what a failed one finished."""
+    done, todo = {}, []
+    for index, key in zip(indices, keys, strict=True):
+        out_tar, out_json = sidecar_paths(out_dir, index)
+        stats = read_json(out_json)
+        if isinstance(stats, dict) and stats.get("key") == key and storage.exists(out_tar):
+            done[index] = stats
+        else:
+            todo.append(index)
+    return done, todo
 
 
 def empty_stats(num_classes: int) -> dict:
@@ -174,15 +182,13 @@ def label_shard(
 ) -> dict:
     """Label one image shard, writing the sidecar tar then its stats json.
 
-    `key` is the digest of everything that decides the labels; if `out_json` already
-    records it and the tar exists, the shard is not relabeled. Returns the stats dict:
+    `key` is the digest of everything that decides the labels, recorded in `out_json`;
+    the caller skips shards already finished (`finished_shards`). Returns the stats dict:
     images, kept, corrupt, labels, class_counts, broken_shards, lost_records,
     empty_shards, the family's own additive counts, shard, sidecar, and for a broken
     shard `error` (the reason, naming the shard). A broken or empty shard is logged as
     a warning.
     """
-    if done := finished_shard(out_tar, out_json, key):
-        return done
     stats = empty_stats(num_classes)
     damage: list[ShardReadError] = []
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # a model may have none

@@ -79,16 +79,8 @@ def _worth_retrying(task, task_run, state) -> bool:
 def _label_one(
     cfg: RunConfig, teacher_checkpoint: str, shard: str, index: int, out_dir: str, key: str, num_classes: int
 ) -> dict:
-    """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict).
-
-    A shard already labeled with this `key` is returned as it is, before the teacher is
-    loaded, so a retried or resumed task costs a file read. The chunk's task has removed
-    the temporary files of earlier attempts first.
-    """
+    """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict)."""
     out_tar, out_json = labeling.sidecar_paths(out_dir, index)
-    if done := labeling.finished_shard(out_tar, out_json, key):
-        _logger().info("shard %s: already labeled (%s); skipped", shard, out_json.name)
-        return done
     family, model = training.shared_model(teacher_checkpoint, cfg.device)
     stats = labeling.label_shard(
         family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key
@@ -141,8 +133,12 @@ def label_shards(
     task writes them."""
     if removed := labeling.remove_temporaries(out_dir, indices):
         _logger().info("removed %d temporary file(s) of a failed attempt: %s", len(removed), removed[:3])
+    # A retried attempt keeps the shards the failed one finished (before the teacher is loaded).
+    done, _ = labeling.finished_shards(out_dir, indices, keys)
+    if done:
+        _logger().info("%d shard(s) of this task were finished by an earlier attempt; skipped", len(done))
     device_settings(cfg.device, cfg.cudnn_benchmark)
     return [
-        _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
+        done[index] if index in done else _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
         for shard, index, key in zip(shards, indices, keys, strict=True)
     ]

@@ -31,3 +31,10 @@ def test_bad_override_exits_with_a_message(tmp_path, capsys):
 def test_unknown_stage_is_refused():
     with pytest.raises(SystemExit):
         main(["stage", "labelling", "demo"])
+
+
+def test_a_family_without_a_demo_is_named_with_those_that_have_one(tmp_path, capsys):
+    assert main(["demo", "--quick", "--family", "classification", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no demo for family 'classification'" in err and "detection, segmentation" in err
+    assert not (tmp_path / "world").exists()  # refused before the world is written

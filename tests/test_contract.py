@@ -1,5 +1,6 @@
 """Every family satisfies the contract of tasks/contract.py (parametrized over FAMILIES)."""
 
+import ast
 import inspect
 import json
 from pathlib import Path
@@ -12,7 +13,9 @@ from tasks.contract import Family
 from tasks.families import FAMILIES, get_family
 from tests.conftest import tiny_model_config
 
-METHODS = [n for n, v in vars(Family).items() if callable(v) and not n.startswith("_")]
+PROTOCOLS = [cls for cls in Family.__mro__ if cls.__module__ == Family.__module__]
+METHODS = sorted({n for cls in PROTOCOLS for n, v in vars(cls).items() if callable(v) and not n.startswith("_")})
+ATTRIBUTES = sorted({n for cls in PROTOCOLS for n in getattr(cls, "__annotations__", {})})
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -22,16 +25,7 @@ def family(request):
 
 def data_config(world, family) -> DataConfig:
     """The world's data in the family's format (COCO boxes or VOC class maps)."""
-    if family.name == "segmentation":
-        where = dict(format="voc", voc_root=str(world.voc_root), voc_classes=["background", *world.class_names])
-    else:
-        where = dict(
-            format="coco",
-            train_images=str(world.images_dir),
-            train_annotations=str(world.train_annotations),
-            val_images=str(world.images_dir),
-            val_annotations=str(world.val_annotations),
-        )
+    where, _ = family.demo.data(world)
     return DataConfig(**where, unlabeled_shards=world.unlabeled_pattern, image_size=128, num_workers=0)
 
 
@@ -55,7 +49,10 @@ def test_family_has_every_contract_method(family):
         want = list(inspect.signature(getattr(Family, name)).parameters)[1:]
         got = list(inspect.signature(ours).parameters)
         assert got[: len(want)] == want, (name, got, want)
-    assert family.metric and family.sidecar_ext
+    assert {"name", "metric", "sidecar_ext", "label_unit", "demo"} <= set(ATTRIBUTES)
+    for name in ATTRIBUTES:
+        assert hasattr(family, name), name
+    assert family.metric and family.sidecar_ext and family.label_unit
 
 
 def test_unknown_family_lists_valid_names():
@@ -122,6 +119,59 @@ def test_evaluate_returns_the_headline_metric(family, small_world):
     assert family.metric in metrics and 0.0 <= metrics[family.metric] <= 100.0
 
 
+FAMILY_PACKAGES = {"detection", "segmentation"}
+# Every member of the contract: methods and attributes of Family and the protocols it joins.
+CONTRACT = {
+    n
+    for cls in Family.__mro__
+    if cls.__module__ == Family.__module__
+    for n in [*vars(cls), *getattr(cls, "__annotations__", {})]
+    if not n.startswith("_")
+}
+
+
+def family_branches(source: str) -> list[str]:
+    """Every place in `source` that could tell one family from another: a family's name
+    as a string (compared, matched, a dict key, a default), an import of a family's
+    package, a family class named, or a contract member probed with hasattr/getattr."""
+    names = set(FAMILIES)
+    classes = {type(f).__name__ for f in FAMILIES.values()}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        where = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            found.append(f"{where}: the family name {node.value!r}")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{where}: imports {m}" for m in modules if m.split(".")[0] in FAMILY_PACKAGES]
+        elif isinstance(node, ast.Name | ast.Attribute):
+            ident = node.id if isinstance(node, ast.Name) else node.attr
+            if ident in classes:
+                found.append(f"{where}: names {ident}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
+            probed = node.args[1].value if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) else None
+            if probed in CONTRACT and (node.func.id == "hasattr" or len(node.args) == 3):
+                found.append(f"{where}: probes {probed!r} with {node.func.id}")
+    return found
+
+
+def test_the_branch_finder_sees_every_form_of_a_branch():
+    forms = {
+        "if cfg.family == 'segmentation': pass": "the family name",
+        "match cfg.family:\n    case 'detection': pass": "the family name",
+        "x = {'detection': 1}[cfg.family]": "the family name",
+        "def f(family='segmentation'): pass": "the family name",
+        "from detection.retinanet import RetinaNet": "imports detection",
+        "import segmentation.pseudo": "imports segmentation",
+        "ok = isinstance(f, DetectionFamily)": "names DetectionFamily",
+        "if hasattr(family, 'label_unit'): pass": "probes",
+        "unit = getattr(family, 'label_unit', 'boxes')": "probes",
+    }
+    for source, what in forms.items():
+        assert any(what in f for f in family_branches(source)), source
+    assert family_branches("if family.metric == 'AP': pass\nmetric = get_family(cfg.family).metric") == []
+
+
 def test_flows_and_tasks_have_no_family_specific_code():
     root = Path(__file__).resolve().parents[1]
     for pkg in ("flows", "tasks"):
@@ -129,5 +179,6 @@ def test_flows_and_tasks_have_no_family_specific_code():
             if path.name in ("families.py", "contract.py"):
                 continue  # the one place that names the families; the contract documents formats
             text = path.read_text()
-            for word in ("boxes_xyxy", "RetinaNet", "from detection", "import detection", "segmentation."):
+            assert family_branches(text) == [], f"{path.name}: {family_branches(text)}"
+            for word in ("boxes_xyxy", "RetinaNet", "segmentation."):
                 assert word not in text, f"{path.name} mentions {word!r}"

@@ -17,7 +17,9 @@ from dask.utils import key_split
 from distributed import LocalCluster, Scheduler, SchedulerPlugin, SpecCluster, Worker, get_worker
 from prefect import flow, task
 
+from configs import PseudoLabelConfig
 from flows import stages
+from tasks import runners
 from tests.labeling_setup import labeling_config, with_out_dir
 
 
@@ -131,14 +133,14 @@ def test_unreachable_scheduler_names_its_address(prefect_harness, base_cfg, tmp_
 
 def test_labeling_on_cuda_asks_for_a_gpu_resource(base_cfg):
     dask_rule = base_cfg.pseudo.model_copy(update={"runner": "dask"})
-    assert stages.dask_annotations(dask_rule, "cuda") == {"resources": {"GPU": 1}}
-    assert stages.dask_annotations(dask_rule, "cuda:1") == {"resources": {"GPU": 1}}
-    assert stages.dask_annotations(dask_rule, "cpu") == {}
-    assert stages.dask_annotations(base_cfg.pseudo, "cuda") == {}  # thread pool: no Dask
+    assert runners.dask_annotations(dask_rule, "cuda") == {"resources": {"GPU": 1}}
+    assert runners.dask_annotations(dask_rule, "cuda:1") == {"resources": {"GPU": 1}}
+    assert runners.dask_annotations(dask_rule, "cpu") == {}
+    assert runners.dask_annotations(base_cfg.pseudo, "cuda") == {}  # thread pool: no Dask
     # a LocalCluster started for a CUDA run offers what the tasks ask for
-    assert stages.local_cluster_kwargs(dask_rule, "cuda")["resources"] == {"GPU": 1}
-    assert "resources" not in stages.local_cluster_kwargs(dask_rule, "cpu")
-    kwargs = stages.local_cluster_kwargs(dask_rule.model_copy(update={"max_workers": 3}), "cpu")
+    assert runners.local_cluster_kwargs(dask_rule, "cuda")["resources"] == {"GPU": 1}
+    assert "resources" not in runners.local_cluster_kwargs(dask_rule, "cpu")
+    kwargs = runners.local_cluster_kwargs(dask_rule.model_copy(update={"max_workers": 3}), "cpu")
     assert kwargs == {
         "n_workers": 3,
         "threads_per_worker": 1,
@@ -163,13 +165,13 @@ def test_prefect_dask_passes_resource_annotations(prefect_harness):
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
     with SpecCluster(workers=spec, scheduler=scheduler) as cluster:
-        rule = stages.PseudoLabelConfig(runner="dask", dask_address=cluster.scheduler_address)
+        rule = PseudoLabelConfig(runner="dask", dask_address=cluster.scheduler_address)
 
         @flow
         def names(annotated: bool) -> list[str]:
-            runner = stages._task_runner(rule, "cuda")
-            annotations = stages.dask_annotations(rule, "cuda") if annotated else {}
-            with runner, stages._annotated(annotations):
+            runner = runners.task_runner(rule, "cuda")
+            annotations = runners.dask_annotations(rule, "cuda") if annotated else {}
+            with runner, runners.annotated(annotations):
                 futures = [runner.submit(worker_name, parameters={"i": i}) for i in range(8)]
                 return [f.result() for f in futures]
 
@@ -183,14 +185,14 @@ def test_workers_report_to_the_flows_temporary_server(prefect_harness):
     from prefect.context import FlowRunContext
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    rule = stages.PseudoLabelConfig(runner="dask")
+    rule = PseudoLabelConfig(runner="dask")
 
     @flow
     def settings_seen_by_tasks() -> tuple[str | None, str, str | None]:
         flow_api = str(FlowRunContext.get().client.api_url)
         with temporary_settings(restore_defaults={PREFECT_API_URL}):  # as on a temporary server
             before = PREFECT_API_URL.value()
-            with stages._flow_api(rule, logging.getLogger(__name__)):
+            with runners.flow_api(rule, logging.getLogger(__name__)):
                 return before, flow_api, PREFECT_API_URL.value()
 
     before, flow_api, during = settings_seen_by_tasks()
@@ -201,10 +203,10 @@ def test_workers_report_to_the_flows_temporary_server(prefect_harness):
 def test_a_cuda_run_warns_when_no_worker_offers_a_gpu(offered, caplog):
     logger = logging.getLogger("test_dask_runner")
     with LocalCluster(n_workers=1, processes=False, resources=offered, dashboard_address=":0") as cluster:
-        rule = stages.PseudoLabelConfig(runner="dask", dask_address=cluster.scheduler_address)
-        runner = stages._task_runner(rule, "cuda")
+        rule = PseudoLabelConfig(runner="dask", dask_address=cluster.scheduler_address)
+        runner = runners.task_runner(rule, "cuda")
         with caplog.at_level(logging.WARNING, logger="test_dask_runner"):
-            with stages._started(runner, rule, "cuda", logger):
+            with runners.started(runner, rule, "cuda", logger):
                 pass
     warned = [r.getMessage() for r in caplog.records if "offers the resources" in r.getMessage()]
     assert bool(warned) == (not offered)

@@ -139,7 +139,7 @@ def test_labeling_cluster_listens_on_loopback_only(monkeypatch):
     dashboards (distributed binds dashboards to every interface unless told otherwise)."""
     from distributed import LocalCluster
 
-    from flows.stages import local_cluster_kwargs
+    from tasks.runners import local_cluster_kwargs
 
     marker = uuid.uuid4().hex
     monkeypatch.setenv(MARKER, marker)  # the nanny and worker processes inherit it

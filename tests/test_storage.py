@@ -12,7 +12,7 @@ import torch
 from data import storage
 from data.shards import ShardReadError, expand_urls, iter_shard, iter_with_sidecar, shard_identities, write_shard
 from data.world import WorldSpec, write_world
-from tasks.labeling import label_shard, remove_temporaries, sidecar_paths
+from tasks.labeling import finished_shards, label_shard, remove_temporaries, sidecar_paths
 
 GOOD = [(f"k{i}", {"jpg": bytes([i + 1]) * (700 + 300 * i), "json": b"{}"}) for i in range(4)]
 
@@ -100,8 +100,9 @@ def test_labeling_reads_an_s3_shard_and_writes_its_sidecar_there(bucket, tmp_pat
     assert stats["images"] == 6 and stats["kept"] == 6 and stats["sidecar"] == "labels-000000.tar"
     keys = [k for k, _, _ in iter_with_sidecar(shard, out_tar)]
     assert len(keys) == 6 and storage.exists(out_json)
-    # finished: the recorded key skips the work (the model is not called again)
-    assert label_shard(family, None, shard, out_tar, out_json, 128, rule, 3, key="k") == stats
+    # finished: the recorded key (read back from the bucket) marks it done; another key does not
+    assert finished_shards(f"{bucket}/run/pseudo", [0], ["k"]) == ({0: stats}, [])
+    assert finished_shards(f"{bucket}/run/pseudo", [0], ["other"]) == ({}, [0])
     assert remove_temporaries(f"{bucket}/run/pseudo") == []
 
 

@@ -198,9 +198,9 @@ def test_write_world_is_idempotent_and_regenerates_on_change(tmp_path):
 
 @pytest.mark.parametrize("family", ["detection", "segmentation"])
 def test_demo_worlds_are_deterministic_per_seed(family):
-    from flows.demo import WORLD_SPECS
+    from tasks.families import FAMILIES
 
-    spec = WORLD_SPECS[family]
+    spec = FAMILIES[family].demo.world
     for i in range(3):
         assert _scenes_equal(render_scene(spec, 3, i, "train"), render_scene(spec, 3, i, "train"))
         assert not np.array_equal(render_scene(spec, 3, i, "train").image, render_scene(spec, 4, i, "train").image)
@@ -209,9 +209,9 @@ def test_demo_worlds_are_deterministic_per_seed(family):
 @pytest.mark.parametrize("family", ["detection", "segmentation"])
 def test_demo_worlds_keep_the_sizes_they_promise(family):
     """Boxes within the spec's object sizes, upright squares, 1-4 objects, distractors kept."""
-    from flows.demo import WORLD_SPECS
+    from tasks.families import FAMILIES
 
-    spec = WORLD_SPECS[family]
+    spec = FAMILIES[family].demo.world
     lo, hi = spec.object_size
     assert not spec.rotate and spec.distractors_per_image[1] >= 1 and spec.objects_per_image == (1, 4)
     assert spec.distractors_per_image == (0, 1)

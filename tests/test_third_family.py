@@ -1,0 +1,167 @@
+"""A third family, defined here and nowhere else, runs the teacher, pseudo-label and
+student flows: flows/ and tasks/ know families only through tasks/contract.py.
+
+The toy family labels whole images: which of the world's shape classes appear in an
+image (multi-label), from a small convolutional network with a per-class sigmoid.
+Its pseudo-label is the set of classes the teacher scores above the threshold.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from configs import DataConfig, ModelConfig, PseudoLabelConfig, RunConfig, StudentConfig, TrainConfig
+from data.augment import Augment
+from data.coco import CocoDetection
+from data.mixing import list_collate
+from data.world import Demo, WorldPaths
+from flows import stages
+from tasks import families
+from tasks.contract import Family, LabelingFamily, TrainingFamily
+from tasks.rundir import RunDir, read_manifest
+from tests.conftest import world_data
+
+
+class Presence(Dataset):
+    """The COCO samples with their boxes turned into a multi-hot class vector."""
+
+    def __init__(self, boxes: CocoDetection, num_classes: int):
+        self.boxes, self.num_classes = boxes, num_classes
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, i):
+        image, target = self.boxes[i]
+        present = torch.zeros(self.num_classes)
+        present[target["labels"] - 1] = 1.0  # COCO category ids start at 1
+        return image, {"present": present}
+
+
+class ImageLabelsFamily:
+    name = "image-labels"
+    metric = "accuracy"
+    sidecar_ext = "json"
+    label_unit = "classes"
+    demo: Demo | None = None
+
+    def build_model(self, cfg: ModelConfig) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, cfg.num_classes),
+        )
+
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> Dataset:
+        images, annotations = (
+            (data.train_images, data.train_annotations) if split == "train" else (data.val_images, data.val_annotations)
+        )
+        size = data.image_size
+        return Presence(CocoDetection(images, annotations, augment_level or "none", size), self.num_classes(data))
+
+    def class_names(self, data: DataConfig) -> list[str]:
+        return CocoDetection(data.val_images, data.val_annotations, None, data.image_size).class_names
+
+    def num_classes(self, data: DataConfig) -> int:
+        return len(self.class_names(data))
+
+    def collate(self, samples):
+        return {
+            "images": torch.stack([s[0] for s in samples]),
+            "present": torch.stack([s[1]["present"] for s in samples]),
+        }
+
+    def _scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        param = next(model.parameters())
+        return model(images.to(param.device, param.dtype) / 255.0)
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        logits = self._scores(model, batch["images"])
+        target = batch["present"].to(logits.device)
+        return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)}
+
+    @torch.no_grad()
+    def label_images(self, model, images, image_size, rule: PseudoLabelConfig):
+        was = model.training
+        model.eval()
+        resized = torch.stack([F.interpolate(i[None].float(), size=(image_size, image_size))[0] for i in images])
+        scores = torch.sigmoid(self._scores(model, resized))
+        model.train(was)
+        out = []
+        for s in scores:
+            present = (s >= rule.score_threshold).float()
+            out.append({"present": present} if present.any() else None)
+        return out
+
+    def encode(self, label: dict) -> bytes:
+        return json.dumps(label["present"].tolist()).encode()
+
+    def decode(self, data: bytes) -> dict:
+        return {"present": torch.tensor(json.loads(data))}
+
+    def label_stats(self, label: dict, num_classes: int) -> dict:
+        counts = label["present"].long().tolist()
+        return {"labels": sum(counts), "class_counts": counts}
+
+    def stats_rows(self, total: dict, unit: str) -> list[tuple[str, str]]:
+        return [(f"{unit} per kept image", f"{total['labels'] / max(1, total['kept']):.2f}")]
+
+    @torch.no_grad()
+    def evaluate(self, model, data: DataConfig, batch_size: int = 32, num_workers: int = 0) -> dict[str, float]:
+        model.eval()
+        right = total = 0
+        loader = DataLoader(self.labeled_dataset(data, "val", None), batch_size=batch_size, collate_fn=list_collate)
+        for samples in loader:
+            batch = self.collate(samples)
+            predicted = (self._scores(model, batch["images"]) >= 0).float()
+            right += int((predicted == batch["present"]).sum())
+            total += batch["present"].numel()
+        return {"accuracy": 100.0 * right / max(1, total)}
+
+
+def test_the_toy_family_fulfils_both_halves_of_the_contract():
+    family = ImageLabelsFamily()
+    for protocol in (LabelingFamily, TrainingFamily, Family):
+        members = [n for n in dir(protocol) if not n.startswith("_")]
+        assert all(hasattr(family, n) for n in members), protocol
+
+
+@pytest.fixture
+def toy_family(monkeypatch):
+    monkeypatch.setitem(families.FAMILIES, ImageLabelsFamily.name, ImageLabelsFamily())
+    return families.FAMILIES[ImageLabelsFamily.name]
+
+
+def test_a_third_family_runs_every_flow_unchanged(prefect_harness, toy_family, small_world: WorldPaths, tmp_path):
+    train = TrainConfig(steps=4, batch_size=4, warmup_steps=0, augment_level="S1", checkpoint_every=2, log_every=2)
+    cfg = RunConfig(
+        family=toy_family.name,
+        out_dir=str(tmp_path / "run"),
+        data=world_data(small_world),
+        model=ModelConfig(backbone="test_efficientnet", num_classes=small_world.num_classes),
+        teacher=train,
+        pseudo=PseudoLabelConfig(score_threshold=0.3, batch_size=8),
+        student=StudentConfig(train=train.model_copy(update={"augment_level": "S2"})),
+        eval_batch_size=8,
+    )
+    teacher = stages.teacher_flow(cfg)
+    pseudo = stages.pseudo_label_flow(cfg, 0)
+    student = stages.student_flow(cfg, 0)
+
+    assert 0.0 <= teacher["metrics"]["accuracy"] <= 100.0 and teacher["metric"] == "accuracy"
+    assert pseudo["stats"]["images"] == 16  # the small world's unlabeled pool
+    assert pseudo["stats"]["kept"] > 0  # an untrained sigmoid sits near 0.5, above the 0.3 threshold
+    assert len(pseudo["stats"]["class_counts"]) == small_world.num_classes
+    assert 0.0 <= student["metrics"]["accuracy"] <= 100.0
+    run = RunDir(cfg.out_dir)
+    for stage in (run.stage(0, "teacher"), run.stage(0, "pseudo"), run.stage(0, "student")):
+        assert read_manifest(stage) is not None, stage
+    assert stages.student_flow(cfg, 0) == student  # finished: the rerun skips
