@@ -4,6 +4,7 @@
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student serve [--name local] [--limit N]
+    noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json | --probe] [--set ...]
     noisy-student agent --rdzv-endpoint HOST:PORT --nodes N [--processes P] [--local-addr A] [--stages K]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
@@ -74,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--name", default="local", help="deployment name: <flow>/<name> (default local)")
     serve.add_argument("--limit", type=int, default=None, help="at most N flow runs at once")
+
+    plan = sub.add_parser("plan", help="estimate each stage's wall time, shards per worker and Prefect tasks")
+    plan.add_argument("config", help="YAML file or preset name")
+    plan.add_argument("--gpus", type=int, required=True, help="devices: training ranks and labeling workers")
+    plan.add_argument("--images", type=int, default=None, help="unlabeled images (default: counted from the shards)")
+    plan.add_argument(
+        "--figures",
+        default=None,
+        help="a benchmarks/ratios.py JSON to take throughputs from (default: benchmarks/results/ratios-<device>.json "
+        "if its sizes are the config's, else a 30-second probe)",
+    )
+    plan.add_argument("--probe", action="store_true", help="measure on this machine even where figures exist")
+    _add_set(plan)
 
     agent = sub.add_parser(
         "agent",
@@ -207,6 +221,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
 
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "agent":
         from tasks.launcher import serve_node
 
@@ -253,6 +269,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     with hold_run_dir(cfg.out_dir):
         return _run_stages(args, cfg)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from configs import load_config
+    from tasks import planner
+
+    cfg = load_config(args.config, args.overrides)
+    figures = args.figures or f"benchmarks/results/ratios-{torch.device(cfg.device).type}.json"
+    rates = planner.from_figures(cfg, figures, args.gpus) if Path(figures).exists() and not args.probe else None
+    if args.figures and rates is None:
+        print(f"noisy-student: {args.figures} was measured at other sizes than the config's; probing", file=sys.stderr)
+    print(planner.format_plan(planner.plan(cfg, args.gpus, args.images, rates), args.config))
+    return 0
 
 
 def _run_stages(args: argparse.Namespace, cfg) -> int:

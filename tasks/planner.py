@@ -1,0 +1,200 @@
+"""How long a run will take: `noisy-student plan CONFIG --gpus N [--images M]`.
+
+The plan works from measured throughputs of the config's own model, image size and
+batches on its device:
+- a ratios figure (`benchmarks/ratios.py`, `--figures FILE`): the teacher's and the
+  student's images per second and the labeling pipeline's, measured through the stages
+  themselves; used when its family, device, image size and batch sizes are the config's;
+- otherwise a probe of about 30 seconds on this machine: a few training steps of the
+  teacher and of the student on real labeled samples (forward, backward, optimizer; no
+  data loading) and the teacher labeling a batch of images.
+
+Assumptions (each a line of the printed plan):
+- Training is data parallel over `--gpus` ranks: a step takes the probed time of one
+  rank's share of the batch (batch / N) and the gradient all-reduce is free. Rounds
+  and stages run one after the other.
+- Labeling spreads the pool's shards over N workers (one per device) with no loss:
+  images / (N x images per second), plus the orchestration cost of each task
+  (16 ms on the thread pool, 95 ms on Dask, measured; DESIGN.md section 9).
+- Evaluation runs at the labeling rate over the val split, on one device.
+- The unlabeled pool holds `--images` images, or the first shard's record count times
+  the number of shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from configs import RunConfig, TrainConfig
+from data.shards import expand_urls, iter_shard
+from tasks.engine import autocast, build_optimizer, device_settings
+from tasks.families import get_family
+from tasks.training import augmentation
+
+TASK_OVERHEAD_S = {"thread": 0.016, "process": 0.016, "dask": 0.095}
+PROBE_S = 30.0
+
+
+def pool_images(cfg: RunConfig) -> tuple[int, int]:
+    """(shards, images) of the unlabeled pool: the first shard's records times the shards."""
+    shards = expand_urls(cfg.data.unlabeled_shards)[: cfg.pseudo.shard_limit]
+    if not shards:
+        raise ValueError(f"data.unlabeled_shards={cfg.data.unlabeled_shards!r} matches no shard")
+    return len(shards), len(shards) * sum(1 for _ in iter_shard(shards[0]))
+
+
+def _samples(cfg: RunConfig, train: TrainConfig, n: int) -> list:
+    dataset = get_family(cfg.family).labeled_dataset(cfg.data, "train", augmentation(train))
+    return [dataset[i % len(dataset)] for i in range(n)]
+
+
+def _step_seconds(cfg: RunConfig, train: TrainConfig, model_cfg, n: int, budget_s: float) -> float:
+    """Mean seconds of a training step on `n` samples (after one warm-up step)."""
+    family = get_family(cfg.family)
+    device = torch.device(cfg.device)
+    model = family.build_model(model_cfg).to(device).train()
+    optimizer = build_optimizer(model, train)
+    batch = family.collate(_samples(cfg, train, n))
+    batch["num_human"] = n
+    times = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < 4 and (len(times) < 2 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        with autocast(device, train.amp):
+            loss = torch.stack(list(family.losses(model, batch).values())).sum(0).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / len(times[1:])
+
+
+def _label_rate(cfg: RunConfig) -> float:
+    """Images per second of the teacher labeling a batch (after one warm-up batch)."""
+    family = get_family(cfg.family)
+    device = torch.device(cfg.device)
+    model = family.build_model(cfg.model).to(device).eval()
+    n = cfg.pseudo.batch_size
+    images = [s[0] for s in _samples(cfg, cfg.teacher, n)]
+    rates = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with autocast(device, cfg.pseudo.amp):
+            family.label_images(model, images, cfg.data.image_size, cfg.pseudo)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates[-1]
+
+
+def probe(cfg: RunConfig, gpus: int) -> dict:
+    """Measured seconds per step (one rank's share of each batch) and labeling images/s."""
+    device_settings(cfg.device, cfg.cudnn_benchmark)
+    t0 = time.perf_counter()
+    teacher = _step_seconds(cfg, cfg.teacher, cfg.model, max(1, cfg.teacher.batch_size // gpus), PROBE_S / 3)
+    s = cfg.student
+    n_student = max(1, (s.train.batch_size + s.pseudo_per_batch) // gpus)
+    student = _step_seconds(cfg, s.train, cfg.student_model, n_student, PROBE_S / 3)
+    label = _label_rate(cfg)
+    return {
+        "source": f"probe on {cfg.device} ({time.perf_counter() - t0:.0f} s)",
+        "teacher_step_s": teacher,
+        "student_step_s": student,
+        "label_img_s": label,
+    }
+
+
+def from_figures(cfg: RunConfig, path: str | Path, gpus: int) -> dict | None:
+    """Throughputs of a ratios figure whose sizes are the config's; None otherwise."""
+    fig = json.loads(Path(path).read_text())
+    sizes = fig.get("sizes", {})
+    s = cfg.student
+    want = {
+        "image_size": cfg.data.image_size,
+        "teacher_batch": cfg.teacher.batch_size,
+        "student_batch": [s.train.batch_size, s.pseudo_per_batch],
+        "label_batch": cfg.pseudo.batch_size,
+    }
+    device_kind = torch.device(cfg.device).type
+    if fig.get("family") != cfg.family or fig.get("device", "").split(":")[0] != device_kind:
+        return None
+    if any(sizes.get(k) != v for k, v in want.items()):
+        return None
+    return {
+        "source": f"{path} ({fig.get('family')}, {fig.get('device')})",
+        # images per second over the whole batch on one device; one rank takes batch / gpus
+        "teacher_step_s": cfg.teacher.batch_size / fig["teacher"]["img_s"] / gpus,
+        "student_step_s": (s.train.batch_size + s.pseudo_per_batch) / fig["student"]["img_s"] / gpus,
+        "label_img_s": fig["labeling"]["pipeline_img_s"],
+    }
+
+
+def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | None = None) -> dict:
+    """Stage and run wall times (seconds), shards per worker and Prefect tasks of `cfg`
+    on `gpus` devices, from `rates` (`probe` or `from_figures`; probed when None)."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    for name, train in (("teacher", cfg.teacher), ("student.train", cfg.student.train)):
+        if train.batch_size % gpus:
+            raise ValueError(f"{name}.batch_size={train.batch_size} is not divisible by --gpus {gpus}")
+    rates = rates or probe(cfg, gpus)
+    shards, pool = pool_images(cfg)
+    pool = images if images is not None else pool
+    val = len(get_family(cfg.family).labeled_dataset(cfg.data, "val", None))
+    rounds = cfg.max_rounds if cfg.rounds == "auto" else cfg.rounds
+    per_task = cfg.pseudo.chunk_size(shards)
+    label_tasks = math.ceil(shards / per_task)
+    overhead = TASK_OVERHEAD_S.get(cfg.pseudo.runner, 0.016) * label_tasks
+    evaluate = val / rates["label_img_s"]
+    stages = {
+        "teacher": cfg.teacher.steps * rates["teacher_step_s"] + evaluate,
+        "pseudo-label": pool / (gpus * rates["label_img_s"]) + overhead,
+        "student": cfg.student.train.steps * rates["student_step_s"] + evaluate,
+    }
+    total = stages["teacher"] + rounds * (stages["pseudo-label"] + stages["student"])
+    return {
+        "gpus": gpus,
+        "rounds": rounds,
+        "rates": rates,
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "total_s": round(total, 1),
+        "pool": {"shards": shards, "images": pool, "shards_per_worker": math.ceil(shards / gpus)},
+        # per round: the labeling tasks, the student's training and evaluation; once: the teacher's
+        "prefect_tasks": 2 + rounds * (label_tasks + 2),
+        "labeling_tasks_per_round": label_tasks,
+    }
+
+
+def format_plan(p: dict, config: str) -> str:
+    r = p["rates"]
+    lines = [
+        f"plan for {config} on {p['gpus']} device(s), {p['rounds']} round(s)",
+        f"  throughputs: {r['source']}: teacher step {r['teacher_step_s']:.3f} s, student step "
+        f"{r['student_step_s']:.3f} s (one rank's share of the batch), labeling {r['label_img_s']:.1f} img/s",
+    ]
+    for stage, s in p["stages_s"].items():
+        lines.append(f"  {stage:<13} {_hms(s):>10}" + ("  (per round)" if stage != "teacher" else ""))
+    lines.append(f"  {'whole run':<13} {_hms(p['total_s']):>10}")
+    pool = p["pool"]
+    lines.append(
+        f"  pool: {pool['images']} images in {pool['shards']} shards, {pool['shards_per_worker']} shards per worker; "
+        f"{p['labeling_tasks_per_round']} labeling tasks per round, {p['prefect_tasks']} Prefect tasks in all"
+    )
+    lines.append(
+        "  assumes: linear data-parallel scaling, no data-loading stalls, stages one after another (tasks/planner.py)"
+    )
+    return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

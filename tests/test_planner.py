@@ -1,0 +1,73 @@
+"""`noisy-student plan`: stage times from measured throughputs, shards per worker, task counts."""
+
+import json
+
+import pytest
+
+from configs import dump_config
+from flows.cli import main
+from flows.demo import demo_config
+from tasks import planner
+
+RATES = {"source": "given", "teacher_step_s": 0.5, "student_step_s": 1.0, "label_img_s": 40.0}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick demo's config and world: 16 train, 16 val, 48 unlabeled images in 3 shards."""
+    cfg, _ = demo_config(tmp_path_factory.mktemp("plan"), quick=True)
+    return cfg
+
+
+def test_the_plan_adds_its_stages_from_the_rates(quick):
+    cfg = quick.model_copy(update={"rounds": 2})
+    p = planner.plan(cfg, gpus=2, rates=RATES)
+    evaluate = 16 / 40.0  # the val split at the labeling rate
+    assert p["stages_s"]["teacher"] == pytest.approx(cfg.teacher.steps * 0.5 + evaluate, abs=0.1)
+    assert p["stages_s"]["student"] == pytest.approx(cfg.student.train.steps * 1.0 + evaluate, abs=0.1)
+    # 48 images over 2 workers at 40 img/s each, plus one task's orchestration per shard chunk
+    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 80 + 3 * 0.016, abs=0.1)
+    s = p["stages_s"]
+    assert p["total_s"] == pytest.approx(s["teacher"] + 2 * (s["pseudo-label"] + s["student"]), abs=0.2)
+    assert p["pool"] == {"shards": 3, "images": 48, "shards_per_worker": 2}
+    # the teacher's train and evaluate tasks, then per round: 3 labeling tasks, train, evaluate
+    assert p["labeling_tasks_per_round"] == 3 and p["prefect_tasks"] == 2 + 2 * (3 + 2)
+    assert planner.plan(cfg, 2, images=4800, rates=RATES)["pool"]["images"] == 4800
+
+
+def test_the_plan_refuses_a_batch_that_does_not_split_over_the_devices(quick):
+    with pytest.raises(ValueError, match="teacher.batch_size=4 is not divisible by --gpus 3"):
+        planner.plan(quick, gpus=3, rates=RATES)
+
+
+def test_the_probe_measures_the_configs_own_model(quick):
+    rates = planner.probe(quick, gpus=1)
+    assert rates["source"].startswith("probe on cpu")
+    assert 0 < rates["teacher_step_s"] < 30 and 0 < rates["student_step_s"] < 30 and rates["label_img_s"] > 0
+
+
+def test_figures_are_used_only_at_the_configs_sizes(quick, tmp_path):
+    fig = {
+        "family": "detection",
+        "device": "cpu",
+        "sizes": {"image_size": 128, "teacher_batch": 4, "student_batch": [4, 4], "label_batch": 16},
+        "teacher": {"img_s": 8.0},
+        "student": {"img_s": 16.0},
+        "labeling": {"pipeline_img_s": 50.0},
+    }
+    path = tmp_path / "ratios.json"
+    path.write_text(json.dumps(fig))
+    rates = planner.from_figures(quick, path, gpus=2)
+    assert rates["teacher_step_s"] == pytest.approx(4 / 8.0 / 2) and rates["label_img_s"] == 50.0
+    fig["sizes"]["image_size"] = 640
+    path.write_text(json.dumps(fig))
+    assert planner.from_figures(quick, path, gpus=2) is None
+
+
+def test_plan_command_prints_every_stage_and_the_whole_run(quick, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(quick))
+    assert main(["plan", str(config), "--gpus", "2", "--probe", "--images", "1000"]) == 0
+    out = capsys.readouterr().out
+    for line in ("teacher", "pseudo-label", "student", "whole run", "1000 images in 3 shards, 2 shards per worker"):
+        assert line in out, out
