@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve()
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this folder when imported
 
-from paper_claims import link_stage  # noqa: E402 - this folder is on sys.path when run as a script
+from paper_claims import link_stage  # noqa: E402
 
 # The demo's pool and shard size; `--quick`: the quick demo's (a toy model: its numbers
 # only show that the machinery works).

@@ -70,6 +70,7 @@ HOST = "127.0.0.1"
 START_METHOD = "forkserver"
 RUN_ID = "noisy-student"  # one rendezvous per store; the store is new for every stage
 JOIN_TIMEOUT_S = 600  # how long a stage waits for the other nodes to join
+STOP_TIMEOUT_S = 60  # how long a stopped launch waits for elastic's agent (it SIGKILLs after 30 s)
 _JOB = "noisy-student/job"
 _FAILURES = "noisy-student/failures"
 _POLL_S = 0.1
@@ -200,13 +201,18 @@ def _joined_rank(host, port, threads) -> None:
 # --------------------------------------------------------------------------- launching
 
 
-def _first_failure(store: dist.Store) -> dict | None:
+def _filed_failures(store: dist.Store) -> list[dict]:
+    """The failures the ranks filed, in the order they failed."""
     try:
-        if not store.check([f"{_FAILURES}/1"]):
-            return None
-        return pickle.loads(store.get(f"{_FAILURES}/1"))
+        count = store.add(_FAILURES, 0)
+        keys = [f"{_FAILURES}/{i}" for i in range(1, count + 1)]
+        return [pickle.loads(store.get(k)) for k in keys if store.check([k])]
     except Exception:
-        return None
+        return []
+
+
+# How a collective fails on a rank whose peer has gone (gloo, then NCCL).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 
 def _last_line(trace: str) -> str:
@@ -214,9 +220,23 @@ def _last_line(trace: str) -> str:
     return lines[-1].strip() if lines else "unknown error"
 
 
-def _worker_error(store: dist.Store, err: ChildFailedError) -> Exception:
-    """The exception that reports a failed launch: the first filed failure, else elastic's."""
-    first = _first_failure(store)
+def _worker_error(store: dist.Store, err: ChildFailedError, world: int) -> Exception:
+    """The exception that reports a failed launch: the first failure a rank filed that
+    is not a peer's closed connection. A rank killed by a signal (the out-of-memory
+    killer's SIGKILL) files nothing while its peers fail on the connection to it: if
+    every filed failure is such, the ranks that filed nothing are named. Without any
+    filed failure, elastic's first failure."""
+    filed = _filed_failures(store)
+    first = next((f for f in filed if not any(s in f["trace"] for s in _PEER_GONE)), None)
+    silent = sorted(set(range(world)) - {f["rank"] for f in filed})
+    if first is None and filed and silent:
+        ranks = ", ".join(map(str, silent))
+        return WorkerError(
+            silent[0],
+            f"process died without an error (rank(s) {ranks} filed none, and the others lost their connection "
+            "to it): killed by a signal, such as the out-of-memory killer's SIGKILL",
+        )
+    first = first or (filed[0] if filed else None)
     if first is not None:
         if "error" in first:
             try:
@@ -336,7 +356,9 @@ def _serve_launch(served: _Served, fn, args, processes, device, backend, log, on
             try:
                 msg = channel.events.get(timeout=_POLL_S)
             except queue.Empty:
-                continue
+                if thread.is_alive():
+                    continue
+                break  # the agent ended; its "done" was lost with a queue a rank left broken
             match msg:
                 case ("done",):
                     break
@@ -349,16 +371,18 @@ def _serve_launch(served: _Served, fn, args, processes, device, backend, log, on
                     channel.replies.put("go")
     except BaseException:
         _stop_pids(pids)  # elastic's agent sees its ranks end and returns
-        thread.join()
+        thread.join(STOP_TIMEOUT_S)  # a daemon thread: an agent that hangs is left behind, not waited for
         raise
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
+    if not outcome:
+        raise RuntimeError(f"the training agent ended without a result or an error (rendezvous {endpoint})")
     if "error" not in outcome:
         values = outcome["values"]
         return values[min(values)]
     err = outcome["error"]
     if isinstance(err, ChildFailedError):
-        raise _worker_error(served.store, err) from None
+        raise _worker_error(served.store, err, nodes * processes) from None
     if isinstance(err, RendezvousError):
         raise RuntimeError(
             f"the rendezvous at {endpoint} failed ({type(err).__name__}: {err}); with nodes={nodes}, "

@@ -10,6 +10,8 @@ after 4 steps); without synchronized BatchNorm the first step is already 3.6% of
 
 import copy
 import io
+import os
+import signal
 
 import pytest
 import torch
@@ -166,6 +168,19 @@ def test_worker_exception_names_its_rank():
     with pytest.raises(distributed.WorkerError, match=r"rank 1 failed: ValueError: boom on rank 1") as err:
         launcher.launch(fail_on_rank, (1,), processes=2, device="cpu")
     assert err.value.rank == 1 and "fail_on_rank" in err.value.trace
+
+
+def killed_on_rank(bad_rank: int, *, device, log, on_step):
+    if distributed.rank() == bad_rank:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    distributed.barrier()
+
+
+def test_a_rank_killed_by_a_signal_is_named_not_its_peer():
+    """The killed rank files no report; its peer fails on the closed connection and does."""
+    with pytest.raises(distributed.WorkerError, match=r"rank 1 failed: process died without an error") as err:
+        launcher.launch(killed_on_rank, (1,), processes=2, device="cpu")
+    assert err.value.rank == 1 and "SIGKILL" in err.value.detail
 
 
 # --------------------------------------------------------------------------- state across ranks
