@@ -28,16 +28,17 @@ node's first rank.
   counter, so the rank that failed first is named (its peers fail soon after, when the
   connection to it closes) even when it ran on another node: `WorkerError` names it, or
   its `RankError` (an error whose message says all, such as a diverged loss) is raised
-  as it is.
+  as it is. A rank killed by a signal (the out-of-memory killer) files nothing; when
+  every filed failure is a lost connection, the ranks that filed none are named.
 
-Kept from the fork-server launcher this replaces: ranks start from multiprocessing's
-fork server (elastic's `start_method`) with torch and the training module imported
-once, so a rank starts in about a second instead of re-importing torch, timm and the
-model code as torchrun's fresh interpreters do; the fork server also keeps ranks clear
-of the calling process's threads (Prefect's event loop) and CUDA state. The rank
-function takes the pydantic config as it is and hands its result back as an object.
-There are no elastic restarts (`max_restarts=0`): a failed stage is rerun as a task and
-`fit` resumes from its checkpoint.
+Ranks start from multiprocessing's fork server (elastic's `start_method`) with torch
+and the training module imported once, so a later stage's ranks start in a quarter of
+a second (`benchmarks/launch_startup.py`), where torchrun's fresh interpreters
+re-import torch, timm and the model code for each stage (about 10 s for 2 ranks here).
+The fork server also keeps ranks clear of the calling process's threads (Prefect's
+event loop) and CUDA state. The rank function takes the pydantic config as it is and
+hands its result back as an object. There are no elastic restarts (`max_restarts=0`):
+a failed stage is rerun as a task and `fit` resumes from its checkpoint.
 """
 
 from __future__ import annotations
