@@ -226,7 +226,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "agent":
         from tasks.launcher import serve_node
 
-        failed = serve_node(args.rdzv_endpoint, args.nodes, args.processes, args.local_addr, args.stages, args.idle)
+        try:
+            failed = serve_node(args.rdzv_endpoint, args.nodes, args.processes, args.local_addr, args.stages, args.idle)
+        except ValueError as err:  # a bad endpoint, node or process count: the message names it
+            print(f"noisy-student: {err}", file=sys.stderr)
+            return 2
         return 1 if failed else 0
 
     # Prefect is imported only for the commands that run flows.

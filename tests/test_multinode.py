@@ -69,6 +69,15 @@ def test_a_bad_endpoint_is_named(bad):
     assert launcher.parse_endpoint("[::1]:29400") == ("::1", 29400)
 
 
+def test_an_agent_refuses_a_bad_endpoint_or_node_count_with_one_line(capsys):
+    from flows.cli import main
+
+    assert main(["agent", "--rdzv-endpoint", "node0", "--nodes", "2"]) == 2
+    assert "rdzv_endpoint must be HOST:PORT, got 'node0'" in capsys.readouterr().err
+    assert main(["agent", "--rdzv-endpoint", "node0:29400", "--nodes", "1"]) == 2
+    assert "nodes >= 2" in capsys.readouterr().err
+
+
 def test_an_agent_with_no_launcher_stops_when_idle():
     lines = []
     t0 = time.monotonic()
