@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this folder when imported
 
+from demo_seeds import measure_reference  # noqa: E402
 from paper_claims import link_stage  # noqa: E402
 
 # The demo's pool and shard size; `--quick`: the quick demo's (a toy model: its numbers
@@ -106,9 +106,7 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     report: dict = {"benchmark": "data_scaling", "seed": args.seed}
     if not args.no_reference:
-        script = Path(__file__).with_name("train_step_time.py")
-        out = subprocess.run([sys.executable, str(script), "--reference"], capture_output=True, text=True, check=True)
-        report["reference_step_s"] = json.loads(out.stdout)["runs"][0]["s_per_step"]
+        report["reference_step_s"] = measure_reference()
     largest = max(args.fractions)
     cells = []
     for fraction in sorted(args.fractions, reverse=True):  # the largest first: its teacher is everyone's

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+from demo_seeds import measure_reference  # this folder is on sys.path (run as a script, or PYTHONPATH)
 
 import tasks.training  # noqa: F401 - every rank imports the training stack, as a stage's ranks do
 
@@ -95,15 +96,7 @@ def main() -> int:
         return 0
     report: dict = {"processes": args.processes}
     if not args.no_reference:
-        out = subprocess.run(
-            [sys.executable, str(HERE.with_name("train_step_time.py")), "--reference"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=_env(),
-            cwd=ROOT,
-        )
-        report["reference_step_s"] = json.loads(out.stdout)["runs"][0]["s_per_step"]
+        report["reference_step_s"] = measure_reference()
     launch_first, launch_again = [], []
     for _ in range(args.repeats):
         case = _launch_case(args.processes, 1)

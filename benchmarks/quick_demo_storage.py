@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from demo_seeds import measure_reference  # this folder is on sys.path when run as a script
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 
@@ -51,15 +53,7 @@ def main() -> int:
     report: dict = {"repeats": args.repeats}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not args.no_reference:
-        out = subprocess.run(
-            [sys.executable, str(HERE.with_name("train_step_time.py")), "--reference"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-            cwd=ROOT,
-        )
-        report["reference_step_s"] = json.loads(out.stdout)["runs"][0]["s_per_step"]
+        report["reference_step_s"] = measure_reference()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

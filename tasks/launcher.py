@@ -32,7 +32,7 @@ node's first rank.
   every filed failure is a lost connection, the ranks that filed none are named.
 
 Ranks start from multiprocessing's fork server (elastic's `start_method`) with torch
-and the training module imported once, so a later stage's ranks start in a quarter of
+and the training module imported once, so a later stage's ranks start in under half
 a second (`benchmarks/launch_startup.py`), where torchrun's fresh interpreters
 re-import torch, timm and the model code for each stage (about 10 s for 2 ranks here).
 The fork server also keeps ranks clear of the calling process's threads (Prefect's

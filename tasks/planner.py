@@ -15,7 +15,8 @@ Assumptions (each a line of the printed plan):
   and stages run one after the other.
 - Labeling spreads the pool's shards over N workers (one per device) with no loss:
   images / (N x images per second), plus the orchestration cost of each task
-  (16 ms on the thread pool, 95 ms on Dask, measured; DESIGN.md section 9).
+  (16 ms on the thread pool, 95 ms on Dask, measured, DESIGN.md section 9; the
+  process pool is taken at the thread pool's cost, not measured).
 - Evaluation runs at the labeling rate over the val split, on one device.
 - The unlabeled pool holds `--images` images, or the first shard's record count times
   the number of shards.
