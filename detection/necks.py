@@ -85,8 +85,10 @@ def global_attention(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
 
 def group_count(channels: int, max_groups: int = 32) -> int:
     """GroupNorm groups for `channels`: 32 as in the GroupNorm paper, else the largest
-    divisor of `channels` below it (40 -> 20, 48 -> 24)."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    divisor of `channels` below it (40 -> 20, 48 -> 24), with at least two channels per
+    group (32 -> 16): a group of one channel on a 1x1 map (P7 at 128 px) of a single
+    image has one value, which GroupNorm cannot normalize."""
+    return next(g for g in range(min(max_groups, max(1, channels // 2)), 0, -1) if channels % g == 0)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
