@@ -39,6 +39,12 @@ def run_setting(default: Any, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"digest": False}, **kwargs)
 
 
+def held_out(**kwargs: Any) -> Any:
+    """A field naming held-out data: left out of `digest_view` like a run setting, since
+    no training stage reads it; the stages that do (audit, soup) digest what they read."""
+    return Field(None, json_schema_extra={"digest": False}, **kwargs)
+
+
 def _digested(field: Any) -> bool:
     extra = field.json_schema_extra
     return not (isinstance(extra, dict) and extra.get("digest") is False)
@@ -104,6 +110,13 @@ class DataConfig(_Config):
         None, description="class names in label order, background first; None: the 21 VOC classes"
     )
     labeled_limit: int | None = Field(None, ge=1, description="use only the first N labeled images (a label fraction)")
+    # The held-out labeled split: no teacher or student trains on it, so it stays out of
+    # their digests; the audit and soup stages digest the samples they read from it.
+    holdout_images: str | None = held_out(description="image folder of the held-out split (format coco)")
+    holdout_annotations: str | None = held_out(description="COCO json of the held-out split (format coco)")
+    voc_holdout_split: str | None = held_out(
+        description="id list ImageSets/Segmentation/<split>.txt of the held-out split (format voc)"
+    )
     unlabeled_shards: str = run_setting(
         "",
         description="webdataset image shards, brace pattern such as pool-{000000..000012}.tar "
@@ -229,7 +242,9 @@ class TrainConfig(_Config):
 class PseudoLabelConfig(_Config):
     """Teacher labeling of the unlabeled pool (RECIPE.md, Pseudo-labels)."""
 
-    score_threshold: float = Field(0.5, ge=0, le=1)
+    score_threshold: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        0.5, description="keep labels scoring at least this; auto: the round's audit's F1-maximizing threshold"
+    )
     nms_iou: float = Field(0.5, gt=0, le=1)
     max_boxes: int = Field(100, ge=1)
     per_class_cap: int | None = Field(None, ge=1, description="at most N labels of a class per image")
@@ -280,6 +295,39 @@ class PseudoLabelConfig(_Config):
         return v
 
 
+def _default_thresholds() -> tuple[float, ...]:
+    return tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+class AuditConfig(_Config):
+    """The pseudo-label audit (flows/stages.py `audit_flow`): each round's teacher labels a
+    labeled held-out slice as if it were unlabeled, under the pseudo-label rule, and the
+    labels are scored against the ground truth at every threshold of `thresholds`."""
+
+    split: Literal["holdout", "val"] | None = Field(
+        None,
+        description="labeled split to audit on: holdout (data.holdout_* / data.voc_holdout_split) or val "
+        "(tuning a threshold on val biases the val metrics); None: no audit",
+    )
+    images: int = Field(100, ge=1, description="audit the first N images of the split")
+    thresholds: tuple[float, ...] = Field(
+        default_factory=_default_thresholds, min_length=1, description="score thresholds of the sweep"
+    )
+    precision_target: float = Field(
+        0.9, gt=0, le=1, description="the second recommendation: the lowest threshold whose precision meets this"
+    )
+    iou: float = Field(0.5, gt=0, le=1, description="detection: a label matches a box at this IoU")
+    grid_images: int = run_setting(12, ge=0, description="images drawn in the audit's picture grid")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _check_thresholds(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [t for t in v if not 0 <= t <= 1]
+        if bad:
+            raise ValueError(f"audit.thresholds must lie in [0, 1], got {bad}")
+        return tuple(sorted(set(v)))
+
+
 class StudentConfig(_Config):
     """The noised student: joint human + pseudo training with loss normalization."""
 
@@ -301,6 +349,35 @@ class StudentConfig(_Config):
     @property
     def pseudo_per_batch(self) -> int:
         return max(1, round(self.train.batch_size * self.pseudo_ratio))
+
+
+class SoupConfig(_Config):
+    """Model soups of the round's students (flows/stages.py `soup_flow`, tasks/soups.py).
+
+    The ingredients are the round's student and one more student per entry of
+    `ingredients`, each trained with those overrides of the student section (a small
+    sweep of alpha, augmentation level, seed...). They must share one initialization:
+    `student.init` teacher or checkpoint (a seed then changes only the data order and
+    noise), or scratch without changing the seed."""
+
+    ingredients: tuple[tuple[str, ...], ...] = Field(
+        (),
+        description="per extra ingredient, student overrides such as ['student.alpha=0.5'] or "
+        "['student.train.seed=1']; empty: no soup",
+    )
+    split: Literal["holdout"] = Field(
+        "holdout", description="the greedy soup's held-out split (never val: val is what the soups are reported on)"
+    )
+
+    @field_validator("ingredients")
+    @classmethod
+    def _student_keys_only(cls, v: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        for i, overrides in enumerate(v, 1):
+            for item in overrides:
+                key = item.split("=", 1)[0].strip()
+                if "=" not in item or not key.startswith("student."):
+                    raise ValueError(f"soup ingredient {i}: {item!r} is not a student.<key>=<value> override")
+        return v
 
 
 # The data format each family reads (the families themselves: tasks/families.py).
@@ -328,7 +405,9 @@ class RunConfig(_Config):
     model: ModelConfig = ModelConfig()
     teacher: TrainConfig = TrainConfig()
     pseudo: PseudoLabelConfig = PseudoLabelConfig()
+    audit: AuditConfig = AuditConfig()
     student: StudentConfig = StudentConfig()
+    soup: SoupConfig = SoupConfig()
 
     @model_validator(mode="after")
     def _check_family_reads_the_format(self) -> RunConfig:
@@ -336,6 +415,21 @@ class RunConfig(_Config):
         want = FAMILY_DATA_FORMATS.get(self.family)
         if want is not None and self.data.format != want:
             raise ValueError(f"family={self.family!r} reads data.format={want!r}, but data.format={self.data.format!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_audit(self) -> RunConfig:
+        if self.pseudo.score_threshold == "auto" and self.audit.split is None:
+            raise ValueError(
+                "pseudo.score_threshold='auto' takes the audit's F1 threshold, but audit.split is None; "
+                "set audit.split=holdout (or val)"
+            )
+        if self.audit.split == "holdout" or self.soup.ingredients:
+            need = ("holdout_images", "holdout_annotations") if self.data.format == "coco" else ("voc_holdout_split",)
+            missing = [k for k in need if getattr(self.data, k) is None]
+            if missing:
+                who = "audit.split='holdout'" if self.audit.split == "holdout" else "soup (its greedy choice)"
+                raise ValueError(f"{who} needs data.{', data.'.join(missing)} (a labeled split no stage trains on)")
         return self
 
     @property

@@ -177,8 +177,9 @@ class Scene:
 class WorldPaths:
     """Where `write_world` put things.
 
-    images_dir: JPEGImages/ (train and val images, `{split}_{index:06d}.jpg`).
-    train_annotations, val_annotations: COCO detection json files.
+    images_dir: JPEGImages/ (train, val and holdout images, `{split}_{index:06d}.jpg`).
+    train_annotations, val_annotations, holdout_annotations: COCO detection json files
+    (the holdout split is labeled data no stage trains on: the audit's and soups').
     unlabeled_pattern: brace pattern of the unlabeled shards, absolute ('' if none).
     voc_root: root of the VOC layout (JPEGImages, SegmentationClass, ImageSets).
     """
@@ -187,6 +188,7 @@ class WorldPaths:
     images_dir: Path
     train_annotations: Path
     val_annotations: Path
+    holdout_annotations: Path
     unlabeled_pattern: str
     voc_root: Path
     num_classes: int
@@ -462,6 +464,7 @@ def _paths(root: Path, spec: WorldSpec, rel_pattern: str) -> WorldPaths:
         images_dir=root / "JPEGImages",
         train_annotations=root / "annotations" / "instances_train.json",
         val_annotations=root / "annotations" / "instances_val.json",
+        holdout_annotations=root / "annotations" / "instances_holdout.json",
         unlabeled_pattern=str(root / rel_pattern) if rel_pattern else "",
         voc_root=root,
         num_classes=spec.num_classes,
@@ -471,8 +474,8 @@ def _paths(root: Path, spec: WorldSpec, rel_pattern: str) -> WorldPaths:
 
 # Files this module owns, removed before a regeneration so no stale scene survives.
 _OWNED = {
-    "JPEGImages": re.compile(r"^(train|val)_\d{6}\.jpg$"),
-    "SegmentationClass": re.compile(r"^(train|val)_\d{6}\.png$"),
+    "JPEGImages": re.compile(r"^(train|val|holdout)_\d{6}\.jpg$"),
+    "SegmentationClass": re.compile(r"^(train|val|holdout)_\d{6}\.png$"),
     "unlabeled": re.compile(r"^pool-\d{6}\.tar$"),
 }
 
@@ -513,25 +516,28 @@ def write_world(
     n_val: int = 200,
     n_unlabeled: int = 2000,
     per_shard: int = 250,
+    *,
+    n_holdout: int = 0,
 ) -> WorldPaths:
     """Write the world under `out_dir` and return its paths.
 
     Layout (one root serves as COCO image folder and VOC root):
-      JPEGImages/{split}_{index:06d}.jpg          train and val images
-      annotations/instances_{train,val}.json      COCO detection (category ids 1..K,
+      JPEGImages/{split}_{index:06d}.jpg          train, val and holdout images
+      annotations/instances_{split}.json          COCO detection (category ids 1..K,
                                                   bbox xywh pixels, file_name relative
                                                   to JPEGImages)
       SegmentationClass/{split}_{index:06d}.png   VOC palette PNG masks (255 ignore)
-      ImageSets/Segmentation/{train,val}.txt      VOC id lists
+      ImageSets/Segmentation/{split}.txt          VOC id lists
       unlabeled/pool-NNNNNN.tar                   webdataset shards, `u_{index:06d}.jpg`
       world.json                                  spec, seed, counts, shard pattern
     world.json is written last, atomically. If it already records the same renderer
     version, spec, seed, counts and per_shard (and the annotation and shard files
     exist), nothing is written; otherwise files this module owns are removed and the
     world regenerated. Unlabeled scenes come from split "unlabeled" (same distribution
-    as train, different scenes).
+    as train, different scenes), the holdout split (`n_holdout` images, none by default)
+    from split "holdout": each split's scenes do not depend on the other splits' counts.
     """
-    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_unlabeled", n_unlabeled)):
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_holdout", n_holdout), ("n_unlabeled", n_unlabeled)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     if per_shard < 1:
@@ -545,7 +551,9 @@ def write_world(
         "version": WORLD_VERSION,
         "spec": spec.to_dict(),
         "seed": seed,
-        "counts": {"train": n_train, "val": n_val, "unlabeled": n_unlabeled},
+        # (no holdout key without one: worlds written before the split existed stay valid)
+        "counts": {"train": n_train, "val": n_val, "unlabeled": n_unlabeled}
+        | ({"holdout": n_holdout} if n_holdout else {}),
         "per_shard": per_shard,
     }
     paths = _paths(root, spec, rel_pattern)
@@ -561,6 +569,7 @@ def write_world(
             and all(old.get(k) == v for k, v in identity.items())
             and paths.train_annotations.exists()
             and paths.val_annotations.exists()
+            and (not n_holdout or paths.holdout_annotations.exists())
             and all((root / s).exists() for s in shards)
         ):
             return paths
@@ -577,7 +586,10 @@ def write_world(
     for sub in ("JPEGImages", "SegmentationClass", "annotations", "ImageSets/Segmentation", "unlabeled"):
         storage.makedirs(root / sub)
 
-    for split, n in (("train", n_train), ("val", n_val)):
+    splits = {"train": (n_train, paths.train_annotations), "val": (n_val, paths.val_annotations)}
+    if n_holdout:
+        splits["holdout"] = (n_holdout, paths.holdout_annotations)
+    for split, (n, ann) in splits.items():
         scenes = []
         for i in range(n):
             scene = render_scene(spec, seed, i, split)
@@ -586,9 +598,7 @@ def write_world(
             (root / "SegmentationClass" / f"{name}.png").write_bytes(encode_voc_png(scene.mask))
             # Keep only what the COCO json needs, not the images.
             scenes.append((name, scene.mask.shape, scene.boxes_xyxy, scene.labels, scene.areas))
-        coco = _coco(spec, split, scenes)
-        ann = paths.train_annotations if split == "train" else paths.val_annotations
-        _atomic_write_bytes(ann, json.dumps(coco).encode())
+        _atomic_write_bytes(ann, json.dumps(_coco(spec, split, scenes)).encode())
         ids = "".join(f"{item[0]}\n" for item in scenes)
         _atomic_write_bytes(root / "ImageSets" / "Segmentation" / f"{split}.txt", ids.encode())
 

@@ -34,6 +34,8 @@ def _coco_world(world: WorldPaths) -> tuple[dict, int]:
         "val_images": str(world.images_dir),
         "val_annotations": str(world.val_annotations),
     }
+    if world.holdout_annotations.exists():
+        data |= {"holdout_images": str(world.images_dir), "holdout_annotations": str(world.holdout_annotations)}
     return data, world.num_classes
 
 
@@ -86,7 +88,11 @@ class DetectionFamily:
             )
         if split == "val":
             return CocoDetection(data.val_images, data.val_annotations, augment_level, data.image_size)
-        raise ValueError(f"unknown split {split!r}; valid: train, val")
+        if split == "holdout":
+            if data.holdout_images is None or data.holdout_annotations is None:
+                raise ValueError("the holdout split needs data.holdout_images and data.holdout_annotations")
+            return CocoDetection(data.holdout_images, data.holdout_annotations, augment_level, data.image_size)
+        raise ValueError(f"unknown split {split!r}; valid: train, val, holdout")
 
     def class_names(self, data: DataConfig) -> list[str]:
         return self.labeled_dataset(data, "val", None).class_names
@@ -174,14 +180,43 @@ class DetectionFamily:
     def stats_rows(self, total: dict, unit: str) -> list[tuple[str, str]]:
         return []
 
+    # ------------------------------------------------------------------ audit
+
+    audit_legend = "green: ground truth; coloured: the teacher's kept boxes (class, score)"
+
+    def scored_labels(self, model: RetinaNet, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
+        """The rule's boxes at its threshold, with their scores (no box: an empty label).
+
+        Keeping the boxes scoring >= t of these gives exactly the rule's label at any t
+        above the rule's threshold: NMS only lets a box suppress lower-scored ones, and
+        the caps keep the highest scores."""
+        labels = self.label_images(model, images, image_size, rule)
+        empty = {"boxes_xyxy": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+        return [label if label is not None else empty for label in labels]
+
+    def at_threshold(self, scored: dict, threshold: float) -> dict | None:
+        keep = scored["scores"] >= threshold
+        if not bool(keep.any()):
+            return None
+        return {k: v[keep] for k, v in scored.items()}
+
+    def audit_counts(self, scored: dict, target: dict, thresholds: list[float], num_classes: int, iou: float) -> dict:
+        """True positives, false positives and missed boxes [T][C] at each threshold: a
+        label matches the unmatched ground-truth box of its class that it overlaps most,
+        at IoU >= `iou`, labels taken in descending score (as COCO matches)."""
+        return pseudo.match_counts(scored, target, thresholds, num_classes, iou)
+
+    def draw_audit(self, image: torch.Tensor, label: dict | None, target: dict, class_names: list[str]):
+        return pseudo.draw_boxes(image, label, target, class_names)
+
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(
-        self, model: RetinaNet, data: DataConfig, batch_size: int = 32, num_workers: int = 0
+        self, model: RetinaNet, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
     ) -> dict[str, float]:
-        """COCO box metrics (percent) on the val split."""
-        dataset = self.labeled_dataset(data, "val", None)
+        """COCO box metrics (percent) on `split` (val)."""
+        dataset = self.labeled_dataset(data, split, None)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list_collate, **loader_options(num_workers))
         results = []
         for samples in loader:

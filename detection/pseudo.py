@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 
 def select_boxes(
@@ -76,3 +77,56 @@ def stats(label: dict, num_classes: int) -> dict:
         "class_counts": torch.bincount(label["labels"], minlength=num_classes).tolist(),
         "score_hist": torch.bincount((scores * SCORE_BINS).long(), minlength=SCORE_BINS).tolist(),
     }
+
+
+def match_counts(label: dict, target: dict, thresholds: list[float], num_classes: int, iou: float) -> dict:
+    """{"tp", "fp", "fn"}: int arrays [T, C] of the boxes of `label` scoring >= each
+    threshold, matched to `target`'s boxes (see `DetectionFamily.audit_counts`)."""
+    boxes, labels, scores = label["boxes_xyxy"], label["labels"], label["scores"]
+    gt_boxes, gt_labels = target["boxes_xyxy"].float(), target["labels"].long()
+    order = torch.argsort(scores, descending=True)
+    boxes, labels, scores = boxes[order], labels[order], scores[order]
+    matched = torch.zeros(len(scores), dtype=torch.bool)
+    if len(scores) and len(gt_labels):
+        overlaps = box_iou(boxes.float(), gt_boxes)
+        overlaps[labels[:, None] != gt_labels[None, :]] = -1.0
+        taken = torch.zeros(len(gt_labels), dtype=torch.bool)
+        for i in range(len(scores)):
+            row = overlaps[i].masked_fill(taken, -1.0)
+            j = int(row.argmax())
+            if row[j] >= iou:
+                matched[i], taken[j] = True, True
+    n_gt = np.bincount(gt_labels.numpy(), minlength=num_classes)[:num_classes]
+    out = {k: np.zeros((len(thresholds), num_classes), np.int64) for k in ("tp", "fp", "fn")}
+    lab = labels.numpy()
+    for t, threshold in enumerate(thresholds):
+        kept = (scores >= threshold).numpy()
+        out["tp"][t] = np.bincount(lab[kept & matched.numpy()], minlength=num_classes)[:num_classes]
+        out["fp"][t] = np.bincount(lab[kept & ~matched.numpy()], minlength=num_classes)[:num_classes]
+        out["fn"][t] = n_gt - out["tp"][t]
+    return out
+
+
+def class_colour(c: int) -> tuple[int, int, int]:
+    """A distinct bright colour per class (matplotlib's tab10 order)."""
+    tab10 = [(31, 119, 180), (255, 127, 14), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+             (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127), (44, 160, 44)]  # fmt: skip
+    return tab10[c % len(tab10)]
+
+
+def draw_boxes(image: torch.Tensor, label: dict | None, target: dict, class_names: list[str], zoom: int = 2):
+    """uint8 [H*zoom, W*zoom, 3]: the image with its ground-truth boxes (green, thin) and
+    the kept labels (their class's colour, with class and score)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
+    im = im.resize((im.width * zoom, im.height * zoom), Image.NEAREST)
+    draw = ImageDraw.Draw(im)
+    for box in target["boxes_xyxy"].tolist():
+        draw.rectangle([v * zoom for v in box], outline=(0, 230, 0), width=1)
+    if label is not None:
+        for box, c, s in zip(label["boxes_xyxy"].tolist(), label["labels"].tolist(), label["scores"].tolist()):
+            xy = [v * zoom for v in box]
+            draw.rectangle(xy, outline=class_colour(c), width=2)
+            draw.text((xy[0] + 2, xy[1] + 1), f"{class_names[c]} {s:.2f}", fill=class_colour(c))
+    return np.asarray(im)

@@ -117,9 +117,91 @@ def pseudo_stats(
     )
 
 
-def image_markdown(png: bytes, alt: str) -> str:
-    """Markdown showing `png` inline (a data: URI)."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def audit_markdown(round_index: int, report: dict, pr_png: bytes, grid_jpg: bytes) -> str:
+    """The audit's page: recommendations, per-class precision/recall/F1 at the threshold in
+    use and at the F1 threshold, the PR curves and the image grid."""
+    from tasks.audit import at
+
+    unit = report["unit"]
+    lines = [
+        f"## Pseudo-label audit, round {round_index}",
+        "",
+        f"The teacher labeled {report['images']} held-out images of the {report['split']} split as if unlabeled; "
+        f"its {unit} are scored against the ground truth"
+        + (f" (a box matches at IoU >= {report['iou']:g})." if unit == "boxes" else " pixel by pixel."),
+        "",
+        f"- **F1-maximizing threshold: {report['f1_threshold']:g}** (F1 {_pct(report['f1'])} over all classes; "
+        "`pseudo.score_threshold: auto` uses it)",
+        f"- precision >= {report['precision_target']:g} from threshold: "
+        + ("none of the sweep" if report["precision_threshold"] is None else f"**{report['precision_threshold']:g}**"),
+        "",
+    ]
+    shown = sorted({report["drawn_threshold"], report["f1_threshold"]})
+    head = " | ".join(f"P / R / F1 at {t:g}" for t in shown)
+    lines += [f"| class | ground-truth {unit} | {head} |", "|---|---|" + "---|" * len(shown)]
+    tables = [at(report, t) for t in shown]
+    counts = {name: c["labels"] for name, c in report["classes"].items()}
+    counts["all"] = sum(counts.values())
+    for name in [*report["classes"], "all"]:
+        cells = " | ".join(
+            f"{_pct(tb[name]['precision'])} / {_pct(tb[name]['recall'])} / {_pct(tb[name]['f1'])}" for tb in tables
+        )
+        lines.append(f"| {name} | {counts[name]} | {cells} |")
+    lines += [
+        "",
+        image_markdown(pr_png, "precision-recall per class"),
+        "",
+        f"Labels kept at {report['drawn_threshold']:g}, drawn over the ground truth:",
+        "",
+        image_markdown(grid_jpg, "held-out images with the teacher's kept labels", "image/jpeg"),
+    ]
+    return "\n".join(lines)
+
+
+def audit(round_index: int, report: dict, pr_png: bytes, grid_jpg: bytes) -> None:
+    create_markdown_artifact(
+        audit_markdown(round_index, report, pr_png, grid_jpg),
+        key=f"pseudo-audit-round-{round_index}",
+        description=f"Pseudo-label precision and recall on held-out images, round {round_index}",
+    )
+
+
+def soup_table(round_index: int, report: dict) -> None:
+    """Every ingredient and both soups: held-out metric (what the greedy soup chose on) and val."""
+    metric, split = report["metric"], report["split"]
+    rows = [
+        {
+            "model": r["name"],
+            "made of": ", ".join(r["overrides"]) or "the run's student",
+            f"{split} {metric}": _fmt(r["held_out"]),
+            f"val {metric}": _fmt(r["val"]),
+        }
+        for r in report["ingredients"]
+    ]
+    for name, soup in report["soups"].items():
+        rows.append(
+            {
+                "model": f"{name} soup",
+                "made of": " + ".join(soup["ingredients"]),
+                f"{split} {metric}": _fmt(soup["held_out"]),
+                f"val {metric}": _fmt(soup["val"]),
+            }
+        )
+    create_table_artifact(
+        rows,
+        key=f"soup-round-{round_index}",
+        description=f"Model soups of round {round_index}: ingredients and soups, chosen on {split}, "
+        f"reported on val (BatchNorm statistics {report['batchnorm']})",
+    )
+
+
+def image_markdown(image: bytes, alt: str, mime: str = "image/png") -> str:
+    """Markdown showing the image inline (a data: URI)."""
+    return f"![{alt}](data:{mime};base64,{base64.b64encode(image).decode()})"
 
 
 def rounds_plot(summary: dict, path: Path) -> Path:

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(run)
 
     stage = sub.add_parser("stage", help="run one stage (skipped if up to date)")
-    stage.add_argument("name", choices=["teacher", "pseudo-label", "student", "evaluate"])
+    stage.add_argument("name", choices=["teacher", "audit", "pseudo-label", "student", "soup", "evaluate"])
     stage.add_argument("config", help="YAML file or preset name")
     stage.add_argument("--round", type=int, default=0, dest="round_index")
     stage.add_argument("--checkpoint", default=None, help="evaluate: model file (default: the round's student)")
@@ -264,7 +264,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from tasks.inputs import check_inputs  # every missing input named at once, before any stage
 
-    check_inputs(cfg, ("teacher", "pseudo-label", "student") if args.command == "run" else (args.name,))
+    check_inputs(
+        cfg, ("teacher", "audit", "pseudo-label", "student", "soup") if args.command == "run" else (args.name,)
+    )
     if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
         from flows import stages
 
@@ -303,6 +305,10 @@ def _run_stages(args: argparse.Namespace, cfg) -> int:
     match args.name:
         case "teacher":
             out = stages.teacher_flow(cfg)
+        case "audit":
+            out = stages.audit_flow(cfg, args.round_index)
+        case "soup":
+            out = stages.soup_flow(cfg, args.round_index)
         case "pseudo-label":
             out = stages.pseudo_label_flow(cfg, args.round_index)
             out = {k: v for k, v in out.items() if k in ("stats", "digest")}

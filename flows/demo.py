@@ -19,8 +19,8 @@ from data.world import Demo, write_world
 
 # World sizes: labeled train / val / unlabeled pool, images per shard.
 WORLDS = {
-    "full": dict(n_train=200, n_val=200, n_unlabeled=2000, per_shard=250),
-    "quick": dict(n_train=16, n_val=16, n_unlabeled=48, per_shard=16),
+    "full": dict(n_train=200, n_val=200, n_holdout=100, n_unlabeled=2000, per_shard=250),
+    "quick": dict(n_train=16, n_val=16, n_holdout=8, n_unlabeled=48, per_shard=16),
 }
 
 
@@ -78,6 +78,10 @@ def demo_config(
     return build_config(raw, overrides), {"classes": list(world.class_names), **sizes}
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def format_summary(summary: dict, title: str) -> str:
     from tasks.families import get_family
 
@@ -90,5 +94,11 @@ def format_summary(summary: dict, title: str) -> str:
             f"{r['round']:>5}  {t:>11.2f}  {s:>11.2f}  {s - t:>+6.2f}  "
             f"{p['kept']}/{p['images']} images kept, {p['labels']} {unit}"
         )
+        if a := r.get("audit"):
+            d = a["at_drawn"]
+            lines.append(
+                f"       audit: labels at {d['threshold']:g} have precision {_pct(d['precision'])}, recall "
+                f"{_pct(d['recall'])} on held-out images; F1 is highest at {a['f1_threshold']:g}"
+            )
     lines.append(f"elapsed {summary['elapsed_s']:.0f} s; run directory {summary['run_dir']}")
     return "\n".join(lines)

@@ -28,8 +28,10 @@ from flows import stages
 FLOWS = (
     stages.noisy_student_flow,
     stages.teacher_flow,
+    stages.audit_flow,
     stages.pseudo_label_flow,
     stages.student_flow,
+    stages.soup_flow,
     stages.evaluate_flow,
 )
 DEFAULT_NAME = "local"

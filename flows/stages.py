@@ -15,13 +15,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from configs import RunConfig, dump_config
+from configs import ConfigError, RunConfig, build_config, dump_config
 from data import storage
 from data.shards import expand_urls, shard_identities
 from flows import artifacts
-from tasks import runners, units
+from tasks import audit, runners, soups, units
 from tasks.families import get_family
-from tasks.inputs import check_inputs
+from tasks.inputs import check_inputs, split_digest
 from tasks.labeling import add_stats, empty_stats, finished_shards, remove_temporaries
 from tasks.rundir import (
     RunDir,
@@ -71,6 +71,20 @@ def pseudo_inputs(cfg: RunConfig, teacher: dict, shards: list[str]) -> dict:
     }
 
 
+def audit_inputs(cfg: RunConfig, teacher: dict, data_digest: str) -> dict:
+    return {
+        "stage": "audit",
+        "family": cfg.family,
+        "teacher": teacher["digest"],
+        "audit": cfg.audit.digest_view(),
+        # the rule's other settings decide the labels; the grid draws the rule's threshold
+        "rule": {k: v for k, v in cfg.pseudo.digest_view().items() if k != "score_threshold"},
+        "drawn_threshold": cfg.pseudo.score_threshold,
+        "image_size": cfg.data.image_size,
+        "data": data_digest,
+    }
+
+
 def student_inputs(cfg: RunConfig, teacher: dict, pseudo: dict) -> dict:
     return {
         "stage": "student",
@@ -92,6 +106,23 @@ def teacher_outputs(cfg: RunConfig, round_index: int) -> dict:
     if m is None:
         raise RuntimeError(f"the teacher of round {round_index} ({stage}) has not finished; run that stage first")
     return m["outputs"]
+
+
+def audit_outputs(cfg: RunConfig, round_index: int) -> dict:
+    stage = RunDir(cfg.out_dir).stage(round_index, "audit")
+    m = read_manifest(stage)
+    if m is None:
+        raise RuntimeError(f"the audit of round {round_index} ({stage}) has not finished; run that stage first")
+    return m["outputs"]
+
+
+def labeling_rule(cfg: RunConfig, round_index: int) -> RunConfig:
+    """`cfg` with the round's pseudo-label threshold as a number: `auto` becomes the
+    F1-maximizing threshold of the round's audit."""
+    if cfg.pseudo.score_threshold != "auto":
+        return cfg
+    threshold = audit_outputs(cfg, round_index)["f1_threshold"]
+    return cfg.model_copy(update={"pseudo": cfg.pseudo.model_copy(update={"score_threshold": threshold})})
 
 
 def pseudo_outputs(cfg: RunConfig, round_index: int) -> dict:
@@ -137,6 +168,58 @@ def finish(stage: Path, inputs: dict, outputs: dict) -> dict:
     return write_manifest(stage, inputs, outputs)["outputs"]
 
 
+# ----------------------------------------------------------------------------- audit
+
+
+@flow(name="audit", flow_run_name="audit-round-{round_index}")
+@holds_run_dir
+def audit_flow(cfg: RunConfig, round_index: int = 0) -> dict:
+    """Label `audit.images` held-out images with the round's teacher, score the labels
+    against their ground truth over a sweep of thresholds and recommend two (tasks/audit.py).
+
+    Writes audit.json, pr.png and grid.png in the stage folder and shows them in the
+    `pseudo-audit-round-N` artifact. `pseudo.score_threshold: auto` labels the pool at
+    this audit's F1 threshold.
+    """
+    logger = get_run_logger()
+    if cfg.audit.split is None:
+        raise ValueError("audit.split is None: set audit.split=holdout (or val) to audit the pseudo-labels")
+    family = get_family(cfg.family)
+    stage = RunDir(cfg.out_dir).stage(round_index, "audit")
+    teacher = teacher_outputs(cfg, round_index)
+    _, data_digest = audit.held_out_samples(family, cfg)
+    inputs = audit_inputs(cfg, teacher, data_digest)
+    if done := finished(stage, inputs):
+        logger.info("audit of round %d is up to date; skipped", round_index)
+        return done["outputs"]
+    invalidate(stage)
+    drawn = None if cfg.pseudo.score_threshold == "auto" else cfg.pseudo.score_threshold
+    report = units.audit_teacher(cfg, teacher["checkpoint"], str(stage), drawn)
+    artifacts.audit(
+        round_index, report, storage.read_bytes(stage / audit.PR_PLOT), storage.read_bytes(stage / audit.GRID)
+    )
+    drawn_rows = audit.at(report, report["drawn_threshold"])["all"]
+    logger.info(
+        "audit of round %d: F1 threshold %g (F1 %.3f), precision >= %g from %s; at %g: precision %s, recall %s",
+        round_index,
+        report["f1_threshold"],
+        report["f1"],
+        report["precision_target"],
+        report["precision_threshold"],
+        report["drawn_threshold"],
+        drawn_rows["precision"],
+        drawn_rows["recall"],
+    )
+    outputs = {
+        "files": [audit.REPORT, audit.PR_PLOT, audit.GRID],
+        "f1_threshold": report["f1_threshold"],
+        "f1": report["f1"],
+        "precision_threshold": report["precision_threshold"],
+        "at_drawn": {"threshold": report["drawn_threshold"], **drawn_rows},
+    }
+    return finish(stage, inputs, outputs)
+
+
 # ----------------------------------------------------------------------------- labeling
 
 
@@ -155,6 +238,9 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     family = get_family(cfg.family)
     stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
     teacher = teacher_outputs(cfg, round_index)
+    if cfg.pseudo.score_threshold == "auto":
+        cfg = labeling_rule(cfg, round_index)
+        logger.info("pseudo.score_threshold=auto: the audit's F1 threshold %g", cfg.pseudo.score_threshold)
     shards = expand_urls(cfg.data.unlabeled_shards)[: cfg.pseudo.shard_limit]
     if not shards:
         raise ValueError("data.unlabeled_shards matches no shard")
@@ -220,6 +306,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
         "pairs": [[s["shard"], str(stage / s["sidecar"])] for s in per_shard],
         "digest": json_digest(keys),
+        "threshold": cfg.pseudo.score_threshold,
         "stats": total,
         "broken": broken,
     }
@@ -236,12 +323,15 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     return finish(stage, inputs, outputs)
 
 
-@flow(name="student", flow_run_name="student-round-{round_index}")
+@flow(name="student", flow_run_name="student-round-{round_index}{variant}")
 @holds_run_dir
-def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
-    """Train the noised student on human + pseudo labels, evaluate it."""
+def student_flow(cfg: RunConfig, round_index: int = 0, variant: str = "") -> dict:
+    """Train the noised student on human + pseudo labels, evaluate it.
+
+    `variant` ("-1", "-2", ...): a soup ingredient's student, in its own stage folder
+    `student<variant>`; the round's student has none."""
     logger = get_run_logger()
-    stage = RunDir(cfg.out_dir).stage(round_index, "student")
+    stage = RunDir(cfg.out_dir).stage(round_index, f"student{variant}")
     teacher = teacher_outputs(cfg, round_index)
     pseudo = pseudo_outputs(cfg, round_index)
     inputs = student_inputs(cfg, teacher, pseudo)
@@ -251,7 +341,8 @@ def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     if pseudo["stats"]["kept"] == 0:  # refused before anything of the stage is touched
         raise NoPseudoLabels(
             f"round {round_index}: the teacher kept no unlabeled image at pseudo.score_threshold="
-            f"{cfg.pseudo.score_threshold} ({pseudo['stats']['images']} images labeled), so the student has no "
+            f"{pseudo.get('threshold', cfg.pseudo.score_threshold)} "
+            f"({pseudo['stats']['images']} images labeled), so the student has no "
             "pseudo batch to draw; lower the threshold or train the teacher longer"
         )
     invalidate(stage)
@@ -260,6 +351,59 @@ def student_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
     atomic_write_json(stage / "metrics.json", metrics)
     return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
+
+
+def soup_ingredients(cfg: RunConfig) -> list[tuple[str, tuple[str, ...], RunConfig]]:
+    """(name, overrides, config) of each soup ingredient: the round's student, then one per
+    `soup.ingredients` entry; ConfigError when one would not share the students' init."""
+    raw = cfg.model_dump(mode="json")
+    out = [("student", (), cfg)]
+    for i, overrides in enumerate(cfg.soup.ingredients, 1):
+        variant = build_config(raw, list(overrides))
+        if variant.student.init == "scratch" and variant.student.train.seed != cfg.student.train.seed:
+            raise ConfigError(
+                f"soup ingredient {i} ({', '.join(overrides)}): students from scratch with another seed start from "
+                "another initialization, and a soup averages models of one; use student.init=teacher"
+            )
+        out.append((f"student-{i}", tuple(overrides), variant))
+    return out
+
+
+@flow(name="soup", flow_run_name="soup-round-{round_index}")
+@holds_run_dir
+def soup_flow(cfg: RunConfig, round_index: int = 0) -> dict:
+    """Train the round's soup ingredients (student flows, each skipped when up to date),
+    then average them into a uniform and a greedy soup (tasks/soups.py), chosen on the
+    held-out split, reported on val, in `<round>/soup` and the `soup-round-N` table."""
+    logger = get_run_logger()
+    if not cfg.soup.ingredients:
+        raise ValueError("soup.ingredients is empty: name at least one more student, e.g. ['student.train.seed=1']")
+    stage = RunDir(cfg.out_dir).stage(round_index, "soup")
+    ingredients = []
+    for name, overrides, variant_cfg in soup_ingredients(cfg):
+        out = student_flow(variant_cfg, round_index, name.removeprefix("student"))
+        ingredients.append(
+            {"name": name, "overrides": list(overrides), "checkpoint": out["checkpoint"], "val": out["metrics"]}
+        )
+    inputs = {
+        "stage": "soup",
+        "ingredients": [(i["name"], i["overrides"], file_digest(i["checkpoint"])) for i in ingredients],
+        "split": cfg.soup.split,
+        "data": split_digest(cfg.data, cfg.soup.split),
+    }
+    if done := finished(stage, inputs):
+        logger.info("soups of round %d are up to date; skipped", round_index)
+        return done["outputs"]
+    invalidate(stage)
+    report = units.make_soups(cfg, ingredients, str(stage))
+    artifacts.soup_table(round_index, report)
+    outputs = {
+        "files": [soups.REPORT, f"{soups.UNIFORM}/{MODEL_FILE}", f"{soups.GREEDY}/{MODEL_FILE}"],
+        "metric": report["metric"],
+        "ingredients": report["ingredients"],
+        "soups": {k: {kk: vv for kk, vv in v.items() if kk != "val_metrics"} for k, v in report["soups"].items()},
+    }
+    return finish(stage, inputs, outputs)
 
 
 class NoPseudoLabels(RuntimeError):
@@ -299,8 +443,10 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     auto = cfg.rounds == "auto"
     stopped = None
     for r in range(cfg.max_rounds if auto else cfg.rounds):
+        audited = audit_flow(cfg, r) if cfg.audit.split is not None else None
         pseudo = pseudo_label_flow(cfg, r)
         student = student_flow(cfg, r)
+        souped = soup_flow(cfg, r) if cfg.soup.ingredients else None
         stats = pseudo["stats"]
         rounds.append(
             {
@@ -312,7 +458,10 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
                     "kept": stats["kept"],
                     "labels": stats["labels"],
                     "corrupt": stats["corrupt"],
+                    "threshold": pseudo.get("threshold"),
                 },
+                **({"audit": audited} if audited is not None else {}),
+                **({"soup": souped} if souped is not None else {}),
             }
         )
         artifacts.metrics_table(rounds, family.metric)

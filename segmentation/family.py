@@ -30,6 +30,8 @@ from segmentation.model import Segmenter
 def _voc_world(world: WorldPaths) -> tuple[dict, int]:
     """The data section of a written world's VOC layout, and its class count (background first)."""
     data = {"format": "voc", "voc_root": str(world.voc_root), "voc_classes": ["background", *world.class_names]}
+    if world.holdout_annotations.exists():  # the split's COCO json marks that the world has one
+        data["voc_holdout_split"] = "holdout"
     return data, world.num_classes + 1
 
 
@@ -115,7 +117,11 @@ class SegmentationFamily:
             )
         if split == "val":
             return VOCSegmentation(data.voc_root, data.voc_val_split, augment_level, **common)
-        raise ValueError(f"unknown split {split!r}; valid: train, val")
+        if split == "holdout":
+            if data.voc_holdout_split is None:
+                raise ValueError("the holdout split needs data.voc_holdout_split")
+            return VOCSegmentation(data.voc_root, data.voc_holdout_split, augment_level, **common)
+        raise ValueError(f"unknown split {split!r}; valid: train, val, holdout")
 
     def class_names(self, data: DataConfig) -> list[str]:
         return list(data.voc_classes or VOC_CLASSES)
@@ -184,14 +190,35 @@ class SegmentationFamily:
             return []
         return [(f"share of kept images' {unit} labeled", f"{100 * total['labels'] / total['pixels']:.1f}%")]
 
+    # ------------------------------------------------------------------ audit
+
+    audit_legend = "image | ground truth | the teacher's kept pixels (grey: left unlabeled)"
+
+    def scored_labels(self, model: Segmenter, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
+        """{"mask": argmax class, "score": its probability} per image: the rule's label at
+        any threshold keeps the pixels scoring at least that threshold."""
+        return self.predict(model, images, image_size, scales=rule.scales)
+
+    def at_threshold(self, scored: dict, threshold: float) -> dict | None:
+        return pseudo.select_pixels(scored, threshold)
+
+    def audit_counts(self, scored: dict, target: dict, thresholds: list[float], num_classes: int, iou: float) -> dict:
+        """Pixel counts [T][C] at each threshold: kept pixels of class c that are c in the
+        ground truth (tp) or another class (fp), and ground-truth c pixels not kept as c
+        (fn). Pixels the ground truth ignores (255) count nowhere; `iou` is unused."""
+        return pseudo.pixel_counts(scored, target, thresholds, num_classes)
+
+    def draw_audit(self, image: torch.Tensor, label: dict | None, target: dict, class_names: list[str]):
+        return pseudo.draw_masks(image, label, target)
+
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(
-        self, model: Segmenter, data: DataConfig, batch_size: int = 32, num_workers: int = 0
+        self, model: Segmenter, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
     ) -> dict[str, float]:
-        """mIoU, pixel accuracy and per-class IoU (percent) on the val split, single scale."""
-        dataset = self.labeled_dataset(data, "val", None)
+        """mIoU, pixel accuracy and per-class IoU (percent) on `split` (val), single scale."""
+        dataset = self.labeled_dataset(data, split, None)
         names = self.class_names(data)
         if getattr(model, "num_classes", len(names)) != len(names):
             raise ValueError(f"model predicts {model.num_classes} classes, data has {len(names)}: {names}")

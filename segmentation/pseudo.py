@@ -57,3 +57,40 @@ def stats(label: dict, num_classes: int) -> dict:
         "class_counts": torch.bincount(kept, minlength=num_classes)[:num_classes].tolist(),
         "kept_share_hist": hist,
     }
+
+
+def pixel_counts(scored: dict, target: dict, thresholds: list[float], num_classes: int) -> dict:
+    """{"tp", "fp", "fn"}: int arrays [T, C] (see `SegmentationFamily.audit_counts`)."""
+    gt = target["mask"].reshape(-1).long()
+    valid = gt != IGNORE
+    gt = gt[valid]
+    pred = scored["mask"].reshape(-1).long()[valid]
+    score = scored["score"].reshape(-1)[valid]
+    correct = pred == gt
+    n_gt = torch.bincount(gt, minlength=num_classes)[:num_classes]
+    out = {k: np.zeros((len(thresholds), num_classes), np.int64) for k in ("tp", "fp", "fn")}
+    for t, threshold in enumerate(thresholds):
+        kept = score >= threshold
+        tp = torch.bincount(pred[kept & correct], minlength=num_classes)[:num_classes]
+        out["tp"][t] = tp.numpy()
+        out["fp"][t] = torch.bincount(pred[kept & ~correct], minlength=num_classes)[:num_classes].numpy()
+        out["fn"][t] = (n_gt - tp).numpy()
+    return out
+
+
+def draw_masks(image: torch.Tensor, label: dict | None, target: dict, zoom: int = 2) -> np.ndarray:
+    """uint8 [H*zoom, 3*W*zoom + gaps, 3]: the image, its ground truth and the kept pixels
+    side by side, classes in VOC colours, unlabeled pixels grey."""
+    from data.world import voc_palette
+
+    palette = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    palette[IGNORE] = (160, 160, 160)
+
+    def coloured(mask: torch.Tensor) -> np.ndarray:
+        return palette[mask.numpy()]
+
+    h, w = image.shape[-2:]
+    kept = label["mask"] if label is not None else torch.full((h, w), IGNORE, dtype=torch.uint8)
+    gap = np.full((h, 2, 3), 255, np.uint8)
+    row = np.concatenate([image.permute(1, 2, 0).numpy(), gap, coloured(target["mask"]), gap, coloured(kept)], 1)
+    return row.repeat(zoom, 0).repeat(zoom, 1)

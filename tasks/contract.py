@@ -5,8 +5,10 @@ pick one by name from `FAMILIES`. Adding a family means writing one such object 
 one line in `FAMILIES`; nothing in flows/ changes. The contract has two halves:
 `LabelingFamily`, what the pseudo-label stage needs (a teacher's labels, their
 sidecar bytes and statistics), and `TrainingFamily`, what the teacher and student
-stages need (data, batches, per-sample losses, evaluation). `Family` is both, plus
-what the flows show of a family: its demo (optional) and its statistics' extra rows.
+stages need (data, batches, per-sample losses, evaluation). `AuditFamily` is what
+the audit stage needs (the teacher's labels scored against ground truth, threshold by
+threshold, and a picture of them). `Family` is all three, plus what the flows show of
+a family: its demo (optional) and its statistics' extra rows.
 
 Shared formats:
 - a sample is `(image, target)`: image uint8 [3,H,W] RGB; target a dict
@@ -84,12 +86,37 @@ class TrainingFamily(_Classes, Protocol):
         """A pseudo-label from its sidecar bytes (`LabelingFamily.encode`'s inverse)."""
 
     def evaluate(
-        self, model: nn.Module, data: DataConfig, batch_size: int = 32, num_workers: int = 0
+        self, model: nn.Module, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
     ) -> dict[str, float]:
-        """Metrics in percent on the val split, `metric` among them."""
+        """Metrics in percent on `split` (val; holdout for the soup's choices), `metric` among them."""
 
 
-class Family(LabelingFamily, TrainingFamily, Protocol):
+class AuditFamily(_Classes, Protocol):
+    """What the pseudo-label audit needs (tasks/audit.py)."""
+
+    audit_legend: str  # what the audit grid's panels show, in one line
+
+    def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> Dataset: ...
+
+    def scored_labels(
+        self, model: nn.Module, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig
+    ) -> list[dict]:
+        """The teacher's labels under `rule` with their scores, one per image (never None):
+        `at_threshold(label, t)` is the rule's label at any t >= rule.score_threshold."""
+
+    def at_threshold(self, scored: dict, threshold: float) -> dict | None:
+        """The pseudo-label the rule gives at `threshold` (None: the image is left empty)."""
+
+    def audit_counts(self, scored: dict, target: dict, thresholds: list[float], num_classes: int, iou: float) -> dict:
+        """{"tp", "fp", "fn"}: int arrays [len(thresholds), num_classes] of one image's
+        labels at each threshold against its ground truth (`label_unit`s: boxes matched
+        at `iou`, or pixels). Additive over images."""
+
+    def draw_audit(self, image: torch.Tensor, label: dict | None, target: dict, class_names: list[str]):
+        """uint8 [H,W,3]: a kept pseudo-label (or None) drawn over the image's ground truth."""
+
+
+class Family(LabelingFamily, TrainingFamily, AuditFamily, Protocol):
     demo: Demo | None  # None: no demo (`noisy-student demo` does not offer it)
 
     def stats_rows(self, total: dict, unit: str) -> list[tuple[str, str]]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from configs import ConfigError, RunConfig
+from configs import ConfigError, DataConfig, RunConfig
 from data import storage
 from data.shards import expand_urls
 from data.voc import split_paths
+from tasks.rundir import file_digest, json_digest
 
-STAGES = ("teacher", "pseudo-label", "student", "evaluate")
+STAGES = ("teacher", "audit", "pseudo-label", "student", "soup", "evaluate")
 SHARDS_NAMED = 5  # missing shards named one by one; the rest are counted
 
 
@@ -90,6 +91,14 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
                 need(f"data.{split_key}", paths["list"], "file")
                 need("data.voc_root", paths["images"], "folder")
                 need(f"data.{masks_key}" if masks_key else "data.voc_root", paths["masks"], "folder")
+    if ("audit" in stages and cfg.audit.split == "holdout") or ("soup" in stages and cfg.soup.ingredients):
+        if data.format == "coco":
+            need("data.holdout_images", data.holdout_images, "folder")
+            need("data.holdout_annotations", data.holdout_annotations, "file")
+        elif data.voc_root is not None and Path(data.voc_root).is_dir():
+            paths = split_paths(data.voc_root, data.voc_holdout_split, "SegmentationClass")
+            need("data.voc_holdout_split", paths["list"], "file")
+            need("data.voc_root", paths["masks"], "folder")
     if "teacher" in stages:
         need("model.backbone_checkpoint", cfg.model.backbone_checkpoint, "file")
     if "student" in stages:
@@ -119,6 +128,19 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
             seen.add(item[1])
             unique.append(item)
     return unique
+
+
+def split_files(data: DataConfig, split: str) -> list[str]:
+    """The files that list a labeled split's images and labels: its COCO json, or its VOC id list."""
+    if data.format == "coco":
+        return [getattr(data, f"{split}_annotations")]
+    name = {"train": data.voc_train_split, "val": data.voc_val_split, "holdout": data.voc_holdout_split}[split]
+    return [str(split_paths(data.voc_root, name, "SegmentationClass")["list"])]
+
+
+def split_digest(data: DataConfig, split: str) -> str:
+    """A digest of `split_files`: a stage choosing on a split reruns when its labels change."""
+    return json_digest([file_digest(f) for f in split_files(data, split)])
 
 
 def check_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> None:

@@ -13,8 +13,15 @@ tensors (BatchNorm's `num_batches_tracked`) are copied from the first ingredient
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+
+from configs import ModelConfig, RunConfig
+from data import storage
+from tasks.engine import device_settings
+from tasks.rundir import atomic_write_json
+from tasks.training import MODEL_FILE, load_model, save_model
 
 State = dict[str, torch.Tensor]
 
@@ -73,3 +80,78 @@ def greedy_soup(
             chosen.append(i)
             best = score
     return uniform_soup([states[j] for j in chosen]), chosen, history
+
+
+# ----------------------------------------------------------------------------- the stage's work
+
+UNIFORM, GREEDY, REPORT = "uniform", "greedy", "soup.json"
+
+
+def make_soups(
+    cfg: RunConfig,
+    ingredients: list[dict],
+    stage_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Score each ingredient on the held-out split (`soup.split`), build the uniform and
+    greedy soups, save them as `<stage>/uniform/model.pt` and `<stage>/greedy/model.pt`,
+    evaluate both on val, write `<stage>/soup.json`, and return its content.
+
+    `ingredients`: [{"name", "overrides", "checkpoint", "val": the ingredient's val
+    metrics}] (models of one family and architecture)."""
+    device_settings(cfg.device, cfg.cudnn_benchmark)
+    family, model = load_model(ingredients[0]["checkpoint"], cfg.device)
+    metric = family.metric
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved = [storage.torch_load(i["checkpoint"], map_location="cpu", weights_only=True) for i in ingredients]
+    for ing, ckpt in zip(ingredients, saved):
+        if ckpt["model_cfg"] != saved[0]["model_cfg"]:
+            raise ValueError(f"soup ingredient {ing['name']} has another architecture than {ingredients[0]['name']}")
+    states = [ckpt["state"] for ckpt in saved]
+    model_cfg = ModelConfig.model_validate(saved[0]["model_cfg"])
+
+    def scores(state: State, split: str) -> dict[str, float]:
+        model.load_state_dict(state)
+        return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers, split=split)
+
+    held_out = []
+    for ing, state in zip(ingredients, states):
+        held_out.append(scores(state, cfg.soup.split)[metric])
+        log(f"soup: ingredient {ing['name']} scores {held_out[-1]:.2f} {metric} on {cfg.soup.split}")
+    uniform = uniform_soup(states)
+    greedy, chosen, history = greedy_soup(states, held_out, lambda s: scores(s, cfg.soup.split)[metric])
+    log(f"soup: greedy soup of {[ingredients[i]['name'] for i in chosen]}")
+    stage = storage.path(stage_dir)
+    rows = [
+        {"name": ing["name"], "overrides": list(ing["overrides"]), "held_out": h, "val": ing["val"][metric]}
+        for ing, h in zip(ingredients, held_out)
+    ]
+    soups = {}
+    for name, state, members in ((UNIFORM, uniform, list(range(len(states)))), (GREEDY, greedy, chosen)):
+        val = scores(state, "val")
+        model.load_state_dict(state)
+        save_model(storage.join(stage / name, MODEL_FILE), family.name, model_cfg, model)
+        soups[name] = {
+            "ingredients": [ingredients[i]["name"] for i in members],
+            "held_out": scores(state, cfg.soup.split)[metric] if name == UNIFORM else history_best(history),
+            "val": val[metric],
+            "val_metrics": val,
+            "checkpoint": str(stage / name / MODEL_FILE),
+        }
+        log(f"soup: {name} soup {val[metric]:.2f} {metric} on val")
+    model.load_state_dict(base)
+    report = {
+        "metric": metric,
+        "split": cfg.soup.split,
+        "batchnorm": "averaged",
+        "ingredients": rows,
+        "greedy_history": [{**h, "ingredient": ingredients[h["ingredient"]]["name"]} for h in history],
+        "soups": soups,
+    }
+    atomic_write_json(stage / REPORT, report)
+    return report
+
+
+def history_best(history: list[dict]) -> float:
+    """The held-out metric of the greedy soup: that of its last kept candidate."""
+    return max(h["held_out"] for h in history if h["kept"])

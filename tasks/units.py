@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import RunConfig
 from data import storage
 from data.files import DiskFullError
-from tasks import labeling, training
+from tasks import audit, labeling, soups, training
 from tasks.engine import device_settings
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -65,6 +65,16 @@ def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, float]:
     metrics = training.evaluate_checkpoint(cfg, checkpoint)
     _logger().info("metrics of %s: %s", checkpoint, {k: round(v, 2) for k, v in metrics.items()})
     return metrics
+
+
+@task(name="audit", **_TASK)
+def audit_teacher(cfg: RunConfig, teacher_checkpoint: str, stage_dir: str, drawn_threshold: float | None) -> dict:
+    return audit.audit_teacher(cfg, teacher_checkpoint, stage_dir, drawn_threshold, log=_logger().info)
+
+
+@task(name="soup", **_TASK)
+def make_soups(cfg: RunConfig, ingredients: list[dict], stage_dir: str) -> dict:
+    return soups.make_soups(cfg, ingredients, stage_dir, log=_logger().info)
 
 
 def _worth_retrying(task, task_run, state) -> bool:

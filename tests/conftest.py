@@ -72,11 +72,18 @@ def bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    """A small embedded world: 8 train, 8 val, 16 unlabeled images in 2 shards."""
+    """A small embedded world: 8 train, 8 val, 6 holdout, 16 unlabeled images in 2 shards."""
     from data.world import WorldSpec, write_world
 
     return write_world(
-        tmp_path_factory.mktemp("world"), WorldSpec(), seed=3, n_train=8, n_val=8, n_unlabeled=16, per_shard=8
+        tmp_path_factory.mktemp("world"),
+        WorldSpec(),
+        seed=3,
+        n_train=8,
+        n_val=8,
+        n_unlabeled=16,
+        per_shard=8,
+        n_holdout=6,
     )
 
 

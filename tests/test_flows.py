@@ -8,7 +8,7 @@ import pytest
 
 from flows.cli import main
 
-STAGES = ["round-0/teacher", "round-0/pseudo", "round-0/student"]
+STAGES = ["round-0/teacher", "round-0/audit", "round-0/pseudo", "round-0/student"]
 
 
 def manifest_stamps(run: Path) -> dict[str, int]:
@@ -48,7 +48,14 @@ def test_every_stage_produced_its_outputs(quick_run):
     per_shard = [json.loads(p.read_text()) for p in sorted(pseudo.glob("labels-*.json"))]
     assert manifest["outputs"]["stats"]["kept"] == sum(s["kept"] for s in per_shard)
     assert (run / "config.yaml").exists() and (run / "report.md").read_text().startswith("# Noisy Student")
-    assert {"metrics-table", "pseudo-stats-round-0", "labeling-progress-round-0"} <= artifact_keys()
+    assert {"metrics-table", "pseudo-stats-round-0", "labeling-progress-round-0", "pseudo-audit-round-0"} <= (
+        artifact_keys()
+    )
+    # the audit: 8 held-out images of the quick world, its recommendations in the summary
+    report = json.loads((run / "round-0/audit/audit.json").read_text())
+    assert report["images"] == 8 and report["split"] == "holdout" and report["drawn_threshold"] == 0.05
+    assert r0["audit"]["f1_threshold"] == report["f1_threshold"] and r0["pseudo"]["threshold"] == 0.05
+    assert (run / "round-0/audit/pr.png").stat().st_size > 0 and (run / "round-0/audit/grid.jpg").stat().st_size > 0
 
 
 def test_rerun_recomputes_nothing(quick_run):
@@ -97,3 +104,41 @@ def test_stage_command_reruns_one_stage(quick_run, capsys):
     metrics = json.loads(out[out.index("{") :])
     student = json.loads((run / "round-0/student/metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(student["AP"])
+
+
+def test_auto_threshold_labels_at_the_audits_f1_threshold(quick_run):
+    run = quick_run / "run"
+    before = manifest_stamps(run)
+    assert main(["demo", "--quick", "--out", str(quick_run), "--set", "pseudo.score_threshold=auto"]) == 0
+    after = manifest_stamps(run)
+    audit = json.loads((run / "round-0/audit/manifest.json").read_text())
+    pseudo = json.loads((run / "round-0/pseudo/manifest.json").read_text())
+    assert pseudo["inputs"]["rule"]["score_threshold"] == audit["outputs"]["f1_threshold"]
+    assert pseudo["outputs"]["threshold"] == audit["outputs"]["f1_threshold"]
+    assert after["round-0/teacher"] == before["round-0/teacher"]
+    # the audit drew its grid at 0.05 before; under auto it draws the F1 threshold, so it reran
+    assert after["round-0/audit"] != before["round-0/audit"]
+    assert audit["inputs"]["drawn_threshold"] == "auto"
+
+
+def test_soup_of_the_student_and_a_second_ingredient(quick_run):
+    from tasks.training import evaluate_checkpoint
+
+    run = quick_run / "run"
+    ingredient = "soup.ingredients=[[student.alpha=0.5]]"
+    assert main(["demo", "--quick", "--out", str(quick_run), "--set", ingredient]) == 0
+    report = json.loads((run / "round-0/soup/soup.json").read_text())
+    names = [r["name"] for r in report["ingredients"]]
+    assert names == ["student", "student-1"] and report["split"] == "holdout"
+    assert (run / "round-0/student-1/model.pt").exists()
+    best = max(report["ingredients"], key=lambda r: r["held_out"])["name"]
+    assert report["soups"]["greedy"]["ingredients"][0] == best
+    assert report["soups"]["uniform"]["ingredients"] == names
+    assert report["soups"]["greedy"]["held_out"] >= max(r["held_out"] for r in report["ingredients"])
+    # the reported val metric is the saved soup's
+    cfg = __import__("configs").load_config(run / "config.yaml")
+    again = evaluate_checkpoint(cfg, run / "round-0/soup/uniform/model.pt")
+    assert again["AP"] == pytest.approx(report["soups"]["uniform"]["val"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"][0]["soup"]["soups"]["greedy"]["val"] == report["soups"]["greedy"]["val"]
+    assert "soup-round-0" in artifact_keys()

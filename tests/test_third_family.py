@@ -3,18 +3,20 @@ student flows: flows/ and tasks/ know families only through tasks/contract.py.
 
 The toy family labels whole images: which of the world's shape classes appear in an
 image (multi-label), from a small convolutional network with a per-class sigmoid.
-Its pseudo-label is the set of classes the teacher scores above the threshold.
+Its pseudo-label is the set of classes the teacher scores above the threshold; its audit
+counts those classes against the classes present.
 """
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from configs import DataConfig, ModelConfig, PseudoLabelConfig, RunConfig, StudentConfig, TrainConfig
+from configs import AuditConfig, DataConfig, ModelConfig, PseudoLabelConfig, RunConfig, StudentConfig, TrainConfig
 from data.augment import Augment
 from data.coco import CocoDetection
 from data.mixing import list_collate
@@ -89,17 +91,30 @@ class ImageLabelsFamily:
         return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)}
 
     @torch.no_grad()
-    def label_images(self, model, images, image_size, rule: PseudoLabelConfig):
+    def scored_labels(self, model, images, image_size, rule: PseudoLabelConfig):
         was = model.training
         model.eval()
         resized = torch.stack([F.interpolate(i[None].float(), size=(image_size, image_size))[0] for i in images])
         scores = torch.sigmoid(self._scores(model, resized))
         model.train(was)
-        out = []
-        for s in scores:
-            present = (s >= rule.score_threshold).float()
-            out.append({"present": present} if present.any() else None)
-        return out
+        return [{"scores": s} for s in scores]
+
+    def at_threshold(self, scored: dict, threshold: float) -> dict | None:
+        present = (scored["scores"] >= threshold).float()
+        return {"present": present} if present.any() else None
+
+    def label_images(self, model, images, image_size, rule: PseudoLabelConfig):
+        return [self.at_threshold(s, rule.score_threshold) for s in self.scored_labels(model, images, image_size, rule)]
+
+    audit_legend = "images (image-level classes are not drawn)"
+
+    def audit_counts(self, scored, target, thresholds, num_classes, iou):
+        present = target["present"].bool().numpy()
+        kept = np.stack([(scored["scores"] >= t).numpy() for t in thresholds])
+        return {"tp": kept & present, "fp": kept & ~present, "fn": ~kept & present}
+
+    def draw_audit(self, image, label, target, class_names):
+        return image.permute(1, 2, 0).numpy()
 
     def encode(self, label: dict) -> bytes:
         return json.dumps(label["present"].tolist()).encode()
@@ -153,10 +168,12 @@ def test_a_third_family_runs_every_flow_unchanged(prefect_harness, toy_family, s
         eval_batch_size=8,
     )
     teacher = stages.teacher_flow(cfg)
+    audited = stages.audit_flow(cfg.model_copy(update={"audit": AuditConfig(split="val", images=4)}), 0)
     pseudo = stages.pseudo_label_flow(cfg, 0)
     student = stages.student_flow(cfg, 0)
 
     assert 0.0 <= teacher["metrics"]["accuracy"] <= 100.0 and teacher["metric"] == "accuracy"
+    assert audited["f1_threshold"] in AuditConfig().thresholds
     assert pseudo["stats"]["images"] == 16  # the small world's unlabeled pool
     assert pseudo["stats"]["kept"] > 0  # an untrained sigmoid sits near 0.5, above the 0.3 threshold
     assert len(pseudo["stats"]["class_counts"]) == small_world.num_classes
