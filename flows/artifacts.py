@@ -157,7 +157,7 @@ def audit_markdown(round_index: int, report: dict, pr_png: bytes, grid_jpg: byte
         "",
         f"Labels kept at {report['drawn_threshold']:g}, drawn over the ground truth:",
         "",
-        image_markdown(grid_jpg, "held-out images with the teacher's kept labels", "image/jpeg"),
+        image_markdown(grid_jpg, "held-out images with the kept labels of the teacher", "image/jpeg"),
     ]
     return "\n".join(lines)
 
@@ -200,7 +200,8 @@ def soup_table(round_index: int, report: dict) -> None:
 
 
 def image_markdown(image: bytes, alt: str, mime: str = "image/png") -> str:
-    """Markdown showing the image inline (a data: URI)."""
+    """Markdown showing the image inline (a data: URI; the UI renders PNG and JPEG ones of
+    several hundred kB). Keep `alt` to plain words: the UI escapes an apostrophe twice."""
     return f"![{alt}](data:{mime};base64,{base64.b64encode(image).decode()})"
 
 

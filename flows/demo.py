@@ -100,5 +100,12 @@ def format_summary(summary: dict, title: str) -> str:
                 f"       audit: labels at {d['threshold']:g} have precision {_pct(d['precision'])}, recall "
                 f"{_pct(d['recall'])} on held-out images; F1 is highest at {a['f1_threshold']:g}"
             )
+        if soup := r.get("soup"):
+            best = max(soup["ingredients"], key=lambda i: i["val"])
+            lines.append(
+                f"       soups ({metric} on val): uniform {soup['soups']['uniform']['val']:.2f}, greedy "
+                f"{soup['soups']['greedy']['val']:.2f} ({' + '.join(soup['soups']['greedy']['ingredients'])}), "
+                f"best ingredient {best['val']:.2f} ({best['name']})"
+            )
     lines.append(f"elapsed {summary['elapsed_s']:.0f} s; run directory {summary['run_dir']}")
     return "\n".join(lines)

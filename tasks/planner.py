@@ -154,12 +154,18 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
     label_tasks = math.ceil(shards / per_task)
     overhead = TASK_OVERHEAD_S.get(cfg.pseudo.runner, 0.016) * label_tasks
     evaluate = val / rates["label_img_s"]
-    stages = {
-        "teacher": cfg.teacher.steps * rates["teacher_step_s"] + evaluate,
-        "pseudo-label": pool / (gpus * rates["label_img_s"]) + overhead,
-        "student": cfg.student.train.steps * rates["student_step_s"] + evaluate,
-    }
-    total = stages["teacher"] + rounds * (stages["pseudo-label"] + stages["student"])
+    stages = {"teacher": cfg.teacher.steps * rates["teacher_step_s"] + evaluate}
+    if cfg.audit.split is not None:  # labeling the audited images (their scoring and pictures are not counted)
+        stages["audit"] = cfg.audit.images / rates["label_img_s"]
+    stages["pseudo-label"] = pool / (gpus * rates["label_img_s"]) + overhead
+    stages["student"] = cfg.student.train.steps * rates["student_step_s"] + evaluate
+    if n := len(cfg.soup.ingredients):
+        # each extra ingredient is a student of the same cost (the sweep's own steps and batches
+        # are taken as the run's); the greedy soup evaluates up to n + 1 + n candidates on the
+        # held-out split and both soups on val
+        held = len(get_family(cfg.family).labeled_dataset(cfg.data, cfg.soup.split, None))
+        stages["soup"] = n * stages["student"] + ((2 * n + 1) * held + 2 * val) / rates["label_img_s"]
+    total = stages["teacher"] + rounds * sum(v for k, v in stages.items() if k != "teacher")
     return {
         "gpus": gpus,
         "rounds": rounds,
@@ -167,8 +173,10 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "total_s": round(total, 1),
         "pool": {"shards": shards, "images": pool, "shards_per_worker": math.ceil(shards / gpus)},
-        # per round: the labeling tasks, the student's training and evaluation; once: the teacher's
-        "prefect_tasks": 2 + rounds * (label_tasks + 2),
+        # per round: the audit, the labeling tasks, the student's training and evaluation, the
+        # soup ingredients' and the soup's; once: the teacher's
+        "prefect_tasks": 2
+        + rounds * ((cfg.audit.split is not None) + label_tasks + 2 + 2 * len(cfg.soup.ingredients) + bool(n)),
         "labeling_tasks_per_round": label_tasks,
     }
 

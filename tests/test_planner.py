@@ -27,12 +27,23 @@ def test_the_plan_adds_its_stages_from_the_rates(quick):
     assert p["stages_s"]["student"] == pytest.approx(cfg.student.train.steps * 1.0 + evaluate, abs=0.1)
     # 48 images over 2 workers at 40 img/s each, plus one task's orchestration per shard chunk
     assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 80 + 3 * 0.016, abs=0.1)
+    assert p["stages_s"]["audit"] == pytest.approx(8 / 40.0, abs=0.1)  # the quick world's 8 held-out images
     s = p["stages_s"]
-    assert p["total_s"] == pytest.approx(s["teacher"] + 2 * (s["pseudo-label"] + s["student"]), abs=0.2)
+    assert p["total_s"] == pytest.approx(s["teacher"] + 2 * (s["audit"] + s["pseudo-label"] + s["student"]), abs=0.2)
     assert p["pool"] == {"shards": 3, "images": 48, "shards_per_worker": 2}
-    # the teacher's train and evaluate tasks, then per round: 3 labeling tasks, train, evaluate
-    assert p["labeling_tasks_per_round"] == 3 and p["prefect_tasks"] == 2 + 2 * (3 + 2)
+    # the teacher's train and evaluate tasks, then per round: the audit, 3 labeling tasks, train, evaluate
+    assert p["labeling_tasks_per_round"] == 3 and p["prefect_tasks"] == 2 + 2 * (1 + 3 + 2)
     assert planner.plan(cfg, 2, images=4800, rates=RATES)["pool"]["images"] == 4800
+
+
+def test_a_soup_costs_its_extra_students_and_its_evaluations(quick):
+    cfg = quick.model_copy(update={"soup": type(quick.soup)(ingredients=[["student.alpha=0.5"], ["student.alpha=2"]])})
+    p = planner.plan(cfg, gpus=1, rates=RATES)
+    s = p["stages_s"]
+    # two more students; 5 held-out candidates of 8 images and 2 val passes of 16, at 40 img/s
+    assert s["soup"] == pytest.approx(2 * s["student"] + (5 * 8 + 2 * 16) / 40.0, abs=0.1)
+    assert p["total_s"] == pytest.approx(sum(s.values()), abs=0.2)
+    assert p["prefect_tasks"] == 2 + (1 + 3 + 2 + 2 * 2 + 1)
 
 
 def test_the_plan_refuses_a_batch_that_does_not_split_over_the_devices(quick):

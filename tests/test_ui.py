@@ -30,8 +30,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CHROMIUM = Path("/usr/bin/chromium")
-RUN_NAMES = ("noisy-student", "teacher", "pseudo-label-round-0", "student-round-0")
-ARTIFACT_KEYS = ("metrics-table", "pseudo-stats-round-0", "labeling-progress-round-0")
+RUN_NAMES = ("noisy-student", "teacher", "audit-round-0", "pseudo-label-round-0", "student-round-0", "soup-round-0")
+ARTIFACT_KEYS = (
+    "metrics-table",
+    "pseudo-stats-round-0",
+    "labeling-progress-round-0",
+    "pseudo-audit-round-0",
+    "soup-round-0",
+)
 
 
 def free_port() -> int:
@@ -107,7 +113,16 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(server, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ui-demo")
-    server.run(str(BIN / "noisy-student"), "demo", "--quick", "--out", str(out))
+    # with a second soup ingredient: the soup's table is one of the artifacts shown
+    server.run(
+        str(BIN / "noisy-student"),
+        "demo",
+        "--quick",
+        "--out",
+        str(out),
+        "--set",
+        "soup.ingredients=[[student.alpha=0.5]]",
+    )
     return out / "run"
 
 
@@ -195,6 +210,26 @@ def test_ui_shows_the_quick_demo_runs_and_artifacts(server, demo, page, shots):
     page.goto(f"{server.url}/artifacts/artifact/{artifacts['pseudo-stats-round-0']['id']}")
     wait_for_texts(page, ["Pseudo-labels, round 0", "images labeled", str(r0["pseudo"]["images"])])
     screenshot(page, shots / "pseudo-stats.png")
+
+    # the audit's pictures: markdown images with data: URIs, decoded and drawn by the browser
+    page.goto(f"{server.url}/artifacts/artifact/{artifacts['pseudo-audit-round-0']['id']}")
+    page.get_by_text("Pseudo-label audit, round 0", exact=True).wait_for()
+    page.get_by_text("F1-maximizing threshold", exact=False).first.wait_for()
+    for alt, min_width in (
+        ("precision-recall per class", 600),
+        ("held-out images with the kept labels of the teacher", 500),
+    ):
+        img = page.locator(f'img[alt="{alt}"]')
+        img.wait_for(state="visible")
+        page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle())
+        assert img.evaluate("i => i.naturalWidth") >= min_width, alt
+    screenshot(page, shots / "audit.png")
+
+    # the soup's table: every ingredient and both soups
+    soup = json.loads((demo / "round-0/soup/soup.json").read_text())
+    page.goto(f"{server.url}/artifacts/artifact/{artifacts['soup-round-0']['id']}")
+    wait_for_texts(page, ["uniform soup", "greedy soup", "student-1", f"{soup['soups']['greedy']['val']:.2f}"])
+    screenshot(page, shots / "soup.png")
 
 
 def test_deploy_all_to_a_process_pool_and_run_a_custom_evaluate(server, demo, page, shots):
