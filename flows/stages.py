@@ -184,11 +184,9 @@ def audit_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     logger = get_run_logger()
     if cfg.audit.split is None:
         raise ValueError("audit.split is None: set audit.split=holdout (or val) to audit the pseudo-labels")
-    family = get_family(cfg.family)
     stage = RunDir(cfg.out_dir).stage(round_index, "audit")
     teacher = teacher_outputs(cfg, round_index)
-    _, data_digest = audit.held_out_samples(family, cfg)
-    inputs = audit_inputs(cfg, teacher, data_digest)
+    inputs = audit_inputs(cfg, teacher, split_digest(cfg.data, cfg.audit.split))
     if done := finished(stage, inputs):
         logger.info("audit of round %d is up to date; skipped", round_index)
         return done["outputs"]

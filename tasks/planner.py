@@ -156,7 +156,8 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
     evaluate = val / rates["label_img_s"]
     stages = {"teacher": cfg.teacher.steps * rates["teacher_step_s"] + evaluate}
     if cfg.audit.split is not None:  # labeling the audited images (their scoring and pictures are not counted)
-        stages["audit"] = cfg.audit.images / rates["label_img_s"]
+        held = len(get_family(cfg.family).labeled_dataset(cfg.data, cfg.audit.split, None))
+        stages["audit"] = min(cfg.audit.images, held) / rates["label_img_s"]
     stages["pseudo-label"] = pool / (gpus * rates["label_img_s"]) + overhead
     stages["student"] = cfg.student.train.steps * rates["student_step_s"] + evaluate
     if n := len(cfg.soup.ingredients):

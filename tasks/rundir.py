@@ -2,8 +2,11 @@
 
     <run>/config.yaml
     <run>/round-0/teacher/   model.pt, checkpoint.pt, metrics.json, train.log, manifest.json
+    <run>/round-0/audit/     audit.json, pr.png, grid.jpg, manifest.json (with audit.split)
     <run>/round-0/pseudo/    labels-000000.tar, labels-000000.json, ..., manifest.json
     <run>/round-0/student/   model.pt, checkpoint.pt, metrics.json, train.log, manifest.json
+    <run>/round-0/student-1/ ... one per soup ingredient (with soup.ingredients)
+    <run>/round-0/soup/      soup.json, uniform/model.pt, greedy/model.pt, manifest.json
     <run>/summary.json, report.md
 
 A stage writes `manifest.json` last. It records the digest of the stage's inputs

@@ -112,3 +112,24 @@ def test_cli_names_all_missing_inputs_and_runs_nothing(small_world, tmp_path, ca
     assert "2 missing input(s)" in err and "data.train_annotations" in err and "data.val_images" in err
     assert missing_inputs(cfg, ["pseudo-label"]) == []  # the labeling stage reads neither
     assert not (tmp_path / "run" / "round-0" / "teacher").exists()
+
+
+def test_the_audits_and_soups_held_out_split_is_checked(small_world, tmp_path):
+    from configs import AuditConfig, SoupConfig
+
+    data = world_data(
+        small_world, holdout_images=str(small_world.images_dir), holdout_annotations=str(tmp_path / "h.json")
+    )
+    cfg = RunConfig(out_dir=str(tmp_path), data=data, model=tiny_model_config(), audit=AuditConfig(split="holdout"))
+    assert missing_inputs(cfg, ["audit"]) == [("data.holdout_annotations", str(tmp_path / "h.json"), "no such file")]
+    assert missing_inputs(cfg, ["teacher"]) == []  # no training stage reads it
+    souped = cfg.model_copy(update={"audit": AuditConfig(), "soup": SoupConfig(ingredients=[["student.alpha=2"]])})
+    assert [k for k, _, _ in missing_inputs(souped, ["soup"])] == ["data.holdout_annotations"]
+    voc = RunConfig(
+        family="segmentation",
+        data=DataConfig(format="voc", voc_root=str(small_world.voc_root), voc_holdout_split="nowhere"),
+        audit=AuditConfig(split="holdout"),
+    )
+    assert [k for k, _, _ in missing_inputs(voc, ["audit"])] == ["data.voc_holdout_split"]
+    ok = voc.model_copy(update={"data": voc.data.model_copy(update={"voc_holdout_split": "holdout"})})
+    assert missing_inputs(ok, ["audit"]) == []

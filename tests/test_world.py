@@ -235,3 +235,26 @@ def test_demo_worlds_keep_the_sizes_they_promise(family):
     assert max(longest) >= 0.85 * hi and np.percentile(longest, 5) < lo + 0.25 * (hi - lo)
     # Upright squares fill their box unless occluded: most of them do.
     assert np.median(square_fill) > 0.95
+
+
+def test_the_holdout_split_adds_scenes_of_its_own(tmp_path):
+    plain = write_world(tmp_path / "plain", **SMALL)
+    held = write_world(tmp_path / "held", **SMALL, n_holdout=3)
+    coco = json.loads(held.holdout_annotations.read_text())
+    assert [im["file_name"] for im in coco["images"]] == [f"holdout_{i:06d}.jpg" for i in range(3)]
+    assert (held.root / "ImageSets/Segmentation/holdout.txt").read_text().split() == [
+        f"holdout_{i:06d}" for i in range(3)
+    ]
+    assert (held.root / "SegmentationClass/holdout_000002.png").exists()
+    # the other splits do not change, and holdout scenes are none of theirs
+    for rel in ("JPEGImages/train_000004.jpg", "JPEGImages/val_000001.jpg", "unlabeled/pool-000001.tar"):
+        assert (plain.root / rel).read_bytes() == (held.root / rel).read_bytes()
+    train = {(plain.root / f"JPEGImages/train_{i:06d}.jpg").read_bytes() for i in range(6)}
+    assert not train & {(held.root / f"JPEGImages/holdout_{i:06d}.jpg").read_bytes() for i in range(3)}
+    # a world without one keeps its identity (cached worlds stay valid), and has no holdout file
+    assert "holdout" not in json.loads((plain.root / "world.json").read_text())["counts"]
+    assert not plain.holdout_annotations.exists()
+    # the demo's data section names the split only when the world has it
+    from detection.family import DEMO
+
+    assert "holdout_annotations" in DEMO.data(held)[0] and "holdout_annotations" not in DEMO.data(plain)[0]
