@@ -108,12 +108,17 @@ def teacher_outputs(cfg: RunConfig, round_index: int) -> dict:
     return m["outputs"]
 
 
-def audit_outputs(cfg: RunConfig, round_index: int) -> dict:
-    stage = RunDir(cfg.out_dir).stage(round_index, "audit")
+def _finished_outputs(cfg: RunConfig, round_index: int, name: str, what: str) -> dict:
+    """The outputs of a round's finished stage `name`; RuntimeError naming `what` when it has not finished."""
+    stage = RunDir(cfg.out_dir).stage(round_index, name)
     m = read_manifest(stage)
     if m is None:
-        raise RuntimeError(f"the audit of round {round_index} ({stage}) has not finished; run that stage first")
+        raise RuntimeError(f"{what} of round {round_index} ({stage}) has not finished; run that stage first")
     return m["outputs"]
+
+
+def audit_outputs(cfg: RunConfig, round_index: int) -> dict:
+    return _finished_outputs(cfg, round_index, "audit", "the audit")
 
 
 def labeling_rule(cfg: RunConfig, round_index: int) -> RunConfig:
@@ -126,11 +131,7 @@ def labeling_rule(cfg: RunConfig, round_index: int) -> RunConfig:
 
 
 def pseudo_outputs(cfg: RunConfig, round_index: int) -> dict:
-    stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
-    m = read_manifest(stage)
-    if m is None:
-        raise RuntimeError(f"pseudo-labels of round {round_index} ({stage}) are missing; run that stage first")
-    return m["outputs"]
+    return _finished_outputs(cfg, round_index, "pseudo", "the pseudo-label stage")
 
 
 def _model_outputs(stage: Path, metrics: dict, metric: str) -> dict:
@@ -236,8 +237,8 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     family = get_family(cfg.family)
     stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
     teacher = teacher_outputs(cfg, round_index)
-    if cfg.pseudo.score_threshold == "auto":
-        cfg = labeling_rule(cfg, round_index)
+    if (rule := labeling_rule(cfg, round_index)) is not cfg:
+        cfg = rule
         logger.info("pseudo.score_threshold=auto: the audit's F1 threshold %g", cfg.pseudo.score_threshold)
     shards = expand_urls(cfg.data.unlabeled_shards)[: cfg.pseudo.shard_limit]
     if not shards:

@@ -102,7 +102,6 @@ def make_soups(
     device_settings(cfg.device, cfg.cudnn_benchmark)
     family, model = load_model(ingredients[0]["checkpoint"], cfg.device)
     metric = family.metric
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved = [storage.torch_load(i["checkpoint"], map_location="cpu", weights_only=True) for i in ingredients]
     for ing, ckpt in zip(ingredients, saved):
         if ckpt["model_cfg"] != saved[0]["model_cfg"]:
@@ -128,8 +127,7 @@ def make_soups(
     ]
     soups = {}
     for name, state, members in ((UNIFORM, uniform, list(range(len(states)))), (GREEDY, greedy, chosen)):
-        val = scores(state, "val")
-        model.load_state_dict(state)
+        val = scores(state, "val")  # leaves the soup's weights in the model
         save_model(storage.join(stage / name, MODEL_FILE), family.name, model_cfg, model)
         soups[name] = {
             "ingredients": [ingredients[i]["name"] for i in members],
@@ -139,7 +137,6 @@ def make_soups(
             "checkpoint": str(stage / name / MODEL_FILE),
         }
         log(f"soup: {name} soup {val[metric]:.2f} {metric} on val")
-    model.load_state_dict(base)
     report = {
         "metric": metric,
         "split": cfg.soup.split,
