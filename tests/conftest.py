@@ -26,7 +26,8 @@ def pytest_sessionfinish(session, exitstatus):
     """A watchdog for the interpreter's shutdown after the last test.
 
     A test session has been seen to pass and then never exit: the main thread waited at
-    shutdown for a non-daemon thread that some test left running (not identified yet).
+    shutdown (multiprocessing's exit finalizer joining a Queue's feeder thread, whose
+    data a gone reader never took; which test leaves that queue is not found yet).
     If the process is still alive EXIT_GRACE_S after the session ends, every thread's
     stack goes to stderr (to name that thread) and the process exits with the session's
     own status, so a passing suite stays passing and a failing one failing."""
