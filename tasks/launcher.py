@@ -135,6 +135,14 @@ class _Channel:
 
     def __init__(self, ctx, want_steps: bool):
         self.events, self.replies, self.want_steps = ctx.Queue(), ctx.Queue(), want_steps
+        # A put starts a feeder thread, and multiprocessing joins feeder threads when the
+        # process exits. A rank stopped in the middle of a put leaves the queue's shared
+        # write lock taken, so a feeder of the launching process would wait on it for ever
+        # and hold the process at exit, long after the launch ended. What the launcher puts
+        # ("done", the step replies) matters only while the launch runs: its feeders are
+        # not joined. Ranks unpickle their own copies, which keep the default.
+        self.events.cancel_join_thread()
+        self.replies.cancel_join_thread()
 
     def hooks(self):
         def log(msg: str) -> None:

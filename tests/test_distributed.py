@@ -12,6 +12,10 @@ import copy
 import io
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +32,7 @@ from tasks import distributed, launcher, training
 from tasks.engine import CHECKPOINT, LossNormalizer
 from tests.conftest import tiny_model_config, world_data
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
@@ -181,6 +186,24 @@ def test_a_rank_killed_by_a_signal_is_named_not_its_peer():
     with pytest.raises(distributed.WorkerError, match=r"rank 1 failed: process died without an error") as err:
         launcher.launch(killed_on_rank, (1,), processes=2, device="cpu")
     assert err.value.rank == 1 and "SIGKILL" in err.value.detail
+
+
+def test_a_queue_lock_left_taken_by_a_stopped_rank_does_not_hold_the_launcher_at_exit():
+    """A rank stopped in the middle of a put leaves its queue's shared write lock taken;
+    the launcher's next put then waits on it in a feeder thread. The launcher's process
+    must still exit (multiprocessing joins feeder threads at shutdown unless told not to)."""
+    code = textwrap.dedent(
+        """
+        import multiprocessing
+        from tasks import launcher
+        channel = launcher._Channel(multiprocessing.get_context(launcher.START_METHOD), want_steps=True)
+        channel.replies._wlock.acquire()  # what a rank stopped mid-put leaves behind
+        channel.replies.put("go")
+        print("exiting", flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr
 
 
 # --------------------------------------------------------------------------- state across ranks
