@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,20 @@ def measure_reference() -> float:
     script = Path(__file__).with_name("train_step_time.py")
     out = subprocess.run([sys.executable, str(script), "--reference"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["runs"][0]["s_per_step"]
+
+
+def stop_demos(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """SIGTERM to each demo still running, SIGKILL to any left after `grace_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> int:
@@ -60,31 +75,37 @@ def main() -> int:
             print(json.dumps({"seed": seed, "finished_earlier": str(done)}), file=sys.stderr, flush=True)
         else:
             pending.append(seed)
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            seed = pending.pop(0)
-            out = Path(args.out) / f"seed-{seed}"
-            cmd = [sys.executable, "-m", "flows.cli", "demo", "--seed", str(seed), "--out", str(out)]
-            if args.family:
-                cmd += ["--family", args.family]
-            for o in args.overrides:
-                cmd += ["--set", o]
-            out.mkdir(parents=True, exist_ok=True)
-            log = open(out / "demo.log", "w")
-            # Runs side by side each get their own Prefect home (and temporary server).
-            run_env = {**env, "PREFECT_HOME": str((out / "prefect-home").resolve())} if args.jobs > 1 else env
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env)
-            running[seed] = (proc, time.perf_counter())
-        time.sleep(1)
-        for seed, (proc, t0) in list(running.items()):
-            if proc.poll() is not None:
-                if proc.returncode:
-                    log = Path(args.out) / f"seed-{seed}" / "demo.log"
-                    raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {log}")
-                walls[seed] = time.perf_counter() - t0
-                wall = Path(args.out) / f"seed-{seed}" / "wall.json"
-                wall.write_text(json.dumps({"wall_s": round(walls[seed], 1), "jobs": args.jobs}) + "\n")
-                del running[seed]
+    # A stopped benchmark stops its demos: each is a `noisy-student` supervisor, which ends
+    # its run within seconds of a SIGTERM (flows/supervise.py) and keeps finished stages.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                seed = pending.pop(0)
+                out = Path(args.out) / f"seed-{seed}"
+                cmd = [sys.executable, "-m", "flows.cli", "demo", "--seed", str(seed), "--out", str(out)]
+                if args.family:
+                    cmd += ["--family", args.family]
+                for o in args.overrides:
+                    cmd += ["--set", o]
+                out.mkdir(parents=True, exist_ok=True)
+                log = open(out / "demo.log", "w")
+                # Runs side by side each get their own Prefect home (and temporary server).
+                run_env = {**env, "PREFECT_HOME": str((out / "prefect-home").resolve())} if args.jobs > 1 else env
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env)
+                running[seed] = (proc, time.perf_counter())
+            time.sleep(1)
+            for seed, (proc, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    if proc.returncode:
+                        log = Path(args.out) / f"seed-{seed}" / "demo.log"
+                        raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {log}")
+                    walls[seed] = time.perf_counter() - t0
+                    wall = Path(args.out) / f"seed-{seed}" / "wall.json"
+                    wall.write_text(json.dumps({"wall_s": round(walls[seed], 1), "jobs": args.jobs}) + "\n")
+                    del running[seed]
+    finally:
+        stop_demos([proc for proc, _ in running.values()])
     if not args.no_reference:
         reference.append(measure_reference())
     ref = statistics.fmean(reference) if reference else None
