@@ -39,8 +39,8 @@ def batch(family: str, n: int) -> dict:
     return {"images": images, "targets": [box] * n}
 
 
-def step_time(name: str, neck: str, channels: int, repeats: int, n: int, steps: int = 4) -> float:
-    """Mean seconds of one bare training step (after two warm-up steps)."""
+def build(name: str, neck: str, channels: int, repeats: int):
+    """(family, model) of a demo-sized B0 model with this neck, seeded."""
     torch.manual_seed(0)
     family = FAMILIES[name]
     cfg = ModelConfig(
@@ -51,17 +51,29 @@ def step_time(name: str, neck: str, channels: int, repeats: int, n: int, steps: 
         head_norm="group",
         num_classes=4 if name == "segmentation" else 3,
     )
-    model = family.build_model(cfg)
+    return family, family.build_model(cfg)
+
+
+def timed_steps(family, model, b: dict, steps: int, on_start=None) -> float:
+    """Mean seconds of `steps` AdamW training steps on batch `b`, after two warm-up steps;
+    `on_start()` runs when the timing starts."""
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    b = batch(name, n)
     for i in range(2 + steps):
         if i == 2:
+            if on_start is not None:
+                on_start()
             t0 = time.perf_counter()
         loss = sum(v.mean() for v in family.losses(model, b).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
     return (time.perf_counter() - t0) / steps
+
+
+def step_time(name: str, neck: str, channels: int, repeats: int, n: int, steps: int = 4) -> float:
+    """Mean seconds of one bare training step (after two warm-up steps)."""
+    family, model = build(name, neck, channels, repeats)
+    return timed_steps(family, model, batch(name, n), steps)
 
 
 def reference_step(steps: int = 4) -> float:

@@ -209,7 +209,7 @@ def audit_teacher(
 
     `drawn_threshold`: the threshold whose kept labels the grid draws (the rule's; None:
     the F1 threshold, as `score_threshold: auto` will use)."""
-    device_settings(cfg.device, cfg.cudnn_benchmark)
+    device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     family, model = load_model(checkpoint, cfg.device)
     samples = held_out_samples(family, cfg)
     thresholds = list(cfg.audit.thresholds)

@@ -97,7 +97,7 @@ def _label_rate(cfg: RunConfig) -> float:
 
 def probe(cfg: RunConfig, gpus: int) -> dict:
     """Measured seconds per step (one rank's share of each batch) and labeling images/s."""
-    device_settings(cfg.device, cfg.cudnn_benchmark)
+    device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     t0 = time.perf_counter()
     teacher = _step_seconds(cfg, cfg.teacher, cfg.model, max(1, cfg.teacher.batch_size // gpus), PROBE_S / 3)
     s = cfg.student

@@ -99,7 +99,7 @@ def make_soups(
 
     `ingredients`: [{"name", "overrides", "checkpoint", "val": the ingredient's val
     metrics}] (models of one family and architecture)."""
-    device_settings(cfg.device, cfg.cudnn_benchmark)
+    device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     family, model = load_model(ingredients[0]["checkpoint"], cfg.device)
     metric = family.metric
     saved = [storage.torch_load(i["checkpoint"], map_location="cpu", weights_only=True) for i in ingredients]

@@ -127,7 +127,7 @@ def train_teacher(
 def _teacher_rank(
     cfg: RunConfig, stage_dir: str, key: str, resume_key: str | None, *, device: torch.device, log, on_step
 ) -> dict:
-    device_settings(device, cfg.cudnn_benchmark)
+    device_settings(device, cfg.cudnn_benchmark, cfg.host_allocator)
     family = get_family(cfg.family)
     _check_classes(family, cfg, cfg.model)
     tcfg = cfg.teacher
@@ -191,7 +191,7 @@ def _student_rank(
     log,
     on_step,
 ) -> dict:
-    device_settings(device, cfg.cudnn_benchmark)
+    device_settings(device, cfg.cudnn_benchmark, cfg.host_allocator)
     family = get_family(cfg.family)
     scfg = cfg.student
     tcfg = scfg.train
@@ -264,6 +264,6 @@ def _student_rank(
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, float]:
-    device_settings(cfg.device, cfg.cudnn_benchmark)
+    device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     family, model = load_model(checkpoint, cfg.device)
     return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers)

@@ -147,7 +147,7 @@ def label_shards(
     done, _ = labeling.finished_shards(out_dir, indices, keys)
     if done:
         _logger().info("%d shard(s) of this task were finished by an earlier attempt; skipped", len(done))
-    device_settings(cfg.device, cfg.cudnn_benchmark)
+    device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     return [
         done[index] if index in done else _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
         for shard, index, key in zip(shards, indices, keys, strict=True)

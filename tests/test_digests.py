@@ -78,7 +78,7 @@ def test_run_settings_are_declared_on_the_fields():
     assert PseudoLabelConfig(amp="bf16").digest_view()["amp"] == "bf16"
     view = RunConfig(data=DataConfig(**DATA)).digest_view()
     assert "eval_batch_size" not in view and "processes" not in view["student"]["train"]
-    assert {"cudnn_benchmark", "rounds", "min_gain", "max_rounds"}.isdisjoint(view)
+    assert {"cudnn_benchmark", "host_allocator", "rounds", "min_gain", "max_rounds"}.isdisjoint(view)
     assert view["teacher"]["lr"] == TrainConfig().lr
 
 
