@@ -4,8 +4,9 @@ Runs the demo for several generator seeds (each in its own process; `--jobs N` r
 N at a time, `--threads T` gives each T torch threads) and prints one JSON object: per
 seed the teacher and student metric, the gain, the images kept, the wall time and that
 time in reference steps, then the mean gain. The reference step (one bare B0 + FPN
-detector step, batch 16 at 128 px; benchmarks/train_step_time.py) is measured just
-before the first seed and just after the last: the demo's budget is 900 of them.
+detector step, batch 16 at 128 px; benchmarks/train_step_time.py, the median of three
+measurements) is measured just before the first seed and just after the last: the
+demo's budget is 900 of them.
 
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 [--family segmentation] \
         [--jobs 1] [--threads T] [--out runs/bench] [--set key=value ...]
@@ -28,11 +29,16 @@ import time
 from pathlib import Path
 
 
-def measure_reference() -> float:
-    """Seconds of one bare reference step (benchmarks/train_step_time.py), in a fresh process."""
+def measure_reference(repeats: int = 3) -> float:
+    """Seconds of one bare reference step (benchmarks/train_step_time.py): the median of
+    `repeats` measurements of 4 steps, each in a fresh process. One measurement alone
+    ranged 0.35-0.47 s over half an hour of one machine (2026-12-04)."""
     script = Path(__file__).with_name("train_step_time.py")
-    out = subprocess.run([sys.executable, str(script), "--reference"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["runs"][0]["s_per_step"]
+    times = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, str(script), "--reference"], capture_output=True, text=True, check=True)
+        times.append(json.loads(out.stdout)["runs"][0]["s_per_step"])
+    return statistics.median(times)
 
 
 def stop_demos(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
