@@ -236,7 +236,8 @@ def tune_host_allocator() -> bool:
 
 def device_settings(device: str | torch.device, cudnn_benchmark: bool, host_allocator: str = "default") -> None:
     """Process-wide settings of a device: on CUDA, cuDNN's kernel search for fixed sizes;
-    host_allocator="tuned" keeps freed host memory in the process (`tune_host_allocator`)."""
+    host_allocator="tuned" keeps freed host memory in the process (`tune_host_allocator`;
+    a process once tuned stays tuned)."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
     if host_allocator == "tuned":
