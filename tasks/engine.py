@@ -234,7 +234,7 @@ def tune_host_allocator() -> bool:
     return _tuned_allocator
 
 
-def device_settings(device: str | torch.device, cudnn_benchmark: bool, host_allocator: str = "default") -> None:
+def device_settings(device: str | torch.device, cudnn_benchmark: bool, host_allocator: str) -> None:
     """Process-wide settings of a device: on CUDA, cuDNN's kernel search for fixed sizes;
     host_allocator="tuned" keeps freed host memory in the process (`tune_host_allocator`;
     a process once tuned stays tuned)."""
