@@ -9,10 +9,12 @@ With several training processes (ranks), each draws its own part of the global b
 - human samples: every rank walks the same seeded global order and takes its block of
   each step's global batch (rank r: positions [r*b, (r+1)*b) of the step's B = N*b), so
   the N per-rank batches of a step together are exactly the one-process batch;
-- pseudo samples: the shards are split over (rank, loader worker) pairs, so no image
-  shard is read by two processes (when there are fewer shards than pairs, the samples
-  are split instead). Each rank's stream is fixed by the seed; their union covers the
-  pool, but a step's pseudo samples differ from a one-process run's.
+- pseudo samples: the shards whose sidecar holds a label are split over (rank, loader
+  worker) pairs, so no image shard is read by two processes (when there are fewer such
+  shards than pairs, the samples are split instead); a shard the teacher left empty
+  goes to no one, so no reader is left without samples. Each rank's stream is fixed by
+  the seed; their union covers the pool, but a step's pseudo samples differ from a
+  one-process run's.
 Augmentation randomness is drawn per rank (`rank_seed`), never shared between ranks.
 """
 
@@ -22,13 +24,14 @@ import functools
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from data import storage
 from data.augment import Augment, as_augment
-from data.shards import decode_image, image_bytes, iter_with_sidecar
+from data.shards import decode_image, image_bytes, iter_shard, iter_with_sidecar
 
 # Loader workers start from a fork server, not by forking the training process: a
 # process that has initialized CUDA, or that runs Prefect's threads and event loop,
@@ -99,13 +102,23 @@ class InfiniteSampler(Sampler[int]):
                 yield index
 
 
+def _has_record(sidecar: str) -> bool:
+    """Whether a sidecar shard holds a record; reads only its first one."""
+    records = iter_shard(sidecar)
+    try:
+        return next(records, None) is not None
+    finally:
+        records.close()
+
+
 class PseudoLabeledShards(IterableDataset):
     """Endless stream of augmented pseudo-labeled samples from (image shard, sidecar) pairs.
 
     Each image shard is read in lockstep with its sidecar (`iter_with_sidecar`), so only
-    kept images appear. The (rank, loader worker) pairs split the shards; samples pass
-    through a shuffle buffer. Yields `(image uint8 [3,S,S], target)` like a labeled
-    dataset. `rank`/`world_size`: this training process among all of them.
+    kept images appear. The (rank, loader worker) pairs split the shards whose sidecar
+    holds a label (`labeled_pairs`); samples pass through a shuffle buffer. Yields
+    `(image uint8 [3,S,S], target)` like a labeled dataset. `rank`/`world_size`: this
+    training process among all of them.
     """
 
     def __init__(
@@ -130,21 +143,55 @@ class PseudoLabeledShards(IterableDataset):
         self.sidecar_ext = sidecar_ext
         self.augment, self.size = as_augment(augment_level), size
         self.seed, self.shuffle_buffer, self.loop = seed, shuffle_buffer, loop
+        self._labeled: list[tuple[str, str]] | None = None
+
+    def labeled_pairs(self) -> list[tuple[str, str]]:
+        """The pairs whose sidecar holds at least one label, in the given order.
+
+        Found once per dataset by reading the first record of each sidecar (the sidecar
+        tar itself, whatever stats lie beside it), before the dataset is copied to loader
+        workers (`__getstate__`), so every reader deals the same shards. A shard whose
+        teacher kept nothing would leave the readers dealt only such shards without a
+        sample. Raises RuntimeError naming the sidecars when none holds a label.
+        """
+        if self._labeled is None:
+            sidecars = [str(side) for _, side in self.pairs]
+            with ThreadPoolExecutor(min(16, len(sidecars))) as pool:  # remote sidecars: one round trip each
+                has = list(pool.map(_has_record, sidecars))
+            labeled = [pair for pair, h in zip(self.pairs, has) if h]
+            if not labeled:
+                shown = ", ".join(sidecars[:5]) + (f" and {len(sidecars) - 5} more" if len(sidecars) > 5 else "")
+                raise RuntimeError(
+                    f"no labeled record in any of the {len(sidecars)} pseudo-label sidecar(s) ({shown}): "
+                    "no image passed the pseudo-label rule"
+                )
+            self._labeled = labeled
+        return self._labeled
+
+    def __getstate__(self) -> dict:
+        self.labeled_pairs()
+        return self.__dict__.copy()
 
     def _records(self, rng: random.Random, reader: int, readers: int):
-        order = list(self.pairs)
+        order = list(self.labeled_pairs())
         rng.shuffle(order)
         if len(order) >= readers:
             for image_shard, sidecar in order[reader::readers]:
                 for _, record, side in iter_with_sidecar(image_shard, sidecar):
                     yield record, side
-        else:  # fewer shards than readers: split samples instead
-            i = 0
+            return
+        # fewer labeled shards than readers: split samples instead, over as many passes
+        # as it takes to give every reader one (fewer kept images than readers)
+        i = 0
+        while True:
+            start = i
             for image_shard, sidecar in order:
                 for _, record, side in iter_with_sidecar(image_shard, sidecar):
                     if i % readers == reader:
                         yield record, side
                     i += 1
+            if i >= readers or i == start:
+                return
 
     def __iter__(self):
         info = get_worker_info()
@@ -164,10 +211,10 @@ class PseudoLabeledShards(IterableDataset):
             rng.shuffle(buffer)
             for item in buffer:
                 yield self._sample(item)
-            if seen == 0:  # looping again would spin forever
+            if seen == 0:  # looping again would spin forever (a sidecar emptied since it was read)
                 raise RuntimeError(
-                    f"pseudo-label reader {reader}/{readers} found no labeled record in its "
-                    f"{len(self.pairs)} shard pair(s) ({self.pairs[0][1]} ...): no image passed the pseudo-label rule"
+                    f"pseudo-label reader {reader}/{readers} found no labeled record in the "
+                    f"{len(self.labeled_pairs())} labeled shard pair(s) ({self.labeled_pairs()[0][1]} ...)"
                 )
             epoch += 1
             if not self.loop:

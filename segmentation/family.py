@@ -139,9 +139,16 @@ class SegmentationFamily:
     # ------------------------------------------------------------------ training
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-image cross-entropy {loss_seg: [B]} over labeled pixels."""
+        """Per-image shares {loss_seg: [B] float32} of the parts' pixel cross-entropy.
+
+        The human part (the first `batch["num_human"]` images, all by default) and the
+        pseudo part are each divided by their own number of labeled pixels, so the mean
+        over either part is that part's mean cross-entropy per pixel (`Segmenter.loss`).
+        """
         logits = model(model_input(batch["images"], model))
-        return {"loss_seg": Segmenter.loss(logits, batch["masks"])}
+        b = logits.shape[0]
+        num_human = batch.get("num_human", b)
+        return {"loss_seg": Segmenter.loss(logits, batch["masks"], group_sizes=(num_human, b - num_human))}
 
     # ------------------------------------------------------------------ inference
 

@@ -3,10 +3,13 @@
 EfficientNet C3-C5 -> neck (NAS-FPN by default; any neck of `detection.necks`) ->
 P3..P7, each level resampled bilinearly to P3's size and summed -> three
 conv3x3-norm-ReLU layers -> dropout -> 1x1 classifier -> logits upsampled bilinearly to
-the input size. Cross-entropy per image over pixels that are not ignored (255).
+the input size. Cross-entropy over the pixels that are not ignored (255), divided by
+the labeled pixels of each group of images (the human part, the pseudo part).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +82,38 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
     @staticmethod
-    def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Per-image mean cross-entropy [B] over labeled pixels; 0 for an image with none."""
+    def loss(logits: torch.Tensor, masks: torch.Tensor, group_sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-image shares [B] of the group losses: cross-entropy over a group's labeled pixels.
+
+        As detection divides by a group's matched anchors, the cross-entropy is summed
+        over every labeled pixel (not 255) of a group of images and divided by the
+        group's labeled pixels (at least 1), so a crop with a few confident pixels weighs
+        by its pixels, not as much as a full label map. group_sizes: consecutive groups
+        of images, normalised separately (a student batch: (num_human, num_pseudo));
+        default one group, the whole batch. Image i of a group of n images gets
+        n * (its summed cross-entropy) / (the group's labeled pixels), so the mean over a
+        group's entries is that group's loss; a group without labeled pixels gives 0.
+        Under torch.distributed the labeled pixels are counted over every rank's share
+        of the group, and each share is scaled by the number of ranks (DDP averages
+        gradients); every rank must call it with the same number of groups.
+        """
+        b = logits.shape[0]
+        group_sizes = [b] if group_sizes is None else [int(n) for n in group_sizes]
+        if sum(group_sizes) != b or min(group_sizes, default=0) < 0:
+            raise ValueError(f"group sizes {group_sizes} do not split a batch of {b} images")
         masks = masks.to(logits.device).long()
         ce = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="none")
-        valid = (masks != IGNORE).flatten(1).sum(1)
-        return ce.flatten(1).sum(1) / valid.clamp(min=1)
+        valid = (masks != IGNORE).flatten(1).sum(1).float()
+        counts = torch.stack([part.sum() for part in valid.split(group_sizes)])
+        ranks = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = torch.distributed.get_world_size()
+            if ranks > 1:
+                torch.distributed.all_reduce(counts)
+        scale = torch.cat(
+            [
+                torch.full((n,), n * ranks, dtype=torch.float32, device=logits.device) / c.clamp(min=1)
+                for n, c in zip(group_sizes, counts)
+            ]
+        )
+        return ce.flatten(1).sum(1) * scale

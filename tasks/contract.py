@@ -20,7 +20,8 @@ Shared formats:
   split into its human and pseudo parts after one forward pass. The mean over the
   human part (the first `batch["num_human"]` samples) and the mean over the rest are
   each that part's loss; a family may normalize within each part (detection divides
-  a part's summed loss by the part's number of matched anchors).
+  a part's summed loss by the part's number of matched anchors, segmentation its summed
+  pixel cross-entropy by the part's number of labeled pixels).
 """
 
 from __future__ import annotations

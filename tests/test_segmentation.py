@@ -118,9 +118,89 @@ def test_segmenter_logits_match_the_input_and_loss_ignores_255():
     masks[0, :64] = 255
     loss = Segmenter.loss(logits, masks)
     want = F.cross_entropy(logits[:1], masks[:1].long(), ignore_index=255)
-    assert torch.allclose(loss[0], want) and loss[1] == 0
+    # the batch's mean is the mean over its labeled pixels, all of them in image 0
+    assert torch.allclose(loss.mean(), want) and loss[1] == 0
     with pytest.raises(ValueError, match="multiple of 128"):
         model(torch.zeros(1, 3, 100, 128))
+
+
+def _pixel_loss_case(seed=0):
+    """Logits [2,3,128,128] and masks: image 0 labels 10 pixels, image 1 10,000."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 128, 128, generator=g)
+    masks = torch.randint(0, 3, (2, 128, 128), dtype=torch.uint8, generator=g)
+    masks[0].view(-1)[10:] = 255
+    masks[1].view(-1)[10_000:] = 255
+    return logits, masks
+
+
+def test_segmentation_loss_of_a_group_is_its_mean_over_labeled_pixels():
+    logits, masks = _pixel_loss_case()
+    assert [(m != 255).sum().item() for m in masks] == [10, 10_000]
+    loss = Segmenter.loss(logits, masks, group_sizes=(2,))
+    want = F.cross_entropy(logits, masks.long(), ignore_index=255, reduction="sum") / 10_010
+    assert torch.allclose(loss.mean(), want, rtol=1e-5)
+    assert torch.allclose(Segmenter.loss(logits, masks).mean(), want, rtol=1e-5)  # one group by default
+    # not the mean of the two images' own means, which weighs 10 pixels like 10,000
+    per_image = [F.cross_entropy(logits[i : i + 1], masks[i : i + 1].long(), ignore_index=255) for i in range(2)]
+    assert not torch.isclose(loss.mean(), torch.stack(per_image).mean(), rtol=1e-3)
+    # groups of one image each: each image's own mean
+    alone = Segmenter.loss(logits, masks, group_sizes=(1, 1))
+    assert torch.allclose(alone, torch.stack(per_image), rtol=1e-5)
+    with pytest.raises(ValueError, match="do not split"):
+        Segmenter.loss(logits, masks, group_sizes=(1, 2))
+
+
+def test_segmentation_group_without_labeled_pixels_gives_zero_and_gradients_flow():
+    logits, masks = _pixel_loss_case(1)
+    masks[1] = 255  # the pseudo part: a crop the teacher left unlabeled
+    logits.requires_grad_(True)
+    loss = Segmenter.loss(logits, masks, group_sizes=(1, 1))
+    assert torch.isfinite(loss).all() and loss[1] == 0
+    want = F.cross_entropy(logits[:1], masks[:1].long(), ignore_index=255)
+    assert torch.allclose(loss[0], want, rtol=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0].abs().sum() > 0 and logits.grad[1].abs().sum() == 0
+    empty = Segmenter.loss(logits, torch.full_like(masks, 255))
+    assert (empty == 0).all() and not empty.isnan().any()
+
+
+def test_segmentation_family_normalizes_human_and_pseudo_parts_separately():
+    model = FAMILY.build_model(tiny_model_config(num_classes=3, neck="fpn")).eval()
+    _, masks = _pixel_loss_case(2)
+    images = torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model(images)
+        split = FAMILY.losses(model, {"images": images, "masks": masks, "num_human": 1})["loss_seg"]
+        whole = FAMILY.losses(model, {"images": images, "masks": masks})["loss_seg"]
+    assert torch.allclose(split, Segmenter.loss(logits, masks, group_sizes=(1, 1)), rtol=1e-5)
+    assert torch.allclose(whole, Segmenter.loss(logits, masks), rtol=1e-5)
+    assert not torch.allclose(split, whole, rtol=1e-3)
+
+
+def _distributed_pixel_counts(masks, *, device, log, on_step):
+    """Rank r of two holds image r of the batch; every rank's loss share (to rank 0)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 128, 128)
+    share = Segmenter.loss(logits[rank : rank + 1], masks[rank : rank + 1])
+    gathered = [None, None]
+    dist.all_gather_object(gathered, share)
+    return torch.cat(gathered)
+
+
+def test_segmentation_loss_counts_labeled_pixels_over_ranks():
+    from tasks import launcher
+
+    _, masks = _pixel_loss_case()
+    shares = launcher.launch(_distributed_pixel_counts, (masks,), processes=2, device="cpu")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 128, 128)
+    # DDP averages the ranks' gradients: the mean of the ranks' losses is the one-process loss
+    assert torch.allclose(shares, Segmenter.loss(logits, masks), rtol=1e-5)
 
 
 def test_multi_scale_probabilities_are_an_average_in_the_image_frame():
