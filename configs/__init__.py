@@ -392,10 +392,17 @@ class RunConfig(_Config):
     rounds: Annotated[int, Field(ge=1)] | Literal["auto"] = run_setting(
         1,
         description="self-training rounds (each round's stages are digested alone); auto: rounds until a "
-        "student gains less than min_gain over its teacher, at most max_rounds",
+        "student gains less than min_gain over its teacher on the held-out split, at most max_rounds",
     )
-    min_gain: float = run_setting(0.5, description="rounds: auto stops after a round whose gain is below this")
+    min_gain: float = run_setting(
+        0.5, description="rounds: auto stops after a round whose student gains less than this on the held-out split"
+    )
     max_rounds: int = run_setting(5, ge=1, description="rounds: auto runs at most this many rounds")
+    control: bool = run_setting(
+        False,
+        description="also train each round's control: the student's recipe (init, steps, schedule, augmentation, "
+        "noise, human batch) on human labels only, so that student minus control is what the pseudo-labels add",
+    )
     device: str = run_setting("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     eval_batch_size: int = run_setting(32, ge=1)
     cudnn_benchmark: bool = run_setting(
@@ -430,11 +437,17 @@ class RunConfig(_Config):
                 "pseudo.score_threshold='auto' takes the audit's F1 threshold, but audit.split is None; "
                 "set audit.split=holdout (or val)"
             )
-        if self.audit.split == "holdout" or self.soup.ingredients:
+        if self.audit.split == "holdout" or self.soup.ingredients or self.rounds == "auto":
             need = ("holdout_images", "holdout_annotations") if self.data.format == "coco" else ("voc_holdout_split",)
             missing = [k for k in need if getattr(self.data, k) is None]
             if missing:
-                who = "audit.split='holdout'" if self.audit.split == "holdout" else "soup (its greedy choice)"
+                who = (
+                    "audit.split='holdout'"
+                    if self.audit.split == "holdout"
+                    else "soup (its greedy choice)"
+                    if self.soup.ingredients
+                    else "rounds='auto' (its stopping rule)"
+                )
                 raise ValueError(f"{who} needs data.{', data.'.join(missing)} (a labeled split no stage trains on)")
         return self
 

@@ -58,21 +58,37 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}"
 
 
+def round_metrics(r: dict, metric: str) -> dict[str, str]:
+    """A round's teacher, control (when trained), student, student minus teacher and
+    student minus control: the figures every table of a run shows."""
+    t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
+    c = r["control_metrics"][metric] if "control_metrics" in r else None
+    return {
+        "teacher": _fmt(t),
+        "control": "-" if c is None else _fmt(c),
+        "student": _fmt(s),
+        "student - teacher": f"{s - t:+.2f}",
+        "student - control": "-" if c is None else f"{s - c:+.2f}",
+    }
+
+
 def metrics_table(rounds: list[dict], metric: str) -> None:
     rows = []
     for r in rounds:
-        t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
         rows.append(
             {
                 "round": r["round"],
-                f"teacher {metric}": _fmt(t),
-                f"student {metric}": _fmt(s),
-                "gain": f"{s - t:+.2f}",
+                **{
+                    f"{k} {metric}" if k in ("teacher", "control", "student") else k: v
+                    for k, v in round_metrics(r, metric).items()
+                },
                 "pseudo images kept": f"{r['pseudo']['kept']}/{r['pseudo']['images']}",
                 "pseudo labels": r["pseudo"]["labels"],
             }
         )
-    create_table_artifact(rows, key="metrics-table", description=f"Teacher vs student {metric} per round")
+    create_table_artifact(
+        rows, key="metrics-table", description=f"Teacher, same-budget control and student {metric} per round"
+    )
 
 
 def metrics_table_single(checkpoint: str, metrics: dict) -> None:
@@ -206,8 +222,9 @@ def image_markdown(image: bytes, alt: str, mime: str = "image/png") -> str:
 
 
 def rounds_plot(summary: dict, path: Path) -> Path:
-    """The metric per round (the first teacher at round 0, each round's student after it) as
-    a PNG at `path`, and the `rounds` markdown artifact that shows it with its table."""
+    """The metric per round (the first teacher at round 0, each round's student after it, and
+    each round's control where one was trained) as a PNG at `path`, and the `rounds`
+    markdown artifact that shows it with its table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +234,11 @@ def rounds_plot(summary: dict, path: Path) -> Path:
     xs = [0] + [r["round"] + 1 for r in rounds]
     ys = [rounds[0]["teacher_metrics"][metric]] + [r["student_metrics"][metric] for r in rounds]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(xs, ys, marker="o")
+    ax.plot(xs, ys, marker="o", label="student (teacher at 0)")
+    controls = [(r["round"] + 1, r["control_metrics"][metric]) for r in rounds if "control_metrics" in r]
+    if controls:  # each round's control starts from that round's teacher, as its student does
+        ax.plot(*zip(*controls), marker="s", linestyle="none", label="control (human labels only)")
+        ax.legend(fontsize=7)
     ax.set_xticks(xs, ["teacher"] + [f"round {x - 1}" for x in xs[1:]])
     ax.set_ylabel(metric)
     ax.set_title(
@@ -244,13 +265,30 @@ def report_markdown(summary: dict) -> str:
     lines = [
         f"# Noisy Student run ({summary['family']})",
         "",
-        f"| round | teacher {metric} | student {metric} | gain | pseudo kept | pseudo labels |",
-        "|---|---|---|---|---|---|",
+        f"| round | teacher {metric} | control {metric} | student {metric} | student - teacher | student - control "
+        "| pseudo kept | pseudo labels |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rounds"]:
-        t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
+        m = round_metrics(r, metric)
         p = r["pseudo"]
-        lines.append(f"| {r['round']} | {t:.2f} | {s:.2f} | {s - t:+.2f} | {p['kept']}/{p['images']} | {p['labels']} |")
+        lines.append(f"| {r['round']} | {' | '.join(m.values())} | {p['kept']}/{p['images']} | {p['labels']} |")
+    if any("control_metrics" in r for r in summary["rounds"]):
+        lines += [
+            "",
+            "The control trains the student's recipe (init, steps, schedule, augmentation, noise, human batch) "
+            "on human labels only: student - control is what the pseudo-labels add.",
+        ]
+    else:
+        lines += ["", "No control was trained (`control: false`): student - teacher also counts the student's steps."]
+    held = [r for r in summary["rounds"] if "held_out" in r]
+    if held:
+        lines += ["", "Held-out figures (what `rounds: auto` decides on):", ""]
+        lines += [
+            f"- round {r['round']}: teacher {r['held_out']['teacher']:.2f}, student {r['held_out']['student']:.2f} "
+            f"({r['held_out']['student'] - r['held_out']['teacher']:+.2f}) {metric} on {r['held_out']['split']}"
+            for r in held
+        ]
     if summary.get("stopped"):
         lines += ["", f"Rounds stopped: {summary['stopped']}."]
     lines += ["", f"Elapsed: {summary['elapsed_s']:.0f} s", ""]

@@ -2,7 +2,7 @@
 
     noisy-student demo [--family NAME] [--quick] [--seed N] [--out DIR] [--device cpu]
     noisy-student run CONFIG.yaml [--set key.path=value ...]
-    noisy-student stage {teacher,pseudo-label,student,evaluate} CONFIG.yaml [--round R] [--set ...]
+    noisy-student stage {teacher,audit,pseudo-label,student,control,soup,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student serve [--name local] [--limit N]
     noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json | --probe] [--set ...]
     noisy-student agent --rdzv-endpoint HOST:PORT --nodes N [--processes P] [--local-addr A] [--stages K]
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(run)
 
     stage = sub.add_parser("stage", help="run one stage (skipped if up to date)")
-    stage.add_argument("name", choices=["teacher", "audit", "pseudo-label", "student", "soup", "evaluate"])
+    stage.add_argument("name", choices=["teacher", "audit", "pseudo-label", "student", "control", "soup", "evaluate"])
     stage.add_argument("config", help="YAML file or preset name")
     stage.add_argument("--round", type=int, default=0, dest="round_index")
     stage.add_argument("--checkpoint", default=None, help="evaluate: model file (default: the round's student)")
@@ -265,7 +265,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from tasks.inputs import check_inputs  # every missing input named at once, before any stage
 
     check_inputs(
-        cfg, ("teacher", "audit", "pseudo-label", "student", "soup") if args.command == "run" else (args.name,)
+        cfg,
+        ("teacher", "audit", "pseudo-label", "student", "control", "soup") if args.command == "run" else (args.name,),
     )
     if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
         from flows import stages
@@ -314,6 +315,8 @@ def _run_stages(args: argparse.Namespace, cfg) -> int:
             out = {k: v for k, v in out.items() if k in ("stats", "digest")}
         case "student":
             out = stages.student_flow(cfg, args.round_index)
+        case "control":
+            out = stages.control_flow(cfg, args.round_index)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -83,16 +83,21 @@ def _pct(v: float | None) -> str:
 
 
 def format_summary(summary: dict, title: str) -> str:
+    from flows.artifacts import round_metrics
     from tasks.families import get_family
 
     metric, unit = summary["metric"], get_family(summary["family"]).label_unit
-    lines = [title, f"{'round':>5}  {'teacher ' + metric:>11}  {'student ' + metric:>11}  {'gain':>6}  pseudo-labels"]
+    lines = [
+        title,
+        f"{'round':>5}  {'teacher':>8}  {'control':>8}  {'student':>8}  {'s - t':>6}  {'s - c':>6}  pseudo-labels"
+        f"   ({metric}; control: the student's recipe on human labels only)",
+    ]
     for r in summary["rounds"]:
-        t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
+        m = round_metrics(r, metric)
         p = r["pseudo"]
         lines.append(
-            f"{r['round']:>5}  {t:>11.2f}  {s:>11.2f}  {s - t:>+6.2f}  "
-            f"{p['kept']}/{p['images']} images kept, {p['labels']} {unit}"
+            f"{r['round']:>5}  {m['teacher']:>8}  {m['control']:>8}  {m['student']:>8}  {m['student - teacher']:>6}  "
+            f"{m['student - control']:>6}  {p['kept']}/{p['images']} images kept, {p['labels']} {unit}"
         )
         if a := r.get("audit"):
             d = a["at_drawn"]

@@ -31,6 +31,7 @@ FLOWS = (
     stages.audit_flow,
     stages.pseudo_label_flow,
     stages.student_flow,
+    stages.control_flow,
     stages.soup_flow,
     stages.evaluate_flow,
 )

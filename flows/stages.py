@@ -98,6 +98,23 @@ def student_inputs(cfg: RunConfig, teacher: dict, pseudo: dict) -> dict:
     }
 
 
+# The student's settings that concern only its pseudo part, which the control does not have.
+PSEUDO_PART = ("model", "pseudo_ratio", "alpha", "normalize_loss", "loss_ema_decay")
+
+
+def control_inputs(cfg: RunConfig, teacher: dict) -> dict:
+    """The student's inputs without the pseudo-labels: the control does not wait for
+    labeling, and a new threshold or teacher rule leaves a finished control valid."""
+    return {
+        "stage": "control",
+        "family": cfg.family,
+        "data": cfg.data.digest_view(),
+        "model": cfg.student_model.digest_view(),
+        "student": {k: v for k, v in cfg.student.digest_view().items() if k not in PSEUDO_PART},
+        "teacher": teacher["digest"] if cfg.student.init == "teacher" else None,
+    }
+
+
 def teacher_outputs(cfg: RunConfig, round_index: int) -> dict:
     """The finished teacher of a round: round 0's teacher, else the previous student."""
     run = RunDir(cfg.out_dir)
@@ -352,6 +369,27 @@ def student_flow(cfg: RunConfig, round_index: int = 0, variant: str = "") -> dic
     return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
 
 
+@flow(name="control", flow_run_name="control-round-{round_index}")
+@holds_run_dir
+def control_flow(cfg: RunConfig, round_index: int = 0) -> dict:
+    """Train the round's same-budget control: the student's recipe (model, init, steps,
+    schedule, augmentation, noise, human batch) on human labels only, evaluated on the
+    same split. Student minus control is what the pseudo-labels add; student minus
+    teacher also counts the extra training steps."""
+    logger = get_run_logger()
+    stage = RunDir(cfg.out_dir).stage(round_index, "control")
+    teacher = teacher_outputs(cfg, round_index)
+    inputs = control_inputs(cfg, teacher)
+    if done := finished(stage, inputs):
+        logger.info("control of round %d is up to date; skipped", round_index)
+        return done["outputs"]
+    invalidate(stage)
+    units.train_control(cfg, str(stage), json_digest(inputs), teacher["checkpoint"], resume_key(inputs))
+    metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
+    atomic_write_json(stage / "metrics.json", metrics)
+    return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
+
+
 def soup_ingredients(cfg: RunConfig) -> list[tuple[str, tuple[str, ...], RunConfig]]:
     """(name, overrides, config) of each soup ingredient: the round's student, then one per
     `soup.ingredients` entry; ConfigError when one would not share the students' init."""
@@ -423,10 +461,12 @@ def evaluate_flow(cfg: RunConfig, checkpoint: str) -> dict:
 @flow(name="noisy-student", flow_run_name="noisy-student")
 @holds_run_dir
 def noisy_student_flow(cfg: RunConfig) -> dict:
-    """Teacher -> (pseudo-label -> student) x rounds; the student teaches the next round.
+    """Teacher -> (pseudo-label -> student [-> control]) x rounds; the student teaches the next round.
 
+    With `control: true` each round also trains its same-budget control (`control_flow`).
     `rounds: auto` runs rounds until one's student gains less than `min_gain` over its
-    teacher (at most `max_rounds`). Writes <run>/config.yaml first and <run>/summary.json
+    teacher on the held-out split (at most `max_rounds`): val, where results are
+    reported, never decides. Writes <run>/config.yaml first and <run>/summary.json
     and report.md last; with several rounds also rounds.png, the metric per round, shown
     in the UI as the `rounds` artifact. Fails before any stage runs when inputs are
     missing, naming all of them (tasks/inputs.py).
@@ -437,14 +477,23 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     storage.makedirs(run.root)
     atomic_write_bytes(run.config, dump_config(cfg).encode())
     family = get_family(cfg.family)
+    metric = family.metric
     teacher = teacher_flow(cfg)
     rounds = []
     auto = cfg.rounds == "auto"
+    held_out_scores: dict[str, float] = {}  # checkpoint digest -> held-out metric (rounds: auto)
+
+    def held_out(model: dict) -> float:
+        if model["digest"] not in held_out_scores:
+            held_out_scores[model["digest"]] = units.evaluate(cfg, model["checkpoint"], split="holdout")[metric]
+        return held_out_scores[model["digest"]]
+
     stopped = None
     for r in range(cfg.max_rounds if auto else cfg.rounds):
         audited = audit_flow(cfg, r) if cfg.audit.split is not None else None
         pseudo = pseudo_label_flow(cfg, r)
         student = student_flow(cfg, r)
+        control = control_flow(cfg, r) if cfg.control else None
         souped = soup_flow(cfg, r) if cfg.soup.ingredients else None
         stats = pseudo["stats"]
         rounds.append(
@@ -452,6 +501,7 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
                 "round": r,
                 "teacher_metrics": teacher["metrics"],
                 "student_metrics": student["metrics"],
+                **({"control_metrics": control["metrics"]} if control is not None else {}),
                 "pseudo": {
                     "images": stats["images"],
                     "kept": stats["kept"],
@@ -463,18 +513,21 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
                 **({"soup": souped} if souped is not None else {}),
             }
         )
-        artifacts.metrics_table(rounds, family.metric)
+        if auto:
+            rounds[-1]["held_out"] = {"split": "holdout", "teacher": held_out(teacher), "student": held_out(student)}
+        artifacts.metrics_table(rounds, metric)
         teacher = student
-        gain = student["metrics"][family.metric] - rounds[-1]["teacher_metrics"][family.metric]
-        if auto and gain < cfg.min_gain:
-            stopped = f"round {r} gained {gain:+.2f} {family.metric}, less than min_gain={cfg.min_gain:g}"
-            get_run_logger().info("rounds: auto stops: %s", stopped)
-            break
+        if auto:
+            gain = rounds[-1]["held_out"]["student"] - rounds[-1]["held_out"]["teacher"]
+            if gain < cfg.min_gain:
+                stopped = f"round {r} gained {gain:+.2f} {metric} on holdout, less than min_gain={cfg.min_gain:g}"
+                get_run_logger().info("rounds: auto stops: %s", stopped)
+                break
     if auto and stopped is None:
         stopped = f"max_rounds={cfg.max_rounds} reached"
     summary = {
         "family": family.name,
-        "metric": family.metric,
+        "metric": metric,
         "rounds": rounds,
         "stopped": stopped,
         "elapsed_s": round(time.perf_counter() - t0, 1),

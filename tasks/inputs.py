@@ -19,7 +19,7 @@ from data.shards import expand_urls
 from data.voc import split_paths
 from tasks.rundir import file_digest, json_digest
 
-STAGES = ("teacher", "audit", "pseudo-label", "student", "soup", "evaluate")
+STAGES = ("teacher", "audit", "pseudo-label", "student", "control", "soup", "evaluate")
 SHARDS_NAMED = 5  # missing shards named one by one; the rest are counted
 
 
@@ -71,8 +71,8 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
         if not (p.is_file() if kind == "file" else p.is_dir()):
             missing.append((key, str(path), f"not a {kind}" if p.exists() else f"no such {kind}"))
 
-    trains = bool(stages & {"teacher", "student"})
-    evaluates = bool(stages & {"teacher", "student", "evaluate"})  # the training stages evaluate too
+    trains = bool(stages & {"teacher", "student", "control"})
+    evaluates = bool(stages & {"teacher", "student", "control", "evaluate"})  # the training stages evaluate too
     data = cfg.data
     if evaluates and data.format == "coco":
         if trains:
@@ -91,7 +91,11 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
                 need(f"data.{split_key}", paths["list"], "file")
                 need("data.voc_root", paths["images"], "folder")
                 need(f"data.{masks_key}" if masks_key else "data.voc_root", paths["masks"], "folder")
-    if ("audit" in stages and cfg.audit.split == "holdout") or ("soup" in stages and cfg.soup.ingredients):
+    if (
+        ("audit" in stages and cfg.audit.split == "holdout")
+        or ("soup" in stages and cfg.soup.ingredients)
+        or ("student" in stages and cfg.rounds == "auto")
+    ):
         if data.format == "coco":
             need("data.holdout_images", data.holdout_images, "folder")
             need("data.holdout_annotations", data.holdout_annotations, "file")
@@ -101,7 +105,7 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
             need("data.voc_root", paths["masks"], "folder")
     if "teacher" in stages:
         need("model.backbone_checkpoint", cfg.model.backbone_checkpoint, "file")
-    if "student" in stages:
+    if stages & {"student", "control"}:
         key = "student.model" if cfg.student.model else "model"
         need(f"{key}.backbone_checkpoint", cfg.student_model.backbone_checkpoint, "file")
         if cfg.student.init == "checkpoint":

@@ -179,11 +179,27 @@ def train_student(
     return _launch(_student_rank, args, tcfg, "student.train.lr", cfg, log, on_step)
 
 
+def train_control(
+    cfg: RunConfig,
+    stage_dir: str | Path,
+    key: str,
+    teacher_checkpoint: str | Path,
+    log: Callable[[str], None] = print,
+    on_step=None,
+    resume_key: str | None = None,
+) -> dict:
+    """The student's recipe on human labels only (the same model, init, steps, schedule,
+    augmentation, noise and human batch; no pseudo image reaches the model): the
+    same-budget control that tells what the pseudo-labels add. Writes model.pt."""
+    args = (cfg, str(stage_dir), key, None, str(teacher_checkpoint), resume_key)
+    return _launch(_student_rank, args, cfg.student.train, "student.train.lr", cfg, log, on_step)
+
+
 def _student_rank(
     cfg: RunConfig,
     stage_dir: str,
     key: str,
-    pseudo_pairs: list[tuple[str, str]],
+    pseudo_pairs: list[tuple[str, str]] | None,
     teacher_checkpoint: str,
     resume_key: str | None,
     *,
@@ -191,15 +207,17 @@ def _student_rank(
     log,
     on_step,
 ) -> dict:
+    """A student's rank; `pseudo_pairs` None: the control's (human batches only, loss L_h)."""
     device_settings(device, cfg.cudnn_benchmark, cfg.host_allocator)
     family = get_family(cfg.family)
     scfg = cfg.student
     tcfg = scfg.train
     model_cfg = cfg.student_model
+    control = pseudo_pairs is None
     _check_classes(family, cfg, model_cfg)
     rank, ranks = distributed.rank(), distributed.world_size()
     n_human = distributed.per_rank(tcfg.batch_size, ranks)
-    n_pseudo = distributed.per_rank(scfg.pseudo_per_batch, ranks, PSEUDO_PER_BATCH)
+    n_pseudo = 0 if control else distributed.per_rank(scfg.pseudo_per_batch, ranks, PSEUDO_PER_BATCH)
     torch.manual_seed(tcfg.seed)
     model = family.build_model(model_cfg)
     if scfg.init != "scratch":
@@ -211,18 +229,28 @@ def _student_rank(
                 f"student.init={scfg.init!r}: {path} does not fit the student model "
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
-        log(f"student initialized from {path}")
+        log(f"{'control' if control else 'student'} initialized from {path}")
     _seed_rank_noise(tcfg)
     human = family.labeled_dataset(cfg.data, "train", augmentation(tcfg))
-    log(
-        f"student: {len(human)} labeled images, pseudo labels from {len(pseudo_pairs)} shards; "
-        f"batches of {tcfg.batch_size} human + {scfg.pseudo_per_batch} pseudo, {tcfg.steps} steps"
-        + (f" on {ranks} processes of {n_human} + {n_pseudo}" if ranks > 1 else "")
-    )
+    on_ranks = f" on {ranks} processes of {n_human}" if ranks > 1 else ""
+    if control:
+        log(
+            f"control: {len(human)} labeled images, no pseudo-labels; batches of {tcfg.batch_size} human, "
+            f"{tcfg.steps} steps{on_ranks}"
+        )
+    else:
+        log(
+            f"student: {len(human)} labeled images, pseudo labels from {len(pseudo_pairs)} shards; "
+            f"batches of {tcfg.batch_size} human + {scfg.pseudo_per_batch} pseudo, {tcfg.steps} steps"
+            + (f"{on_ranks} + {n_pseudo}" if ranks > 1 else "")
+        )
     normalizer = LossNormalizer(scfg.alpha, scfg.loss_ema_decay, scfg.normalize_loss)
 
     def make_batches(start: int):
         seed = _seed(tcfg, start)
+        human_batches = endless_loader(human, n_human, cfg.data.num_workers, seed, rank, ranks)
+        if control:
+            return mixed_batches(human_batches, None, family.collate)
         pseudo = PseudoLabeledShards(
             pseudo_pairs,
             family.decode,
@@ -234,7 +262,7 @@ def _student_rank(
             world_size=ranks,
         )
         return mixed_batches(
-            endless_loader(human, n_human, cfg.data.num_workers, seed, rank, ranks),
+            human_batches,
             endless_loader(pseudo, n_pseudo, cfg.data.num_workers, seed + 1, rank, ranks),
             family.collate,
         )
@@ -242,7 +270,10 @@ def _student_rank(
     def step_loss(model: nn.Module, batch: dict):
         per_sample = _sum_losses(family.losses(model, batch))
         n = batch["num_human"]
-        loss_h, loss_p = per_sample[:n].mean(), per_sample[n:].mean()
+        loss_h = per_sample[:n].mean()
+        if control:
+            return loss_h, {"loss": loss_h.detach(), "loss_h": loss_h.detach()}
+        loss_p = per_sample[n:].mean()
         loss = normalizer(loss_h, loss_p)
         return loss, {"loss": loss.detach(), "loss_h": loss_h.detach(), "loss_p": loss_p.detach()}
 
@@ -254,7 +285,7 @@ def _student_rank(
         tcfg,
         device,
         key,
-        extra_state={"normalizer": normalizer},
+        extra_state=None if control else {"normalizer": normalizer},
         log=log,
         on_step=on_step,
         resume_key=resume_key,
@@ -263,7 +294,7 @@ def _student_rank(
     return result
 
 
-def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, float]:
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict[str, float]:
     device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     family, model = load_model(checkpoint, cfg.device)
-    return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers)
+    return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers, split=split)

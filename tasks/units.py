@@ -60,10 +60,17 @@ def train_student(
     )
 
 
+@task(name="train-control", **_TASK)
+def train_control(cfg: RunConfig, stage_dir: str, key: str, teacher_checkpoint: str, resume_key: str | None = None):
+    return training.train_control(
+        cfg, stage_dir, key, teacher_checkpoint, log=_train_log(stage_dir), resume_key=resume_key
+    )
+
+
 @task(name="evaluate", **_TASK)
-def evaluate(cfg: RunConfig, checkpoint: str) -> dict[str, float]:
-    metrics = training.evaluate_checkpoint(cfg, checkpoint)
-    _logger().info("metrics of %s: %s", checkpoint, {k: round(v, 2) for k, v in metrics.items()})
+def evaluate(cfg: RunConfig, checkpoint: str, split: str = "val") -> dict[str, float]:
+    metrics = training.evaluate_checkpoint(cfg, checkpoint, split)
+    _logger().info("%s metrics of %s: %s", split, checkpoint, {k: round(v, 2) for k, v in metrics.items()})
     return metrics
 
 

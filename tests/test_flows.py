@@ -8,7 +8,7 @@ import pytest
 
 from flows.cli import main
 
-STAGES = ["round-0/teacher", "round-0/audit", "round-0/pseudo", "round-0/student"]
+STAGES = ["round-0/teacher", "round-0/audit", "round-0/pseudo", "round-0/student", "round-0/control"]
 
 
 def manifest_stamps(run: Path) -> dict[str, int]:
@@ -34,12 +34,12 @@ def test_every_stage_produced_its_outputs(quick_run):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["family"] == "detection" and summary["metric"] == "AP"
     (r0,) = summary["rounds"]
-    for key in ("teacher_metrics", "student_metrics"):
+    for key in ("teacher_metrics", "student_metrics", "control_metrics"):
         assert set(r0[key]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert all(math.isfinite(v) and 0 <= v <= 100 for v in r0[key].values())
     assert r0["pseudo"]["images"] == 48 and 0 <= r0["pseudo"]["kept"] <= 48
     assert 0 < summary["elapsed_s"] < 600  # the quick demo stays quick (about a minute when the machine is idle)
-    for stage in ("round-0/teacher", "round-0/student"):
+    for stage in ("round-0/teacher", "round-0/student", "round-0/control"):
         for f in ("model.pt", "metrics.json", "train.log", "manifest.json"):
             assert (run / stage / f).stat().st_size > 0, f"{stage}/{f}"
     pseudo = run / "round-0/pseudo"
@@ -75,8 +75,27 @@ def test_changed_stage_invalidates_only_the_stages_after_it(quick_run):
     assert after["round-0/teacher"] == before["round-0/teacher"]
     assert after["round-0/pseudo"] != before["round-0/pseudo"]
     assert after["round-0/student"] != before["round-0/student"]
+    assert after["round-0/control"] == before["round-0/control"]  # it reads no pseudo-label
     manifest = json.loads((run / "round-0/pseudo/manifest.json").read_text())
     assert manifest["inputs"]["rule"]["score_threshold"] == 0.02
+
+
+def test_student_recipe_change_reruns_the_control_and_the_student_only(quick_run):
+    run = quick_run / "run"
+    overrides = ["--set", "pseudo.score_threshold=0.02", "--set", "student.train.lr=0.002"]
+    before = manifest_stamps(run)
+    assert main(["demo", "--quick", "--out", str(quick_run), *overrides]) == 0
+    after = manifest_stamps(run)
+    assert {s for s in STAGES if after[s] != before[s]} == {"round-0/student", "round-0/control"}
+    control = json.loads((run / "round-0/control/manifest.json").read_text())
+    assert control["inputs"]["student"]["train"]["lr"] == 0.002
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"][0]["control_metrics"] == json.loads((run / "round-0/control/metrics.json").read_text())
+    # a crash that lost the control's manifest retrains the control alone
+    (run / "round-0/control/manifest.json").unlink()
+    assert main(["demo", "--quick", "--out", str(quick_run), *overrides]) == 0
+    again = manifest_stamps(run)
+    assert {s for s in STAGES if again[s] != after[s]} == {"round-0/control"}
 
 
 def test_crash_redoes_only_what_is_missing(quick_run):
