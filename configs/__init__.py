@@ -125,6 +125,13 @@ class DataConfig(_Config):
     image_size: int = Field(640, ge=128, description="square training/eval size; multiple of 128")
     num_workers: int = run_setting(1, ge=0, description="DataLoader workers per loader")
 
+    @property
+    def has_holdout(self) -> bool:
+        """Whether a held-out labeled split is configured (the audit's, soup's and `rounds: auto`'s)."""
+        if self.format == "coco":
+            return self.holdout_images is not None and self.holdout_annotations is not None
+        return self.voc_holdout_split is not None
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.image_size % 128:
@@ -437,7 +444,9 @@ class RunConfig(_Config):
                 "pseudo.score_threshold='auto' takes the audit's F1 threshold, but audit.split is None; "
                 "set audit.split=holdout (or val)"
             )
-        if self.audit.split == "holdout" or self.soup.ingredients or self.rounds == "auto":
+        if (self.audit.split == "holdout" or self.soup.ingredients or self.rounds == "auto") and not (
+            self.data.has_holdout
+        ):
             need = ("holdout_images", "holdout_annotations") if self.data.format == "coco" else ("voc_holdout_split",)
             missing = [k for k in need if getattr(self.data, k) is None]
             if missing:

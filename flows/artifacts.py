@@ -283,12 +283,14 @@ def report_markdown(summary: dict) -> str:
         lines += ["", "No control was trained (`control: false`): student - teacher also counts the student's steps."]
     held = [r for r in summary["rounds"] if "held_out" in r]
     if held:
-        lines += ["", "Held-out figures (what `rounds: auto` decides on):", ""]
-        lines += [
-            f"- round {r['round']}: teacher {r['held_out']['teacher']:.2f}, student {r['held_out']['student']:.2f} "
-            f"({r['held_out']['student'] - r['held_out']['teacher']:+.2f}) {metric} on {r['held_out']['split']}"
-            for r in held
-        ]
+        lines += ["", "Held-out figures (what settings and `rounds: auto` are decided on; val is reported):", ""]
+        for r in held:
+            h = r["held_out"]
+            control = f", control {h['control']:.2f}" if "control" in h else ""
+            lines.append(
+                f"- round {r['round']}: teacher {h['teacher']:.2f}{control}, student {h['student']:.2f} "
+                f"({h['student'] - h['teacher']:+.2f} over the teacher) {metric} on {h['split']}"
+            )
     if summary.get("stopped"):
         lines += ["", f"Rounds stopped: {summary['stopped']}."]
     lines += ["", f"Elapsed: {summary['elapsed_s']:.0f} s", ""]

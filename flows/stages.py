@@ -466,10 +466,12 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     With `control: true` each round also trains its same-budget control (`control_flow`).
     `rounds: auto` runs rounds until one's student gains less than `min_gain` over its
     teacher on the held-out split (at most `max_rounds`): val, where results are
-    reported, never decides. Writes <run>/config.yaml first and <run>/summary.json
-    and report.md last; with several rounds also rounds.png, the metric per round, shown
-    in the UI as the `rounds` artifact. Fails before any stage runs when inputs are
-    missing, naming all of them (tasks/inputs.py).
+    reported, never decides. With a held-out split each round's summary also holds the
+    teacher's, control's and student's held-out metric, for choosing settings. Writes
+    <run>/config.yaml first and <run>/summary.json and report.md last; with several
+    rounds also rounds.png, the metric per round, shown in the UI as the `rounds`
+    artifact. Fails before any stage runs when inputs are missing, naming all of them
+    (tasks/inputs.py).
     """
     check_inputs(cfg)
     t0 = time.perf_counter()
@@ -481,7 +483,7 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     teacher = teacher_flow(cfg)
     rounds = []
     auto = cfg.rounds == "auto"
-    held_out_scores: dict[str, float] = {}  # checkpoint digest -> held-out metric (rounds: auto)
+    held_out_scores: dict[str, float] = {}  # checkpoint digest -> held-out metric
 
     def held_out(model: dict) -> float:
         if model["digest"] not in held_out_scores:
@@ -513,8 +515,13 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
                 **({"soup": souped} if souped is not None else {}),
             }
         )
-        if auto:
-            rounds[-1]["held_out"] = {"split": "holdout", "teacher": held_out(teacher), "student": held_out(student)}
+        if cfg.data.has_holdout:  # the figures settings are chosen on (val is where results are reported)
+            rounds[-1]["held_out"] = {
+                "split": "holdout",
+                "teacher": held_out(teacher),
+                **({"control": held_out(control)} if control is not None else {}),
+                "student": held_out(student),
+            }
         artifacts.metrics_table(rounds, metric)
         teacher = student
         if auto:

@@ -118,7 +118,7 @@ def test_rounds_auto_decides_on_held_out_figures(prefect_harness, small_world, t
     monkeypatch.setattr(stages, "pseudo_label_flow", lambda cfg, r: {"stats": stats, "threshold": 0.5})
     monkeypatch.setattr(stages, "student_flow", lambda cfg, r: model(f"s{r}", 20.0 + 10 * r))
     monkeypatch.setattr(stages, "control_flow", lambda cfg, r: model(f"c{r}", 18.0 + 10 * r))
-    held_out = {"t": 5.0, "s0": 8.0, "s1": 8.2, "s2": 30.0}
+    held_out = {"t": 5.0, "s0": 8.0, "c0": 6.0, "s1": 8.2, "c1": 9.0, "s2": 30.0}
     splits = []
 
     def evaluate(cfg, checkpoint, split="val"):
@@ -142,13 +142,13 @@ def test_rounds_auto_decides_on_held_out_figures(prefect_harness, small_world, t
     )
     summary = stages.noisy_student_flow(cfg)
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
-    assert set(splits) == {"holdout"} and len(splits) == 3  # t, s0, s1: each model once
-    assert summary["rounds"][1]["held_out"] == {"split": "holdout", "teacher": 8.0, "student": 8.2}
+    assert set(splits) == {"holdout"} and len(splits) == 5  # t, s0, c0, s1, c1: each model once
+    assert summary["rounds"][1]["held_out"] == {"split": "holdout", "teacher": 8.0, "control": 9.0, "student": 8.2}
     assert summary["stopped"] == "round 1 gained +0.20 AP on holdout, less than min_gain=0.5"
     assert summary["rounds"][0]["control_metrics"]["AP"] == 18.0
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| 0 | 10.00 | 18.00 | 20.00 | +10.00 | +2.00 |" in report
-    assert "round 1: teacher 8.00, student 8.20 (+0.20) AP on holdout" in report
+    assert "round 1: teacher 8.00, control 9.00, student 8.20 (+0.20 over the teacher) AP on holdout" in report
 
 
 def test_rounds_auto_needs_a_held_out_split(small_world):
