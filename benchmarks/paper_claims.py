@@ -13,13 +13,21 @@ Claims (Zoph et al. 2020, *Rethinking Pre-training and Self-training*; Xie et al
      round 1.
   e  pseudo-label score threshold 0.3, 0.5 and 0.7.
 
+Every cell trains its same-budget control beside its student (`control: true`: the
+student's recipe on human labels only, from the same teacher), and every verdict is
+read from student minus control, what the pseudo-labels add; student minus teacher
+also counts the student's extra steps and is shown beside it.
+
 Every cell is a run of the product's own `noisy_student_flow` in its own run directory,
 `<out>/seed-N/<cell>/run`, on one world per seed (`<out>/seed-N/world`). Cells that share a
 stage with the seed's base cell (the teacher; the teacher and its pseudo-labels; round 0
 for the round-2 cell) start from a hard-linked copy of the base cell's finished stage
 folders, so those stages are not trained again: their manifests match and the flow skips
-them. An interrupted benchmark resumes where it stopped (stages resume from their
-checkpoints, finished stages are skipped), and a rerun costs a few seconds per cell.
+them; a cell whose control is another cell's (the same teacher and student recipe) links
+that control. An interrupted benchmark resumes where it stopped (stages resume from their
+checkpoints, finished stages are skipped), and a rerun costs a few seconds per cell. The
+reported wall time is the sum of every sitting's (`elapsed.json`), so a resume adds its
+own minutes to the first run's instead of replacing them.
 
 Each cell's figure is a mean +- standard deviation over the seeds. The verdict of each
 claim is computed from those means (see `CLAIMS`); a claim that does not hold is
@@ -74,6 +82,7 @@ class Cell:
     overrides: tuple[str, ...] = ()
     shares: tuple[str, ...] = ()
     rounds: int = 1
+    control_of: str | None = None  # a cell (run before this one) whose round-0 control is this cell's too
 
 
 def cells_for(claims: list[str], base_level: str) -> list[Cell]:
@@ -89,7 +98,8 @@ def cells_for(claims: list[str], base_level: str) -> list[Cell]:
             if level != base_level:
                 add(Cell(f"level-{level}", (f"student.train.augment_level={level}",), shared))
     if "b" in claims:
-        add(Cell("norm-off-S3", ("student.train.augment_level=S3", "student.normalize_loss=false"), shared))
+        overrides = ("student.train.augment_level=S3", "student.normalize_loss=false")
+        add(Cell("norm-off-S3", overrides, shared, control_of=level_cell("S3", base_level)))
     if "c" in claims:
         for n in (50, 100):
             add(Cell(f"labels-{n}", (f"data.labeled_limit={n}",)))
@@ -97,7 +107,7 @@ def cells_for(claims: list[str], base_level: str) -> list[Cell]:
         add(Cell("round-2", (), ("round-0/teacher", "round-0/pseudo", "round-0/student"), rounds=2))
     if "e" in claims:
         for t in (0.3, 0.7):
-            add(Cell(f"threshold-{t}", (f"pseudo.score_threshold={t}",), ("round-0/teacher",)))
+            add(Cell(f"threshold-{t}", (f"pseudo.score_threshold={t}",), ("round-0/teacher",), control_of="base"))
     return list(out.values())
 
 
@@ -127,10 +137,13 @@ def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_l
     seed_dir = root / f"seed-{seed}"
     cell_dir = seed_dir / cell.name
     run_dir = cell_dir / "run"  # demo_config's out_dir: <out>/run
-    for stage in cell.shares:
-        (run_dir / stage).parent.mkdir(parents=True, exist_ok=True)
-        link_stage(seed_dir / "base" / "run" / stage, run_dir / stage)
-    overrides = [*scale["overrides"], *cell.overrides, f"rounds={cell.rounds}"]
+    links = [(seed_dir / "base" / "run" / stage, run_dir / stage) for stage in cell.shares]
+    if cell.control_of:
+        links.append((seed_dir / cell.control_of / "run" / "round-0" / "control", run_dir / "round-0" / "control"))
+    for src, dst in links:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        link_stage(src, dst)
+    overrides = [*scale["overrides"], *cell.overrides, f"rounds={cell.rounds}", "control=true"]
     cfg, _ = demo_config(
         cell_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
     )
@@ -143,24 +156,41 @@ def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_l
         metric = get_family(family).metric
         teacher = stages.teacher_outputs(cfg, 0)["metrics"][metric]
         nan = math.nan
-        rounds = [{"teacher": teacher, "student": nan, "gain": nan, "kept": 0, "labels": 0, "no_pseudo": str(err)}]
+        rounds = [
+            {
+                "teacher": teacher,
+                "control": nan,
+                "student": nan,
+                "gain": nan,
+                "over_control": nan,
+                "kept": 0,
+                "labels": 0,
+                "no_pseudo": str(err),
+            }
+        ]
         return {
             "metric": metric,
             "rounds": rounds,
             "loss_curve": {"step": []},
             "seconds": round(time.perf_counter() - t0, 1),
         }
+    from flows.artifacts import round_figures
+
     metric = summary["metric"]
-    rounds = [
-        {
-            "teacher": r["teacher_metrics"][metric],
-            "student": r["student_metrics"][metric],
-            "gain": r["student_metrics"][metric] - r["teacher_metrics"][metric],
-            "kept": r["pseudo"]["kept"],
-            "labels": r["pseudo"]["labels"],
-        }
-        for r in summary["rounds"]
-    ]
+    rounds = []
+    for r in summary["rounds"]:
+        f = round_figures(r, metric)
+        rounds.append(
+            {
+                "teacher": f["teacher"],
+                "control": f["control"],
+                "student": f["student"],
+                "gain": f["student - teacher"],
+                "over_control": f["student - control"],
+                "kept": r["pseudo"]["kept"],
+                "labels": r["pseudo"]["labels"],
+            }
+        )
     curve = loss_curve(run_dir / f"round-{cell.rounds - 1}" / "student" / "train.log")
     return {"metric": metric, "rounds": rounds, "loss_curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -200,12 +230,15 @@ def mean_std(values: list[float]) -> dict:
 
 
 def row(label: str, results: dict[int, dict], round_index: int = 0) -> dict:
-    """Teacher, student and gain of one cell over seeds (`results`: seed -> run_cell)."""
+    """Teacher, control, student, student minus control and student minus teacher ("gain")
+    of one cell over seeds (`results`: seed -> run_cell)."""
     rs = [res["rounds"][round_index] for _, res in sorted(results.items())]
     return {
         "value": label,
         "teacher": mean_std([r["teacher"] for r in rs]),
+        "control": mean_std([r["control"] for r in rs]),
         "student": mean_std([r["student"] for r in rs]),
+        "over_control": mean_std([r["over_control"] for r in rs]),
         "gain": mean_std([r["gain"] for r in rs]),
         "kept": mean_std([r["kept"] for r in rs]),
         "no_pseudo": sum(1 for r in rs if r.get("no_pseudo")),  # seeds whose teacher kept no image
@@ -224,14 +257,16 @@ def jitter(curve: dict[str, list[float]], key: str) -> float:
 def aggregate(results: dict[str, dict[int, dict]], claims: list[str], base_level: str) -> dict:
     """Per claim: rows of mean +- std over seeds, the expectation and whether it holds.
 
-    `results[cell][seed]` is what `run_cell` returned. Pure function (tested on its own)."""
+    `results[cell][seed]` is what `run_cell` returned. Every verdict reads student minus
+    control ("over_control"), what the pseudo-labels add. Pure function (tested on its own)."""
     out: dict[str, dict] = {}
     if "a" in claims:
         rows = [row(level, results[level_cell(level, base_level)]) for level in LEVELS]
-        g = {r["value"]: r["gain"]["mean"] for r in rows}
+        g = {r["value"]: r["over_control"]["mean"] for r in rows}
         out["a"] = {
             "title": "Gain vs augmentation level",
-            "expected": "every level gains, and the strongest levels (S3, S4) gain at least as much as S1",
+            "expected": "every level's student beats its control, and at the strongest levels (S3, S4) by at least "
+            "as much as at S1",
             "rows": rows,
             "holds": all(v > 0 for v in g.values()) and max(g["S3"], g["S4"]) >= g["S1"],
         }
@@ -243,9 +278,9 @@ def aggregate(results: dict[str, dict[int, dict]], claims: list[str], base_level
             r["human_loss_jitter"] = mean_std([jitter(v["loss_curve"], "loss_h") for v in res.values()])
         out["b"] = {
             "title": "Loss normalization at S3",
-            "expected": "normalized training gains at least as much as unnormalized training",
+            "expected": "normalized training beats the control by at least as much as unnormalized training",
             "rows": rows,
-            "holds": rows[0]["gain"]["mean"] >= rows[1]["gain"]["mean"],
+            "holds": rows[0]["over_control"]["mean"] >= rows[1]["over_control"]["mean"],
             "curves": {
                 "normalized": {s: v["loss_curve"] for s, v in sorted(on.items())},
                 "not normalized": {s: v["loss_curve"] for s, v in sorted(off.items())},
@@ -255,29 +290,33 @@ def aggregate(results: dict[str, dict[int, dict]], claims: list[str], base_level
         rows = [row(str(n), results["base" if n == 200 else f"labels-{n}"]) for n in (50, 100, 200)]
         out["c"] = {
             "title": "Label fraction",
-            "expected": "self-training gains with 50, 100 and 200 labeled images",
+            "expected": "the student beats its control with 50, 100 and 200 labeled images",
             "rows": rows,
-            "holds": all(r["gain"]["mean"] > 0 for r in rows),
+            "holds": all(r["over_control"]["mean"] > 0 for r in rows),
         }
     if "d" in claims:
         r2 = results["round-2"]
         rows = [row("round 1", r2, 0), row("round 2", r2, 1)]
         out["d"] = {
             "title": "Iteration",
-            "expected": "the round-2 student matches or beats the round-1 student",
+            "expected": "the round-2 student matches or beats the round-1 student, and beats its own control",
             "rows": rows,
-            "holds": rows[1]["student"]["mean"] >= rows[0]["student"]["mean"],
+            "holds": rows[1]["student"]["mean"] >= rows[0]["student"]["mean"] and rows[1]["over_control"]["mean"] > 0,
         }
     if "e" in claims:
         cells = {0.3: "threshold-0.3", 0.5: "base", 0.7: "threshold-0.7"}
         rows = [row(str(t), results[c]) for t, c in cells.items()]
-        best = max(rows, key=lambda r: r["gain"]["mean"] if math.isfinite(r["gain"]["mean"]) else -math.inf)["value"]
+
+        def over(r: dict) -> float:
+            return r["over_control"]["mean"] if math.isfinite(r["over_control"]["mean"]) else -math.inf
+
+        best = max(rows, key=over)["value"]
         out["e"] = {
             "title": "Pseudo-label threshold",
-            "expected": "each threshold gains; the recipe's 0.5 is as good as the others",
+            "expected": "the student beats its control at each threshold; the recipe's 0.5 is as good as the others",
             "rows": rows,
             "best": best,
-            "holds": all(r["gain"]["mean"] > 0 for r in rows) and best == "0.5",
+            "holds": all(over(r) > 0 for r in rows) and best == "0.5",
         }
     return out
 
@@ -312,7 +351,7 @@ def plot_claim(key: str, claim: dict, metric: str, path: Path) -> None:
         ax = axes[2]
     else:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for part, colour in (("teacher", "tab:gray"), ("student", "tab:blue")):
+    for part, colour in (("teacher", "tab:gray"), ("control", "tab:orange"), ("student", "tab:blue")):
         ax.errorbar(
             list(x),
             [r[part]["mean"] for r in rows],
@@ -337,7 +376,8 @@ def report_markdown(result: dict) -> str:
         f"# The paper's claims on the embedded world ({result['family']}, scale {result['scale']})",
         "",
         f"Seeds {', '.join(map(str, result['seeds']))}; each cell: mean ± std over seeds of val {metric}. "
-        f"Wall time {result['elapsed_s'] / 60:.1f} min.",
+        f"Wall time {result['elapsed_s'] / 60:.1f} min over {result.get('sittings', 1)} sitting(s). The control "
+        "trains each cell's student recipe on human labels only; the verdicts read student - control.",
         "",
     ]
     for key, claim in result["claims"].items():
@@ -346,13 +386,22 @@ def report_markdown(result: dict) -> str:
             "",
             f"Expected: {claim['expected']}.",
             "",
-            f"| setting | teacher {metric} | student {metric} | gain | images kept |",
-            "|---|---|---|---|---|",
+            f"| setting | teacher {metric} | control {metric} | student {metric} | student - control "
+            "| student - teacher | images kept |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in claim["rows"]:
             none = f"no student on {r['no_pseudo']} seed(s): no image kept" if r.get("no_pseudo") else None
             student = none if none and r["student"]["n"] == 0 else _pm(r["student"])
-            cols = [r["value"], _pm(r["teacher"]), student, _pm(r["gain"]), f"{r['kept']['mean']:.0f}"]
+            cols = [
+                r["value"],
+                _pm(r["teacher"]),
+                _pm(r["control"]),
+                student,
+                _pm(r["over_control"]),
+                _pm(r["gain"]),
+                f"{r['kept']['mean']:.0f}",
+            ]
             lines.append("| " + " | ".join(str(c) for c in cols) + " |")
         if key == "b":
             lines += ["", "Mean step-to-step change of the loss over the second half of training:", ""]
@@ -418,6 +467,16 @@ def _seed_subprocesses(args, seeds: list[int]) -> None:
                 del running[seed]
 
 
+def add_sitting(root: Path, seconds: float) -> dict:
+    """Add one invocation's wall time to <root>/elapsed.json: {"elapsed_s", "sittings"} over
+    every sitting so far (an interrupted one included: `main` records it on its way out)."""
+    path = root / "elapsed.json"
+    before = json.loads(path.read_text()) if path.exists() else {"elapsed_s": 0.0, "sittings": 0}
+    now = {"elapsed_s": round(before["elapsed_s"] + seconds, 1), "sittings": before["sittings"] + 1}
+    path.write_text(json.dumps(now) + "\n")
+    return now
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -439,13 +498,20 @@ def main(argv: list[str] | None = None) -> int:
     base_level = preset.student.train.augment_level
     cells = cells_for(args.claims, base_level)
     t0 = time.perf_counter()
-    if args.jobs > 1 and len(args.seeds) > 1:
-        _seed_subprocesses(args, args.seeds)
-        per_seed = {s: json.loads((root / f"seed-{s}" / "results.json").read_text()) for s in args.seeds}
-    else:
-        per_seed = {s: run_seed(root, s, cells, scale, args.family, base_level) for s in args.seeds}
-    if args.seed_only:
+    if args.seed_only:  # one seed of a side-by-side run: the parent keeps the time
+        run_seed(root, args.seeds[0], cells, scale, args.family, base_level)
         return 0
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a stopped sitting still counts
+    try:
+        if args.jobs > 1 and len(args.seeds) > 1:
+            _seed_subprocesses(args, args.seeds)
+            per_seed = {s: json.loads((root / f"seed-{s}" / "results.json").read_text()) for s in args.seeds}
+        else:
+            per_seed = {s: run_seed(root, s, cells, scale, args.family, base_level) for s in args.seeds}
+    finally:
+        sittings = add_sitting(root, time.perf_counter() - t0)
     results: dict[str, dict[int, dict]] = {c.name: {s: per_seed[s][c.name] for s in args.seeds} for c in cells}
     metric = next(iter(results["base"].values()))["metric"]
     claims = aggregate(results, args.claims, base_level)
@@ -465,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             name: {str(s): {k: v for k, v in r.items() if k != "loss_curve"} for s, r in per.items()}
             for name, per in results.items()
         },
-        "elapsed_s": round(time.perf_counter() - t0, 1),
+        # every sitting's wall time, summed (a resume adds its own, never replaces the first run's)
+        **sittings,
     }
     (root / "claims.json").write_text(json.dumps(result, indent=2) + "\n")
     (root / "report.md").write_text(report_markdown(result))

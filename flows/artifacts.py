@@ -58,17 +58,26 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}"
 
 
-def round_metrics(r: dict, metric: str) -> dict[str, str]:
-    """A round's teacher, control (when trained), student, student minus teacher and
-    student minus control: the figures every table of a run shows."""
+def round_figures(r: dict, metric: str) -> dict[str, float | None]:
+    """A round's teacher, control (None when not trained) and student metric, student
+    minus teacher and student minus control (None without a control): the figures every
+    table of a run and every benchmark shows."""
     t, s = r["teacher_metrics"][metric], r["student_metrics"][metric]
     c = r["control_metrics"][metric] if "control_metrics" in r else None
     return {
-        "teacher": _fmt(t),
-        "control": "-" if c is None else _fmt(c),
-        "student": _fmt(s),
-        "student - teacher": f"{s - t:+.2f}",
-        "student - control": "-" if c is None else f"{s - c:+.2f}",
+        "teacher": t,
+        "control": c,
+        "student": s,
+        "student - teacher": s - t,
+        "student - control": None if c is None else s - c,
+    }
+
+
+def round_metrics(r: dict, metric: str) -> dict[str, str]:
+    """`round_figures` as text: "-" where there is no control."""
+    return {
+        k: "-" if v is None else (f"{v:+.2f}" if k.startswith("student -") else _fmt(v))
+        for k, v in round_figures(r, metric).items()
     }
 
 
@@ -186,8 +195,9 @@ def audit(round_index: int, report: dict, pr_png: bytes, grid_jpg: bytes) -> Non
     )
 
 
-def soup_table(round_index: int, report: dict) -> None:
-    """Every ingredient and both soups: held-out metric (what the greedy soup chose on) and val."""
+def soup_table(round_index: int, report: dict, control_val: float | None = None) -> None:
+    """Every ingredient and both soups: held-out metric (what the greedy soup chose on) and val;
+    last the round's control (the student's recipe on human labels only), when trained."""
     metric, split = report["metric"], report["split"]
     rows = [
         {
@@ -205,6 +215,15 @@ def soup_table(round_index: int, report: dict) -> None:
                 "made of": " + ".join(soup["ingredients"]),
                 f"{split} {metric}": _fmt(soup["held_out"]),
                 f"val {metric}": _fmt(soup["val"]),
+            }
+        )
+    if control_val is not None:
+        rows.append(
+            {
+                "model": "control",
+                "made of": "the student's recipe on human labels only",
+                f"{split} {metric}": "-",
+                f"val {metric}": _fmt(control_val),
             }
         )
     create_table_artifact(

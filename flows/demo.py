@@ -111,6 +111,7 @@ def format_summary(summary: dict, title: str) -> str:
                 f"       soups ({metric} on val): uniform {soup['soups']['uniform']['val']:.2f}, greedy "
                 f"{soup['soups']['greedy']['val']:.2f} ({' + '.join(soup['soups']['greedy']['ingredients'])}), "
                 f"best ingredient {best['val']:.2f} ({best['name']})"
+                + (f"; control {m['control']}" if "control_metrics" in r else "")
             )
     lines.append(f"elapsed {summary['elapsed_s']:.0f} s; run directory {summary['run_dir']}")
     return "\n".join(lines)

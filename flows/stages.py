@@ -433,7 +433,8 @@ def soup_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         return done["outputs"]
     invalidate(stage)
     report = units.make_soups(cfg, ingredients, str(stage))
-    artifacts.soup_table(round_index, report)
+    control = read_manifest(RunDir(cfg.out_dir).stage(round_index, "control")) if cfg.control else None
+    artifacts.soup_table(round_index, report, control["outputs"]["metrics"][report["metric"]] if control else None)
     outputs = {
         "files": [soups.REPORT, f"{soups.UNIFORM}/{MODEL_FILE}", f"{soups.GREEDY}/{MODEL_FILE}"],
         "metric": report["metric"],

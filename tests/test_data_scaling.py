@@ -29,10 +29,13 @@ def test_a_tiny_run_shares_one_teacher_and_plots_the_gains(tmp_path):
     cells = report["cells"]
     assert [c["pool_images"] for c in cells] == [48, 96]  # 3 and 6 shards of 16
     assert cells[0]["teacher"] == cells[1]["teacher"]  # one teacher for every cell
+    assert cells[0]["control"] == cells[1]["control"]  # and one control: it reads no pool
     for c in cells:
         assert c["gain"] == pytest.approx(c["student"] - c["teacher"], abs=0.01)
+        assert c["over_control"] == pytest.approx(c["student"] - c["control"], abs=0.01)
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 96 (2x) |" in (tmp_path / "report.md").read_text()
     # the smaller cell trained no teacher of its own: its teacher folder is the larger cell's, hard-linked
-    small, large = (Path(tmp_path, f"pool-{f}x", "run", "round-0", "teacher", "model.pt") for f in ("1", "2"))
-    assert small.stat().st_ino == large.stat().st_ino
+    for stage in ("teacher", "control"):
+        small, large = (Path(tmp_path, f"pool-{f}x", "run", "round-0", stage, "model.pt") for f in ("1", "2"))
+        assert small.stat().st_ino == large.stat().st_ino

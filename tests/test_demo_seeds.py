@@ -25,3 +25,22 @@ def test_stop_demos_ends_running_children_and_kills_those_that_ignore_sigterm():
     assert stubborn.returncode == -9  # SIGKILL after the grace
     assert finished.returncode == 0
     assert time.monotonic() - t0 < 10
+
+
+def test_a_seed_row_sets_the_student_beside_its_control():
+    r = {
+        "teacher_metrics": {"AP": 40.0},
+        "control_metrics": {"AP": 50.5},
+        "student_metrics": {"AP": 48.25},
+        "pseudo": {"kept": 1880, "labels": 3360},
+        "held_out": {"split": "holdout", "teacher": 41.0, "control": 49.0, "student": 50.0},
+    }
+    row = ds.seed_row(3, {"metric": "AP", "rounds": [r]}, 900.0, 0.45)
+    assert row["over_control"] == -2.25 and row["gain"] == 8.25
+    assert row["control_AP"] == 50.5 and row["held_out"] == {"teacher": 41.0, "control": 49.0, "student": 50.0}
+    assert row["reference_steps"] == 2000
+    del r["control_metrics"]
+    import pytest
+
+    with pytest.raises(ValueError, match="seed 3: the run trained no control"):
+        ds.seed_row(3, {"metric": "AP", "rounds": [r]}, 900.0, 0.45)

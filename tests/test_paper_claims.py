@@ -12,10 +12,14 @@ from tests.benchmark_module import load_benchmark
 pc = load_benchmark("paper_claims")
 
 
-def _res(teacher, student, kept=10, curve=None):
+def _res(teacher, student, kept=10, curve=None, control=None):
+    """A cell's result; its control is the teacher plus 0.25 unless given."""
+    control = teacher + 0.25 if control is None else control
+    figures = {"teacher": teacher, "control": control, "student": student}
+    figures.update(gain=student - teacher, over_control=student - control, kept=kept, labels=kept)
     return {
         "metric": "AP",
-        "rounds": [{"teacher": teacher, "student": student, "gain": student - teacher, "kept": kept, "labels": kept}],
+        "rounds": [figures],
         "loss_curve": curve or {"step": [], "loss_h": [], "loss_p": []},
         "seconds": 1.0,
     }
@@ -36,7 +40,8 @@ def test_cells_share_the_base_stages():
     assert cells["level-S3"].shares == ("round-0/teacher", "round-0/pseudo")
     assert cells["labels-50"].shares == () and "data.labeled_limit=50" in cells["labels-50"].overrides
     assert cells["round-2"].rounds == 2 and "round-0/student" in cells["round-2"].shares
-    assert cells["threshold-0.3"].shares == ("round-0/teacher",)
+    assert cells["threshold-0.3"].shares == ("round-0/teacher",) and cells["threshold-0.3"].control_of == "base"
+    assert cells["norm-off-S3"].control_of == "level-S3" and cells["level-S3"].control_of is None
     # b alone still needs its S3 cell
     assert {c.name for c in pc.cells_for(["b"], "S1")} == {"base", "level-S3", "norm-off-S3"}
 
@@ -68,6 +73,16 @@ def test_aggregate_rows_and_verdicts():
     assert out["c"]["holds"] is True and [r["value"] for r in out["c"]["rows"]] == ["50", "100", "200"]
     assert out["d"]["holds"] is False  # round 2's student (21) is below round 1's (22)
     assert out["e"]["best"] == "0.5" and out["e"]["holds"] is False  # 0.7 loses
+    # the verdicts read student - control: gains over the teacher of +2 are no gain over a control at +3
+    behind = {name: {s: _res(20.0, 22.0, control=23.0) for s in seeds} for name in results}
+    out = pc.aggregate(behind, list("ace"), "S2")
+    assert all(r["gain"]["mean"] == 2.0 and r["over_control"]["mean"] == -1.0 for r in out["a"]["rows"])
+    assert out["a"]["holds"] is False and out["c"]["holds"] is False and out["e"]["holds"] is False
+
+
+def test_every_sitting_adds_its_time(tmp_path):
+    assert pc.add_sitting(tmp_path, 4860.0) == {"elapsed_s": 4860.0, "sittings": 1}
+    assert pc.add_sitting(tmp_path, 79.7) == {"elapsed_s": 4939.7, "sittings": 2}
 
 
 def test_loss_curve_reads_the_last_log_of_each_step(tmp_path):
@@ -118,7 +133,8 @@ def test_a_threshold_that_keeps_nothing_is_a_row_without_a_student():
     seeds = (0, 1)
     results = {c: {s: _res(20.0, 22.0 + s) for s in seeds} for c in ("base", "threshold-0.3")}
     nan = math.nan
-    empty = {"teacher": 20.0, "student": nan, "gain": nan, "kept": 0, "labels": 0, "no_pseudo": "kept no image"}
+    empty = {"teacher": 20.0, "control": 21.0, "student": nan, "gain": nan, "over_control": nan, "kept": 0}
+    empty.update(labels=0, no_pseudo="kept no image")
     results["threshold-0.7"] = {s: {**_res(20.0, 20.0), "rounds": [empty]} for s in seeds}
     out = pc.aggregate(results, ["e"], "S2")
     rows = {r["value"]: r for r in out["e"]["rows"]}
@@ -128,4 +144,4 @@ def test_a_threshold_that_keeps_nothing_is_a_row_without_a_student():
     result = {"family": "detection", "scale": "small", "seeds": list(seeds), "elapsed_s": 60.0, "metric": "AP"}
     out["e"]["plot"] = "claim-e.png"
     report = pc.report_markdown({**result, "claims": out})
-    assert "| 0.7 | 20.00 ± 0.00 | no student on 2 seed(s): no image kept |" in report
+    assert "| 0.7 | 20.00 ± 0.00 | 21.00 ± 0.00 | no student on 2 seed(s): no image kept |" in report
