@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="local", help="deployment name: <flow>/<name> (default local)")
     serve.add_argument("--limit", type=int, default=None, help="at most N flow runs at once")
 
-    plan = sub.add_parser("plan", help="estimate each stage's wall time, shards per worker and Prefect tasks")
+    plan = sub.add_parser("plan", help="estimate each stage's wall time, shards per labeling device and Prefect tasks")
     plan.add_argument("config", help="YAML file or preset name")
-    plan.add_argument("--gpus", type=int, required=True, help="devices: training ranks and labeling workers")
+    plan.add_argument("--gpus", type=int, required=True, help="devices: training ranks; labeling uses up to N")
     plan.add_argument("--images", type=int, default=None, help="unlabeled images (default: counted from the shards)")
     plan.add_argument(
         "--figures",

@@ -13,11 +13,13 @@ Assumptions (each a line of the printed plan):
 - Training is data parallel over `--gpus` ranks: a step takes the probed time of one
   rank's share of the batch (batch / N) and the gradient all-reduce is free. Rounds
   and stages run one after the other.
-- Labeling spreads the pool's shards over N workers (one per device) with no loss:
-  images / (N x images per second), plus the orchestration cost of each task
-  (16 ms on the thread pool, 95 ms on Dask, measured, DESIGN.md section 9; the
-  process pool is taken at the thread pool's cost, not measured).
-- Evaluation runs at the labeling rate over the val split, on one device.
+- Labeling spreads the pool's shards over the devices that label (`labeling_devices`)
+  with no loss: images / (devices x images per second), plus the orchestration cost of
+  each task (16 ms on the thread pool, 95 ms on Dask, measured, DESIGN.md section 9;
+  the process pool is taken at the thread pool's cost, not measured).
+- Evaluation runs at the labeling rate over the val split, on one device; a soup of n
+  extra ingredients evaluates 2n + 2 times on its held-out split and twice on val
+  (`soup_passes`).
 - The unlabeled pool holds `--images` images, or the first shard's record count times
   the number of shards.
 """
@@ -137,8 +139,23 @@ def from_figures(cfg: RunConfig, path: str | Path, gpus: int) -> dict | None:
     }
 
 
+def labeling_devices(cfg: RunConfig, gpus: int) -> int:
+    """How many devices label the pool at once on a machine of `gpus` devices: every
+    labeling worker loads the teacher on `cfg.device`, so one (a CPU counts as one device
+    too: the probe measured its rate on all its cores)."""
+    return 1
+
+
+def soup_passes(extra: int) -> tuple[int, int]:
+    """(held-out, val) evaluation passes of `tasks.soups.make_soups` for a soup of `extra`
+    ingredients besides the student: each of the extra + 1 ingredients on held-out, the
+    greedy soup's `extra` candidates on held-out, both soups on val and the uniform soup
+    on held-out."""
+    return 2 * extra + 2, 2
+
+
 def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | None = None) -> dict:
-    """Stage and run wall times (seconds), shards per worker and Prefect tasks of `cfg`
+    """Stage and run wall times (seconds), shards per labeling device and Prefect tasks of `cfg`
     on `gpus` devices, from `rates` (`probe` or `from_figures`; probed when None)."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
@@ -158,14 +175,15 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
     if cfg.audit.split is not None:  # labeling the audited images (their scoring and pictures are not counted)
         held = len(get_family(cfg.family).labeled_dataset(cfg.data, cfg.audit.split, None))
         stages["audit"] = min(cfg.audit.images, held) / rates["label_img_s"]
-    stages["pseudo-label"] = pool / (gpus * rates["label_img_s"]) + overhead
+    devices = labeling_devices(cfg, gpus)
+    stages["pseudo-label"] = pool / (devices * rates["label_img_s"]) + overhead
     stages["student"] = cfg.student.train.steps * rates["student_step_s"] + evaluate
     if n := len(cfg.soup.ingredients):
         # each extra ingredient is a student of the same cost (the sweep's own steps and batches
-        # are taken as the run's); the greedy soup evaluates up to n + 1 + n candidates on the
-        # held-out split and both soups on val
+        # are taken as the run's), then the soup stage's evaluations
         held = len(get_family(cfg.family).labeled_dataset(cfg.data, cfg.soup.split, None))
-        stages["soup"] = n * stages["student"] + ((2 * n + 1) * held + 2 * val) / rates["label_img_s"]
+        held_passes, val_passes = soup_passes(n)
+        stages["soup"] = n * stages["student"] + (held_passes * held + val_passes * val) / rates["label_img_s"]
     total = stages["teacher"] + rounds * sum(v for k, v in stages.items() if k != "teacher")
     return {
         "gpus": gpus,
@@ -173,7 +191,8 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
         "rates": rates,
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "total_s": round(total, 1),
-        "pool": {"shards": shards, "images": pool, "shards_per_worker": math.ceil(shards / gpus)},
+        "labeling_devices": devices,
+        "pool": {"shards": shards, "images": pool, "shards_per_device": math.ceil(shards / devices)},
         # per round: the audit, the labeling tasks, the student's training and evaluation, the
         # soup ingredients' and the soup's; once: the teacher's
         "prefect_tasks": 2
@@ -194,7 +213,8 @@ def format_plan(p: dict, config: str) -> str:
     lines.append(f"  {'whole run':<13} {_hms(p['total_s']):>10}")
     pool = p["pool"]
     lines.append(
-        f"  pool: {pool['images']} images in {pool['shards']} shards, {pool['shards_per_worker']} shards per worker; "
+        f"  pool: {pool['images']} images in {pool['shards']} shards, labeled on {p['labeling_devices']} device(s), "
+        f"{pool['shards_per_device']} shards per device; "
         f"{p['labeling_tasks_per_round']} labeling tasks per round, {p['prefect_tasks']} Prefect tasks in all"
     )
     lines.append(

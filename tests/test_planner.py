@@ -1,13 +1,18 @@
-"""`noisy-student plan`: stage times from measured throughputs, shards per worker, task counts."""
+"""`noisy-student plan`: stage times from measured throughputs, shards per labeling device, task counts."""
 
 import json
+from collections import Counter
 
 import pytest
+import torch
 
 from configs import dump_config
+from detection.family import DetectionFamily
 from flows.cli import main
 from flows.demo import demo_config
 from tasks import planner
+
+FAMILY = DetectionFamily()
 
 RATES = {"source": "given", "teacher_step_s": 0.5, "student_step_s": 1.0, "label_img_s": 40.0}
 
@@ -25,12 +30,12 @@ def test_the_plan_adds_its_stages_from_the_rates(quick):
     evaluate = 16 / 40.0  # the val split at the labeling rate
     assert p["stages_s"]["teacher"] == pytest.approx(cfg.teacher.steps * 0.5 + evaluate, abs=0.1)
     assert p["stages_s"]["student"] == pytest.approx(cfg.student.train.steps * 1.0 + evaluate, abs=0.1)
-    # 48 images over 2 workers at 40 img/s each, plus one task's orchestration per shard chunk
-    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 80 + 3 * 0.016, abs=0.1)
+    # 48 images on the one device that labels at 40 img/s, plus one task's orchestration per shard chunk
+    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * 0.016, abs=0.06)
     assert p["stages_s"]["audit"] == pytest.approx(8 / 40.0, abs=0.1)  # the quick world's 8 held-out images
     s = p["stages_s"]
     assert p["total_s"] == pytest.approx(s["teacher"] + 2 * (s["audit"] + s["pseudo-label"] + s["student"]), abs=0.2)
-    assert p["pool"] == {"shards": 3, "images": 48, "shards_per_worker": 2}
+    assert p["labeling_devices"] == 1 and p["pool"] == {"shards": 3, "images": 48, "shards_per_device": 3}
     # the teacher's train and evaluate tasks, then per round: the audit, 3 labeling tasks, train, evaluate
     assert p["labeling_tasks_per_round"] == 3 and p["prefect_tasks"] == 2 + 2 * (1 + 3 + 2)
     assert planner.plan(cfg, 2, images=4800, rates=RATES)["pool"]["images"] == 4800
@@ -40,10 +45,45 @@ def test_a_soup_costs_its_extra_students_and_its_evaluations(quick):
     cfg = quick.model_copy(update={"soup": type(quick.soup)(ingredients=[["student.alpha=0.5"], ["student.alpha=2"]])})
     p = planner.plan(cfg, gpus=1, rates=RATES)
     s = p["stages_s"]
-    # two more students; 5 held-out candidates of 8 images and 2 val passes of 16, at 40 img/s
-    assert s["soup"] == pytest.approx(2 * s["student"] + (5 * 8 + 2 * 16) / 40.0, abs=0.1)
+    # two more students; 6 held-out passes of 8 images and 2 val passes of 16, at 40 img/s
+    assert s["soup"] == pytest.approx(2 * s["student"] + (6 * 8 + 2 * 16) / 40.0, abs=0.06)
     assert p["total_s"] == pytest.approx(sum(s.values()), abs=0.2)
     assert p["prefect_tasks"] == 2 + (1 + 3 + 2 + 2 * 2 + 1)
+
+
+def test_labeling_on_one_gpu_is_not_divided_by_the_gpus(quick):
+    """Every labeling worker loads the teacher on `cfg.device`: one GPU labels, however many the machine has."""
+    cfg = quick.model_copy(update={"device": "cuda"})
+    p = planner.plan(cfg, gpus=4, rates=RATES)
+    assert p["labeling_devices"] == 1
+    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * 0.016, abs=0.06)
+    assert p["pool"]["shards_per_device"] == 3
+
+
+@pytest.mark.parametrize("extra", [1, 3])
+def test_the_plan_counts_the_soups_own_evaluations(quick, tmp_path, monkeypatch, extra):
+    """make_soups on tiny ingredients, the family's evaluate counting its passes per split:
+    the counts are the planner's."""
+    from tasks.soups import make_soups
+    from tasks.training import save_model
+    from tests.conftest import tiny_model_config
+
+    model_cfg = tiny_model_config()
+    ingredients = []
+    for i in range(extra + 1):
+        torch.manual_seed(i)
+        path = save_model(tmp_path / f"ing{i}" / "model.pt", "detection", model_cfg, FAMILY.build_model(model_cfg))
+        ingredients.append({"name": f"ing{i}", "overrides": [], "checkpoint": str(path), "val": {"AP": 10.0}})
+    passes = Counter()
+
+    def counting(self, model, data, batch_size=32, num_workers=0, split="val"):
+        passes[split] += 1
+        return {"AP": float(passes[split] % 3)}  # kept and rejected greedy candidates alike
+
+    monkeypatch.setattr(DetectionFamily, "evaluate", counting)
+    make_soups(quick, ingredients, tmp_path / "soup", log=lambda msg: None)
+    held, val = planner.soup_passes(extra)
+    assert dict(passes) == {quick.soup.split: held, "val": val}
 
 
 def test_the_plan_refuses_a_batch_that_does_not_split_over_the_devices(quick):
@@ -80,5 +120,6 @@ def test_plan_command_prints_every_stage_and_the_whole_run(quick, tmp_path, caps
     config.write_text(dump_config(quick))
     assert main(["plan", str(config), "--gpus", "2", "--probe", "--images", "1000"]) == 0
     out = capsys.readouterr().out
-    for line in ("teacher", "pseudo-label", "student", "whole run", "1000 images in 3 shards, 2 shards per worker"):
+    expected = ("teacher", "pseudo-label", "student", "whole run", "1000 images in 3 shards, labeled on 1 device(s), 3")
+    for line in expected:
         assert line in out, out
