@@ -270,6 +270,11 @@ class PseudoLabelConfig(_Config):
     max_workers: int = run_setting(
         2, ge=1, description="pool size, or worker processes of the LocalCluster the dask runner starts"
     )
+    devices: tuple[str, ...] = run_setting(
+        (),
+        description="torch devices the labeling workers are dealt in turn, one teacher each; empty: every "
+        "visible GPU when device is cuda, else the run's device (Dask workers started by hand keep their own)",
+    )
     dask_address: str | None = run_setting(
         None, description="running Dask scheduler (tcp://host:8786); None: the dask runner starts a LocalCluster"
     )

@@ -179,10 +179,11 @@ def _clear_message(err: Exception) -> str | None:
     without a traceback); None for any other error."""
     from data.files import DiskFullError
     from flows.stages import NoPseudoLabels
+    from tasks.devices import DeviceError
     from tasks.engine import TrainingDiverged
     from tasks.runlock import RunDirLocked
 
-    if isinstance(err, (DiskFullError, NoPseudoLabels, RunDirLocked, TrainingDiverged)):
+    if isinstance(err, (DeviceError, DiskFullError, NoPseudoLabels, RunDirLocked, TrainingDiverged)):
         return str(err)
     response = getattr(err, "response", None)  # httpx.HTTPStatusError, as Prefect's client raises it
     if getattr(response, "status_code", None) == 401:

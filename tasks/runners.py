@@ -3,12 +3,15 @@
 A bounded thread or process pool on this machine, or Dask (a scheduler's address or a
 LocalCluster started for the flow run), with the settings that make task runs in
 other processes report to the flow's API and the annotations that give each labeling
-task one GPU on a CUDA run. `labeling_runner` is all of it as one context manager;
-flows/ calls only that.
+task one GPU on a CUDA run. Each worker of the pools and of the LocalCluster is bound
+to one of the labeling devices (tasks/devices.py). `labeling_runner` is all of it as
+one context manager; flows/ calls only that.
 """
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 from contextlib import contextmanager, nullcontext
 
 from prefect.context import FlowRunContext
@@ -16,24 +19,51 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from configs import PseudoLabelConfig
+from tasks.devices import bind_next_process, bind_thread, labeling_devices, worker_device
 
 
 def _uses_gpu(device: str) -> bool:
     return device.split(":", 1)[0] == "cuda"
 
 
+class DeviceThreadPool(ThreadPoolTaskRunner):
+    """A thread pool whose worker threads are bound to `devices` in the order they start."""
+
+    def __init__(self, max_workers: int, devices: list[str] | tuple[str, ...]):
+        super().__init__(max_workers=max_workers)
+        self.devices = tuple(devices)
+        self._threads_started = itertools.count()
+
+    def duplicate(self) -> DeviceThreadPool:
+        return type(self)(self._max_workers, self.devices)
+
+    def __enter__(self):
+        self._threads_started = itertools.count()
+        return super().__enter__()
+
+    def _register_worker_thread(self) -> None:
+        """The executor's initializer, run in each new worker thread before its first task
+        (Prefect's own hook, of the version pyproject.toml pins)."""
+        super()._register_worker_thread()
+        bind_thread(worker_device(self.devices, next(self._threads_started)))
+
+
 def local_cluster_kwargs(rule: PseudoLabelConfig, device: str) -> dict:
     """The LocalCluster the Dask runner starts when no scheduler address is given:
-    `max_workers` single-threaded worker processes; on a CUDA device each offers one
-    "GPU" resource, which every labeling task asks for (`dask_annotations`). Like the
-    scheduler and workers, the dashboards (HTTP, no authentication) listen on loopback
-    only: distributed's default binds them to every interface."""
+    `max_workers` single-threaded worker processes, each bound to a labeling device
+    (`BindLabelingDevice`); on a CUDA device each offers one "GPU" resource, which every
+    labeling task asks for (`dask_annotations`). Like the scheduler and workers, the
+    dashboards (HTTP, no authentication) listen on loopback only: distributed's default
+    binds them to every interface."""
+    from tasks.dask_devices import BindLabelingDevice
+
     kwargs = {
         "n_workers": rule.max_workers,
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": "127.0.0.1:0",
         "worker_dashboard_address": "127.0.0.1:0",
+        "plugins": (BindLabelingDevice(labeling_devices(rule, device)),),
     }
     if _uses_gpu(device):
         kwargs["resources"] = {"GPU": 1}
@@ -57,9 +87,14 @@ def task_runner(rule: PseudoLabelConfig, device: str = "cpu"):
     for the flow run and closed after it)."""
     match rule.runner:
         case "thread":
-            return ThreadPoolTaskRunner(max_workers=rule.max_workers)
+            return DeviceThreadPool(rule.max_workers, labeling_devices(rule, device))
         case "process":
-            return ProcessPoolTaskRunner(max_workers=rule.max_workers)
+            started = multiprocessing.get_context("spawn").Value("i", 0)  # the pool spawns its processes
+            return ProcessPoolTaskRunner(
+                max_workers=rule.max_workers,
+                initializer=bind_next_process,
+                initargs=(tuple(labeling_devices(rule, device)), started),
+            )
         case "dask":
             from prefect_dask import DaskTaskRunner
 
@@ -125,10 +160,34 @@ def started(runner, rule: PseudoLabelConfig, device: str, logger):
         yield runner
 
 
+def log_devices(rule: PseudoLabelConfig, device: str, logger) -> None:
+    """Say where labeling runs, and warn of listed devices that no worker is bound to."""
+    if rule.runner == "dask" and rule.dask_address:
+        if rule.devices:
+            logger.warning(
+                "pseudo.devices=%s is not used: the workers of the Dask scheduler at %s label on the device "
+                "they were started with",
+                list(rule.devices),
+                rule.dask_address,
+            )
+        return
+    listed = labeling_devices(rule, device)
+    bound = [worker_device(listed, i) for i in range(rule.max_workers)]
+    logger.info("labeling on %d worker(s) bound to %s", rule.max_workers, bound)
+    if idle := listed[rule.max_workers :]:
+        logger.warning(
+            "pseudo.max_workers=%d < %d labeling devices: %s get no worker (raise pseudo.max_workers)",
+            rule.max_workers,
+            len(listed),
+            idle,
+        )
+
+
 @contextmanager
 def labeling_runner(rule: PseudoLabelConfig, device: str, logger):
     """The started task runner of a labeling flow run, under the flow's API settings and
     the labeling tasks' Dask annotations; closed (its LocalCluster stopped) on exit."""
+    log_devices(rule, device, logger)
     runner = task_runner(rule, device)
     with flow_api(rule, logger), started(runner, rule, device, logger), annotated(dask_annotations(rule, device)):
         yield runner

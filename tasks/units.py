@@ -17,6 +17,7 @@ from configs import RunConfig
 from data import storage
 from data.files import DiskFullError
 from tasks import audit, labeling, soups, training
+from tasks.devices import DeviceError, bound_device, check_device
 from tasks.engine import device_settings
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -85,32 +86,42 @@ def make_soups(cfg: RunConfig, ingredients: list[dict], stage_dir: str) -> dict:
 
 
 def _worth_retrying(task, task_run, state) -> bool:
-    """A full disk stays full: a retry would label the shard again only to fail again."""
+    """A full disk stays full and a worker's unusable device stays unusable: a retry
+    would fail again."""
     try:
         err = state.result(raise_on_failure=False)
     except Exception:
         return True
-    return not isinstance(err, DiskFullError)
+    return not isinstance(err, (DiskFullError, DeviceError))
 
 
 def _label_one(
-    cfg: RunConfig, teacher_checkpoint: str, shard: str, index: int, out_dir: str, key: str, num_classes: int
+    cfg: RunConfig,
+    teacher_checkpoint: str,
+    shard: str,
+    index: int,
+    out_dir: str,
+    key: str,
+    num_classes: int,
+    device: str,
 ) -> dict:
-    """Label one shard into <out_dir>/labels-NNNNNN.{tar,json}; returns its stats (a small dict)."""
+    """Label one shard on `device` into <out_dir>/labels-NNNNNN.{tar,json}; returns its
+    stats (a small dict) with the device they were made on."""
     out_tar, out_json = labeling.sidecar_paths(out_dir, index)
-    family, model = training.shared_model(teacher_checkpoint, cfg.device)
+    family, model = training.shared_model(teacher_checkpoint, device)
     stats = labeling.label_shard(
         family, model, shard, out_tar, out_json, cfg.data.image_size, cfg.pseudo, num_classes, key
     )
     _logger().info(
-        "shard %s: %d images, %d kept, %d labels, %d corrupt",
+        "shard %s on %s: %d images, %d kept, %d labels, %d corrupt",
         shard,
+        device,
         stats["images"],
         stats["kept"],
         stats["labels"],
         stats["corrupt"],
     )
-    return stats
+    return {**stats, "device": device}
 
 
 def _chunk_name(parameters: dict) -> str:
@@ -145,17 +156,22 @@ def label_shards(
     out_dir: str,
     num_classes: int,
 ) -> list[dict]:
-    """Label `shards` (shard `indices[i]` with key `keys[i]`) in order; their stats. The
-    temporary files an earlier attempt left for these shards are removed first: only this
-    task writes them."""
+    """Label `shards` (shard `indices[i]` with key `keys[i]`) in order on the device this
+    worker is bound to (the run's device on a worker bound to none); their stats, each
+    labeled one's naming the device. The temporary files an earlier attempt left for
+    these shards are removed first: only this task writes them."""
     if removed := labeling.remove_temporaries(out_dir, indices):
         _logger().info("removed %d temporary file(s) of a failed attempt: %s", len(removed), removed[:3])
     # A retried attempt keeps the shards the failed one finished (before the teacher is loaded).
     done, _ = labeling.finished_shards(out_dir, indices, keys)
     if done:
         _logger().info("%d shard(s) of this task were finished by an earlier attempt; skipped", len(done))
-    device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
+    device = bound_device(cfg.device)
+    check_device(device)
+    device_settings(device, cfg.cudnn_benchmark, cfg.host_allocator)
     return [
-        done[index] if index in done else _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes)
+        done[index]
+        if index in done
+        else _label_one(cfg, teacher_checkpoint, shard, index, out_dir, key, num_classes, device)
         for shard, index, key in zip(shards, indices, keys, strict=True)
     ]

@@ -141,6 +141,8 @@ def test_labeling_on_cuda_asks_for_a_gpu_resource(base_cfg):
     assert runners.local_cluster_kwargs(dask_rule, "cuda")["resources"] == {"GPU": 1}
     assert "resources" not in runners.local_cluster_kwargs(dask_rule, "cpu")
     kwargs = runners.local_cluster_kwargs(dask_rule.model_copy(update={"max_workers": 3}), "cpu")
+    (binding,) = kwargs.pop("plugins")  # each worker bound to a labeling device (tests/test_labeling_devices.py)
+    assert binding.devices == ("cpu",)
     assert kwargs == {
         "n_workers": 3,
         "threads_per_worker": 1,

@@ -71,7 +71,7 @@ def test_run_settings_are_declared_on_the_fields():
         "compile",
     }
     assert "num_workers" not in DataConfig(**DATA).digest_view()
-    settings = {"runner", "max_workers", "dask_address", "batch_size", "decode_threads", "shards_per_task"}
+    settings = {"runner", "max_workers", "devices", "dask_address", "batch_size", "decode_threads", "shards_per_task"}
     assert settings.isdisjoint(PseudoLabelConfig().digest_view())
     # the teacher's precision changes its labels; fp32 (off) is how every rule labeled before
     assert "amp" not in PseudoLabelConfig().digest_view()
