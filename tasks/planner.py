@@ -13,8 +13,9 @@ Assumptions (each a line of the printed plan):
 - Training is data parallel over `--gpus` ranks: a step takes the probed time of one
   rank's share of the batch (batch / N) and the gradient all-reduce is free. Rounds
   and stages run one after the other.
-- Labeling spreads the pool's shards over the devices that label (`labeling_devices`)
-  with no loss: images / (devices x images per second), plus the orchestration cost of
+- Labeling spreads the pool's shards over the devices that label (`labeling_devices`:
+  those of `pseudo.devices` that workers are bound to, at most N) with no loss:
+  images / (devices x images per second), plus the orchestration cost of
   each task (16 ms on the thread pool, 95 ms on Dask, measured, DESIGN.md section 9;
   the process pool is taken at the thread pool's cost, not measured).
 - Evaluation runs at the labeling rate over the val split, on one device; a soup of n
@@ -35,6 +36,7 @@ import torch
 
 from configs import RunConfig, TrainConfig
 from data.shards import expand_urls, iter_shard
+from tasks import devices
 from tasks.engine import autocast, build_optimizer, device_settings
 from tasks.families import get_family
 from tasks.training import augmentation
@@ -140,10 +142,16 @@ def from_figures(cfg: RunConfig, path: str | Path, gpus: int) -> dict | None:
 
 
 def labeling_devices(cfg: RunConfig, gpus: int) -> int:
-    """How many devices label the pool at once on a machine of `gpus` devices: every
-    labeling worker loads the teacher on `cfg.device`, so one (a CPU counts as one device
-    too: the probe measured its rate on all its cores)."""
-    return 1
+    """How many devices label the pool at once on a machine of `gpus` devices: the
+    distinct devices the labeling workers are bound to (`pseudo.devices`, by default
+    every GPU of a `cuda` run), at most `gpus`; the workers of a Dask scheduler, one per
+    device as they are started by hand, `gpus`. A CPU counts as one device: the probe
+    measured its rate on all its cores."""
+    rule = cfg.pseudo
+    if rule.runner == "dask" and rule.dask_address:
+        return gpus
+    listed = devices.labeling_devices(rule, cfg.device, visible_gpus=gpus)
+    return min(gpus, devices.physical_devices(listed, rule.max_workers))
 
 
 def soup_passes(extra: int) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """`noisy-student plan`: stage times from measured throughputs, shards per labeling device, task counts."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ from detection.family import DetectionFamily
 from flows.cli import main
 from flows.demo import demo_config
 from tasks import planner
+from tasks.planner import TASK_OVERHEAD_S
 
 FAMILY = DetectionFamily()
 
@@ -51,13 +53,27 @@ def test_a_soup_costs_its_extra_students_and_its_evaluations(quick):
     assert p["prefect_tasks"] == 2 + (1 + 3 + 2 + 2 * 2 + 1)
 
 
-def test_labeling_on_one_gpu_is_not_divided_by_the_gpus(quick):
-    """Every labeling worker loads the teacher on `cfg.device`: one GPU labels, however many the machine has."""
-    cfg = quick.model_copy(update={"device": "cuda"})
-    p = planner.plan(cfg, gpus=4, rates=RATES)
-    assert p["labeling_devices"] == 1
-    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * 0.016, abs=0.06)
-    assert p["pool"]["shards_per_device"] == 3
+@pytest.mark.parametrize(
+    "device, pseudo, gpus, labeling",
+    [
+        ("cuda", {"max_workers": 4}, 4, 4),  # every GPU of the machine, one worker each
+        ("cuda", {"max_workers": 2}, 4, 2),  # two workers keep two GPUs busy
+        ("cuda", {"max_workers": 8}, 4, 4),  # more workers than GPUs: still four GPUs
+        ("cuda", {"max_workers": 8, "devices": ("cuda:0", "cuda:1", "cuda:2")}, 4, 3),
+        ("cuda", {"max_workers": 8, "devices": ("cuda:0", "cuda")}, 4, 1),  # one GPU under two names
+        ("cuda", {"max_workers": 8, "devices": ("cuda:0", "cuda:1", "cuda:2")}, 2, 2),  # at most --gpus
+        ("cuda:1", {"max_workers": 4}, 4, 1),  # a run on one named GPU labels there
+        ("cpu", {"max_workers": 4, "devices": ("cpu", "cpu:0")}, 2, 1),  # a CPU is one device
+        ("cuda", {"max_workers": 2, "runner": "dask", "dask_address": "tcp://s:8786"}, 4, 4),  # a worker per GPU
+    ],
+)
+def test_labeling_is_divided_by_the_devices_that_label(quick, device, pseudo, gpus, labeling):
+    cfg = quick.model_copy(update={"device": device, "pseudo": quick.pseudo.model_copy(update=pseudo)})
+    p = planner.plan(cfg, gpus=gpus, rates=RATES)
+    assert p["labeling_devices"] == labeling
+    overhead = TASK_OVERHEAD_S[cfg.pseudo.runner] * 3
+    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / (labeling * 40) + overhead, abs=0.06)
+    assert p["pool"]["shards_per_device"] == math.ceil(3 / labeling)
 
 
 @pytest.mark.parametrize("extra", [1, 3])
