@@ -183,8 +183,8 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
     if cfg.audit.split is not None:  # labeling the audited images (their scoring and pictures are not counted)
         held = len(get_family(cfg.family).labeled_dataset(cfg.data, cfg.audit.split, None))
         stages["audit"] = min(cfg.audit.images, held) / rates["label_img_s"]
-    devices = labeling_devices(cfg, gpus)
-    stages["pseudo-label"] = pool / (devices * rates["label_img_s"]) + overhead
+    labelers = labeling_devices(cfg, gpus)
+    stages["pseudo-label"] = pool / (labelers * rates["label_img_s"]) + overhead
     stages["student"] = cfg.student.train.steps * rates["student_step_s"] + evaluate
     if n := len(cfg.soup.ingredients):
         # each extra ingredient is a student of the same cost (the sweep's own steps and batches
@@ -199,8 +199,8 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
         "rates": rates,
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "total_s": round(total, 1),
-        "labeling_devices": devices,
-        "pool": {"shards": shards, "images": pool, "shards_per_device": math.ceil(shards / devices)},
+        "labeling_devices": labelers,
+        "pool": {"shards": shards, "images": pool, "shards_per_device": math.ceil(shards / labelers)},
         # per round: the audit, the labeling tasks, the student's training and evaluation, the
         # soup ingredients' and the soup's; once: the teacher's
         "prefect_tasks": 2
