@@ -11,8 +11,8 @@ pseudo) samples per step, and rank 0 writes checkpoint.pt and model.pt.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -45,17 +45,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fa
     return family, model.to(device).eval()
 
 
-@lru_cache(maxsize=2)
-def _cached_model(path: str, version: object, device: str) -> tuple[Family, nn.Module]:
-    return load_model(path, device)
+# The teacher each device holds for the labeling tasks of this process: one per device
+# (a thread pool binds its workers to several), replaced when another checkpoint or
+# another version of the file comes, so a process that labels round after round keeps
+# one teacher per device, never one per round.
+_TEACHERS: dict[str, tuple[tuple[str, object], tuple[Family, nn.Module]]] = {}
+_TEACHERS_LOCK = threading.Lock()
 
 
 def shared_model(path: str | Path, device: str) -> tuple[Family, nn.Module]:
-    """One read-only model per process for the labeling tasks that run in it."""
+    """One read-only model per device and process for the labeling tasks that run there."""
     if storage.is_remote(path):  # an object's ETag changes with its content
-        return _cached_model(str(path), storage.info(path).get("ETag"), device)
-    p = Path(path)
-    return _cached_model(str(p.resolve()), p.stat().st_mtime_ns, device)
+        key = (str(path), storage.info(path).get("ETag"))
+    else:
+        p = Path(path)
+        key = (str(p.resolve()), p.stat().st_mtime_ns)
+    device = str(device)
+    with _TEACHERS_LOCK:
+        held = _TEACHERS.get(device)
+        if held is not None and held[0] == key:
+            return held[1]
+    loaded = load_model(path, device)
+    with _TEACHERS_LOCK:
+        _TEACHERS[device] = (key, loaded)
+    return loaded
 
 
 def augmentation(cfg: TrainConfig) -> Augment:

@@ -144,3 +144,27 @@ def test_pool_processes_label_on_their_bound_device(prefect_harness, base_cfg, t
     cfg = with_out_dir(base_cfg, tmp_path, runner="process", max_workers=2, devices=("cpu:0",))
     stats = label_each_shard(cfg)
     assert len(stats) == 3 and {s["device"] for s in stats} == {"cpu:0"}
+
+
+def test_each_device_keeps_one_teacher_and_a_new_file_replaces_it(tmp_path, monkeypatch):
+    """Three devices keep three teachers (no reload per task), and a new teacher file
+    replaces a device's teacher instead of piling up one per round."""
+    import os
+
+    from tasks import training
+    from tasks.families import get_family
+    from tests.conftest import tiny_model_config
+
+    loads = []
+    real = training.load_model
+    monkeypatch.setattr(training, "load_model", lambda path, device: loads.append(device) or real(path, "cpu"))
+    monkeypatch.setattr(training, "_TEACHERS", {})
+    model = get_family("detection").build_model(tiny_model_config())
+    path = training.save_model(tmp_path / "model.pt", "detection", tiny_model_config(), model)
+    names = ["cpu", "cpu:0", "meta-like"]
+    first = [training.shared_model(path, d) for d in names]
+    again = [training.shared_model(path, d) for d in names * 2]
+    assert loads == names and all(a is first[i % 3] for i, a in enumerate(again))
+    os.utime(path, ns=(1, 1))  # the next round's teacher, written at the same path
+    assert training.shared_model(path, "cpu") is not first[0] and loads == [*names, "cpu"]
+    assert len(training._TEACHERS) == 3
