@@ -186,6 +186,10 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
     labelers = labeling_devices(cfg, gpus)
     stages["pseudo-label"] = pool / (labelers * rates["label_img_s"]) + overhead
     stages["student"] = cfg.student.train.steps * rates["student_step_s"] + evaluate
+    if cfg.control:
+        # the student's steps on its human part alone, at the student step's cost per image
+        human = cfg.student.train.batch_size / (cfg.student.train.batch_size + cfg.student.pseudo_per_batch)
+        stages["control"] = cfg.student.train.steps * rates["student_step_s"] * human + evaluate
     if n := len(cfg.soup.ingredients):
         # each extra ingredient is a student of the same cost (the sweep's own steps and batches
         # are taken as the run's), then the soup stage's evaluations
@@ -202,9 +206,10 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
         "labeling_devices": labelers,
         "pool": {"shards": shards, "images": pool, "shards_per_device": math.ceil(shards / labelers)},
         # per round: the audit, the labeling tasks, the student's training and evaluation, the
-        # soup ingredients' and the soup's; once: the teacher's
+        # control's, the soup ingredients' and the soup's; once: the teacher's
         "prefect_tasks": 2
-        + rounds * ((cfg.audit.split is not None) + label_tasks + 2 + 2 * len(cfg.soup.ingredients) + bool(n)),
+        + rounds
+        * ((cfg.audit.split is not None) + label_tasks + 2 + 2 * cfg.control + 2 * len(cfg.soup.ingredients) + bool(n)),
         "labeling_tasks_per_round": label_tasks,
     }
 

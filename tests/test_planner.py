@@ -35,11 +35,17 @@ def test_the_plan_adds_its_stages_from_the_rates(quick):
     # 48 images on the one device that labels at 40 img/s, plus one task's orchestration per shard chunk
     assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * 0.016, abs=0.06)
     assert p["stages_s"]["audit"] == pytest.approx(8 / 40.0, abs=0.1)  # the quick world's 8 held-out images
+    # the control: the student's steps on its 4 human images of 4 + 4, at the student's cost per image
+    assert p["stages_s"]["control"] == pytest.approx(cfg.student.train.steps * 1.0 * 4 / 8 + evaluate, abs=0.1)
     s = p["stages_s"]
-    assert p["total_s"] == pytest.approx(s["teacher"] + 2 * (s["audit"] + s["pseudo-label"] + s["student"]), abs=0.2)
+    per_round = s["audit"] + s["pseudo-label"] + s["student"] + s["control"]
+    assert p["total_s"] == pytest.approx(s["teacher"] + 2 * per_round, abs=0.2)
     assert p["labeling_devices"] == 1 and p["pool"] == {"shards": 3, "images": 48, "shards_per_device": 3}
-    # the teacher's train and evaluate tasks, then per round: the audit, 3 labeling tasks, train, evaluate
-    assert p["labeling_tasks_per_round"] == 3 and p["prefect_tasks"] == 2 + 2 * (1 + 3 + 2)
+    # the teacher's train and evaluate tasks, then per round: the audit, 3 labeling tasks, the
+    # student's and the control's train and evaluate
+    assert p["labeling_tasks_per_round"] == 3 and p["prefect_tasks"] == 2 + 2 * (1 + 3 + 2 + 2)
+    without = planner.plan(cfg.model_copy(update={"control": False}), gpus=2, rates=RATES)
+    assert "control" not in without["stages_s"] and without["prefect_tasks"] == 2 + 2 * (1 + 3 + 2)
     assert planner.plan(cfg, 2, images=4800, rates=RATES)["pool"]["images"] == 4800
 
 
@@ -50,7 +56,7 @@ def test_a_soup_costs_its_extra_students_and_its_evaluations(quick):
     # two more students; 6 held-out passes of 8 images and 2 val passes of 16, at 40 img/s
     assert s["soup"] == pytest.approx(2 * s["student"] + (6 * 8 + 2 * 16) / 40.0, abs=0.06)
     assert p["total_s"] == pytest.approx(sum(s.values()), abs=0.2)
-    assert p["prefect_tasks"] == 2 + (1 + 3 + 2 + 2 * 2 + 1)
+    assert p["prefect_tasks"] == 2 + (1 + 3 + 2 + 2 + 2 * 2 + 1)
 
 
 @pytest.mark.parametrize(
