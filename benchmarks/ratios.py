@@ -167,13 +167,16 @@ def stage_step_s(train, warmup: int) -> tuple[float, list[float]]:
 
 
 def bare_step_s(cfg, tcfg, batch: dict, step_loss, steps: int, warmup: int) -> float:
-    """Seconds per bare step: forward, loss, backward, clip, AdamW on one ready batch."""
+    """Seconds per bare step: forward, loss, backward, clip, AdamW on one ready batch, in the
+    stage's memory format (`channels_last`)."""
     from tasks.engine import autocast, build_optimizer
     from tasks.families import get_family
 
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     model = get_family(cfg.family).build_model(cfg.model).to(device).train()
+    if tcfg.channels_last:  # as the stage's engine lays out the model (and its batches follow)
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tcfg)
     times = []
     for i in range(warmup + steps):
