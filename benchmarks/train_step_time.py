@@ -6,7 +6,7 @@ Prints one JSON object: per (family, neck, width, repeats, batch) the mean wall 
 a forward + backward + AdamW step after two warm-up steps, with torch's default
 threads. Multiply by a preset's steps to see where a demo's time goes. The last case
 (B0 + FPN detector, batch 16, 128 px) is the *reference step*: time budgets (the demo's
-900 reference steps) are stated in it, because machines of one kind differ about 2x
+2,000 reference steps) are stated in it, because machines of one kind differ about 2x
 from day to day. `--reference` measures only that case.
 """
 
