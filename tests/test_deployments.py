@@ -45,7 +45,7 @@ def loaded(prefect_yaml, tmp_path_factory) -> dict[str, tuple[dict, Flow]]:
 
 
 def test_every_stage_flow_has_one_deployment(loaded):
-    assert len(STAGE_FLOWS) == 7, sorted(STAGE_FLOWS)
+    assert len(STAGE_FLOWS) == 8, sorted(STAGE_FLOWS)
     assert set(loaded) == set(STAGE_FLOWS)
     for name, (d, flow) in loaded.items():
         # the entrypoint loads the flow of flows/stages.py itself, not a placeholder
@@ -134,7 +134,7 @@ def test_serve_covers_every_flow_by_module_path():
         flow = load_flow_from_entrypoint(d.entrypoint, use_placeholder_flow=False)  # from any folder
         assert flow is STAGE_FLOWS[d.flow_name]
     lines = describe(deployments)
-    assert lines[0] == "serving 7 deployments (Ctrl-C stops):"
+    assert lines[0] == "serving 8 deployments (Ctrl-C stops):"
     assert any("student/test" in line and "cfg: RunConfig, round_index: int = 0" in line for line in lines)
 
 

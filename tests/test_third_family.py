@@ -130,10 +130,12 @@ class ImageLabelsFamily:
         return [(f"{unit} per kept image", f"{total['labels'] / max(1, total['kept']):.2f}")]
 
     @torch.no_grad()
-    def evaluate(self, model, data: DataConfig, batch_size: int = 32, num_workers: int = 0) -> dict[str, float]:
+    def evaluate(
+        self, model, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
+    ) -> dict[str, float]:
         model.eval()
         right = total = 0
-        loader = DataLoader(self.labeled_dataset(data, "val", None), batch_size=batch_size, collate_fn=list_collate)
+        loader = DataLoader(self.labeled_dataset(data, split, None), batch_size=batch_size, collate_fn=list_collate)
         for samples in loader:
             batch = self.collate(samples)
             predicted = (self._scores(model, batch["images"]) >= 0).float()
