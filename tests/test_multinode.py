@@ -139,8 +139,9 @@ def test_a_rank_failing_on_the_other_node_is_named_here(tmp_path):
 
 @pytest.mark.slow
 def test_a_prefect_run_trains_teacher_and_student_on_two_nodes(prefect_harness, tmp_path):
-    """The quick demo with both training stages on 2 nodes: the flow's tasks are the
-    launching node's agents, `noisy-student agent` serves the other node."""
+    """The quick demo with its training stages on 2 nodes (teacher, student and the
+    control, which trains on the student's settings): the flow's tasks are the launching
+    node's agents, `noisy-student agent` serves the other node."""
     import json
 
     from flows.cli import main
@@ -149,12 +150,12 @@ def test_a_prefect_run_trains_teacher_and_student_on_two_nodes(prefect_harness, 
     sets = []
     for stage in ("teacher", "student.train"):
         sets += ["--set", f"{stage}.nodes=2", "--set", f"{stage}.rdzv_endpoint={endpoint}"]
-    with agent_node(endpoint, stages=2) as agent:
+    with agent_node(endpoint, stages=3) as agent:
         assert main(["demo", "--quick", "--out", str(tmp_path), *sets]) == 0
         out = agent_output(agent)
-    assert agent.returncode == 0 and "stage 2 finished" in out, out
+    assert agent.returncode == 0 and "stage 3 finished" in out, out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"][0]["student_metrics"]
-    for stage in ("teacher", "student"):
+    for stage in ("teacher", "student", "control"):
         log = (tmp_path / "run" / "round-0" / stage / "train.log").read_text()
         assert f"training on 2 nodes x 1 processes (gloo, cpu), rendezvous at {endpoint}" in log, log
