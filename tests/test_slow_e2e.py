@@ -66,7 +66,8 @@ def test_segmentation_demo_end_to_end(prefect_harness, tmp_path, capsys):
         "student.train.augment_level=S3",
     ]
     assert main(args) == 0
-    assert "student mIoU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "teacher   control   student" in out and "(mIoU; control: the student's recipe on human labels only)" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["family"] == "segmentation" and summary["metric"] == "mIoU"
     r0 = summary["rounds"][0]
