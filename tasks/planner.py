@@ -16,7 +16,7 @@ Assumptions (each a line of the printed plan):
 - Labeling spreads the pool's shards over the devices that label (`labeling_devices`:
   those of `pseudo.devices` that workers are bound to, at most N) with no loss:
   images / (devices x images per second), plus the orchestration cost of
-  each task (16 ms on the thread pool, 95 ms on Dask, measured, DESIGN.md section 9;
+  each task (16 ms on the thread pool, 95 ms on Dask, measured by benchmarks/dask_noop_labeling.py;
   the process pool is taken at the thread pool's cost, not measured).
 - Evaluation runs at the labeling rate over the val split, on one device; a soup of n
   extra ingredients evaluates 2n + 2 times on its held-out split and twice on val
