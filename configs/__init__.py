@@ -247,7 +247,7 @@ class TrainConfig(_Config):
 
 
 class PseudoLabelConfig(_Config):
-    """Teacher labeling of the unlabeled pool (RECIPE.md, Pseudo-labels)."""
+    """Teacher labeling of the unlabeled pool (docs/recipe.md, Pseudo-labels)."""
 
     score_threshold: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
         0.5, description="keep labels scoring at least this; auto: the round's audit's F1-maximizing threshold"

@@ -1,4 +1,4 @@
-"""Augmentation levels shared by both families (RECIPE.md, Augmentation levels).
+"""Augmentation levels shared by both families (docs/recipe.md, Augmentation levels).
 
 A sample is `(image, target)`: image uint8 [3,H,W] RGB; target a dict holding
 `boxes_xyxy` float32 [N,4] in pixels with `labels` int64 [N] (detection), and/or
@@ -154,7 +154,7 @@ def autoaugment(
 ) -> tuple[torch.Tensor, dict]:
     """One sub-policy of `policy`, picked uniformly; each op applied with its probability.
 
-    `*_Only_BBoxes` ops always run and use the probability per box (RECIPE.md).
+    `*_Only_BBoxes` ops always run and use the probability per box (docs/recipe.md, Augmentation levels).
     """
     sub = policy[int(torch.randint(0, len(policy), (), generator=generator))]
     for name, prob, level in sub:

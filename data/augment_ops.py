@@ -1,4 +1,4 @@
-"""Box- and mask-aware image ops of the augmentation policies (RECIPE.md, Augmentation levels).
+"""Box- and mask-aware image ops of the augmentation policies (docs/recipe.md, Augmentation levels).
 
 Every op has the signature `op(image, target, level, generator) -> (image, target)`:
 `image` uint8 [3,H,W], `target` the sample's dict (`boxes_xyxy` float32 [N,4] pixels with
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-FILL = 128  # image padding value (RECIPE.md: fill value 128)
+FILL = 128  # image padding value (docs/recipe.md, Augmentation levels: fill value 128)
 IGNORE = 255  # mask padding value
 
 # A box cropped to less than this fraction of its area is dropped: too little is left

@@ -1,7 +1,7 @@
 """Endless loaders and batches that mix human and pseudo samples at a fixed ratio.
 
 A mixed batch holds exactly `n_human` human samples first, then `n_pseudo` pseudo
-samples (DESIGN.md section 7; 1:1 by default, as in the paper). Both streams are
+samples (docs/design.md, Mixed batches; 1:1 by default, as in the paper). Both streams are
 endless and seeded, so a training stage restarted at step k gets a fresh stream
 seeded by (seed, k).
 

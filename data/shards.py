@@ -3,13 +3,13 @@
 A shard is a plain (uncompressed) tar whose members are `{key}.{ext}`; consecutive
 members with the same key form one record `{ext: bytes}`. This is the layout that
 `webdataset.WebDataset` and `webdataset.TarWriter` use, so shards written here are
-read by webdataset and vice versa (DESIGN.md section 6).
+read by webdataset and vice versa (docs/design.md, Shards).
 
 - The unlabeled pool holds `{key}.jpg` (or .png/.webp) per record.
 - A pseudo-label *sidecar* shard holds a subset of an image shard's keys, in the same
   order; `iter_with_sidecar` reads both in lockstep.
 
-Pure Python + torch/torchvision/PIL; no Prefect here (DESIGN.md section 2).
+Pure Python + torch/torchvision/PIL; no Prefect here (docs/design.md, Layers).
 """
 
 from __future__ import annotations

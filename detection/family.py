@@ -156,7 +156,7 @@ class DetectionFamily:
         return dets
 
     def label_images(self, model: RetinaNet, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
-        """Teacher pseudo-labels (or None for an image left empty), RECIPE.md defaults.
+        """Teacher pseudo-labels (or None for an image left empty), defaults of docs/recipe.md, Pseudo-labels.
 
         The rule owns all the filtering: the model hands over its undeduplicated
         candidates scoring >= the rule's threshold, and `to_pseudo_label` applies the

@@ -1,4 +1,4 @@
-"""The box pseudo-label rule and its sidecar encoding (RECIPE.md, Pseudo-labels).
+"""The box pseudo-label rule and its sidecar encoding (docs/recipe.md, Pseudo-labels).
 
 Sidecar record `{key}.json`: {"boxes_xyxy": [[x0, y0, x1, y1], ...] in pixels of the
 original image, "labels": [contiguous class ids], "scores": [teacher scores]}.

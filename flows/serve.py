@@ -1,4 +1,4 @@
-"""Every flow served from one process: `noisy-student serve` (DESIGN.md section 9).
+"""Every flow served from one process: `noisy-student serve` (docs/design.md, Deployments and the UI).
 
 `prefect.serve` registers one deployment per flow, named `<flow>/<name>` (`student/local`,
 ...), with the flow's typed parameters (`cfg: RunConfig`) as its schema, then polls the

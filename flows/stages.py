@@ -195,7 +195,7 @@ def audit_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Label `audit.images` held-out images with the round's teacher, score the labels
     against their ground truth over a sweep of thresholds and recommend two (tasks/audit.py).
 
-    Writes audit.json, pr.png and grid.png in the stage folder and shows them in the
+    Writes audit.json, pr.png and grid.jpg in the stage folder and shows them in the
     `pseudo-audit-round-N` artifact. `pseudo.score_threshold: auto` labels the pool at
     this audit's F1 threshold.
     """

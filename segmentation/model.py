@@ -1,4 +1,4 @@
-"""The NAS-FPN segmenter (RECIPE.md, Architectures): pyramid fused at P3, a 3-conv head.
+"""The NAS-FPN segmenter (docs/recipe.md, Architectures): pyramid fused at P3, a 3-conv head.
 
 EfficientNet C3-C5 -> neck (NAS-FPN by default; any neck of `detection.necks`) ->
 P3..P7, each level resampled bilinearly to P3's size and summed -> three

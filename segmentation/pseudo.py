@@ -1,4 +1,4 @@
-"""Pixel pseudo-labels (RECIPE.md, Pseudo-labels): confident pixels keep the teacher's class.
+"""Pixel pseudo-labels (docs/recipe.md, Pseudo-labels): confident pixels keep the teacher's class.
 
 A teacher prediction is `{"mask": uint8 [H,W] argmax class, "score": float32 [H,W]
 max probability}` in the image's own pixel frame. The rule keeps a pixel when its

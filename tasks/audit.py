@@ -205,7 +205,7 @@ def audit_teacher(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Label the held-out slice with the teacher, score it, write audit.json, pr.png and
-    grid.png under `stage_dir`, and return the report (without the per-threshold lists).
+    grid.jpg under `stage_dir`, and return the report (without the per-threshold lists).
 
     `drawn_threshold`: the threshold whose kept labels the grid draws (the rule's; None:
     the F1 threshold, as `score_threshold: auto` will use)."""

@@ -1,4 +1,4 @@
-"""Inside a training rank with torch.distributed (DESIGN.md section 9). No Prefect here.
+"""Inside a training rank with torch.distributed (docs/design.md, Distributed training). No Prefect here.
 
 The ranks are started by tasks/launcher.py (torch.distributed.elastic). With one
 process no process group exists, `rank()` is 0, `world_size()` is 1, and every helper

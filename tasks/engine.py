@@ -117,7 +117,7 @@ class Stateful(Protocol):
 
 
 class LossNormalizer:
-    """Joint loss of a mixed batch (Zoph et al. 2020, Sec. 3.3; DESIGN.md section 7).
+    """Joint loss of a mixed batch (Zoph et al. 2020, Sec. 3.3; docs/design.md, Mixed batches).
 
     normalized: L = 1/(1+a) * (L_h + a * (mavg(L_h) / mavg(L_p)) * L_p)
     plain:      L = L_h + a * L_p

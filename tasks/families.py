@@ -1,4 +1,4 @@
-"""The closed set of families, by name (DESIGN.md section 3)."""
+"""The closed set of families, by name (docs/design.md, Families)."""
 
 from __future__ import annotations
 

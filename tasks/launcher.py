@@ -1,4 +1,4 @@
-"""Starting training ranks with torch.distributed.elastic (DESIGN.md section 9). No Prefect here.
+"""Starting training ranks with torch.distributed.elastic (docs/design.md, Distributed training). No Prefect here.
 
 `launch(fn, args, processes, device, backend, log, on_step, nodes, rdzv_endpoint)` runs
 `fn(*args, device=, log=, on_step=)` once per rank and returns the result of this

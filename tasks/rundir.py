@@ -1,10 +1,11 @@
-"""The run directory (DESIGN.md section 5): stage folders, digests, manifests, atomic writes.
+"""The run directory (docs/design.md, Run directory): stage folders, digests, manifests, atomic writes.
 
     <run>/config.yaml
     <run>/round-0/teacher/   model.pt, checkpoint.pt, metrics.json, train.log, manifest.json
     <run>/round-0/audit/     audit.json, pr.png, grid.jpg, manifest.json (with audit.split)
     <run>/round-0/pseudo/    labels-000000.tar, labels-000000.json, ..., manifest.json
     <run>/round-0/student/   model.pt, checkpoint.pt, metrics.json, train.log, manifest.json
+    <run>/round-0/control/   the same files: the student's recipe on human labels only
     <run>/round-0/student-1/ ... one per soup ingredient (with soup.ingredients)
     <run>/round-0/soup/      soup.json, uniform/model.pt, greedy/model.pt, manifest.json
     <run>/summary.json, report.md

@@ -1,4 +1,4 @@
-"""S1 moves image, boxes and masks together (the paint test of DESIGN.md section 8)."""
+"""S1 moves image, boxes and masks together (the paint test of docs/design.md, Augmentation)."""
 
 import pytest
 import torch

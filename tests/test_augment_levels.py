@@ -1,4 +1,4 @@
-"""S2-S4: box- and mask-aware policy ops (RECIPE.md, Augmentation levels; DESIGN.md section 8).
+"""S2-S4: box- and mask-aware policy ops (docs/recipe.md, Augmentation levels; docs/design.md, Augmentation).
 
 The paint test: each box i is painted into the mask with value i+1 (and into the image
 with a matching grey level) before an op; afterwards the painted region must sit where

@@ -1,4 +1,4 @@
-"""Imports point one way: flows -> tasks -> families -> data (DESIGN.md section 2)."""
+"""Imports point one way: flows -> tasks -> families -> data (docs/design.md, Layers)."""
 
 import ast
 import subprocess

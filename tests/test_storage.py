@@ -149,7 +149,10 @@ def test_the_whole_quick_demo_runs_on_s3_and_a_rerun_skips_every_stage(bucket, p
     out = f"{bucket}/demo"
     assert main(["demo", "--quick", "--out", out]) == 0
     printed = capsys.readouterr().out
-    assert "teacher   control   student" in printed and "(AP; control: the student's recipe on human labels only)" in printed
+    assert (
+        "teacher   control   student" in printed
+        and "(AP; control: the student's recipe on human labels only)" in printed
+    )
     names = set(fsspec.filesystem("s3").find(out[5:]))
     prefix = out[5:]
     for rel in (

@@ -2,7 +2,7 @@
 Prefect UI in headless Chromium showing the runs and their artifacts.
 
 The server gets a free port, a fresh PREFECT_HOME and PREFECT_SERVER_UI_API_URL (without
-it the UI calls port 4200; DESIGN.md section 9). Chromium is Debian's /usr/bin/chromium
+it the UI calls port 4200; docs/design.md, Deployments and the UI). Chromium is Debian's /usr/bin/chromium
 driven by Playwright; `make test-slow` installs both. Screenshots are saved under
 runs/test-ui/<test name>/, printed at the end of each test.
 
