@@ -14,7 +14,8 @@ before the first seed and just after the last: the demo's budget is 2,000 of the
         [--jobs 1] [--threads T] [--out runs/bench] [--set key=value ...]
 
 Cost: about the demo's time per seed, one at a time. An interrupted invocation resumes:
-seeds with a finished run and a recorded wall time (seed-N/wall.json) are not run again.
+seeds with a finished run and a recorded wall time (seed-N/wall.json, with the reference
+step measured in the invocation that ran it) are not run again.
 Wall times of seeds run side by side are not the demo's time on an idle machine.
 """
 
@@ -100,12 +101,16 @@ def main() -> int:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    pending, running, walls = [], {}, {}
+    pending, running, walls, earlier_refs = [], {}, {}, {}
     for seed in args.seeds:
-        # A seed finished by an earlier, interrupted invocation keeps its measured time.
+        # A seed finished by an earlier, interrupted invocation keeps its measured time,
+        # converted to reference steps with the reference step measured in that invocation.
         done = Path(args.out) / f"seed-{seed}" / "wall.json"
         if done.exists() and (done.parent / "run" / "summary.json").exists():
-            walls[seed] = json.loads(done.read_text())["wall_s"]
+            record = json.loads(done.read_text())
+            walls[seed] = record["wall_s"]
+            if record.get("reference_step_s"):
+                earlier_refs[seed] = record["reference_step_s"]
             print(json.dumps({"seed": seed, "finished_earlier": str(done)}), file=sys.stderr, flush=True)
         else:
             pending.append(seed)
@@ -136,7 +141,12 @@ def main() -> int:
                         raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {log}")
                     walls[seed] = time.perf_counter() - t0
                     wall = Path(args.out) / f"seed-{seed}" / "wall.json"
-                    wall.write_text(json.dumps({"wall_s": round(walls[seed], 1), "jobs": args.jobs}) + "\n")
+                    record = {
+                        "wall_s": round(walls[seed], 1),
+                        "jobs": args.jobs,
+                        "reference_step_s": reference[0] if reference else None,
+                    }
+                    wall.write_text(json.dumps(record) + "\n")
                     del running[seed]
     finally:
         stop_demos([proc for proc, _ in running.values()])
@@ -148,7 +158,7 @@ def main() -> int:
         out = Path(args.out) / f"seed-{seed}"
         summary = json.loads((out / "run" / "summary.json").read_text())
         metric = summary["metric"]
-        rows.append(seed_row(seed, summary, walls[seed], ref))
+        rows.append(seed_row(seed, summary, walls[seed], earlier_refs.get(seed, ref)))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gains = [r["gain"] for r in rows]
     over = [r["over_control"] for r in rows]
@@ -165,7 +175,7 @@ def main() -> int:
                 "mean_wall_s": round(statistics.mean(r["wall_s"] for r in rows), 1),
                 # measured before the first and after the last seed; their mean converts wall times
                 "reference_step_s": [round(x, 3) for x in reference],
-                "mean_reference_steps": round(statistics.mean(r["wall_s"] for r in rows) / ref) if ref else None,
+                "mean_reference_steps": round(statistics.mean(r["reference_steps"] for r in rows)) if ref else None,
                 "overrides": args.overrides,
                 "jobs": args.jobs,
                 "threads": args.threads,

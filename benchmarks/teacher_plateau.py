@@ -1,0 +1,114 @@
+"""Is the demo's teacher near its plateau? The same teacher trained for more (or fewer) steps.
+
+    .venv/bin/python benchmarks/teacher_plateau.py --run runs/bench-det/seed-0/run \
+        [--factors 1.25] [--out runs/plateau-det]
+
+Reads a finished demo run (its `config.yaml` and its round-0 teacher) and trains, for
+each factor f, the same teacher (same data, seed, recipe, warm-up) for round(f * steps)
+steps with its own cosine schedule, through the product's `stage teacher` in a fresh
+process per point. Each point is evaluated on val and on the held-out split
+(`tasks.training.evaluate_checkpoint`); the run's own teacher is the 1x point. Prints one
+JSON object: per point steps, val and held-out metric, wall time and reference steps
+(benchmarks/train_step_time.py, measured before the first point), and each point's
+gain over the 1x teacher. The demo's teacher counts as near its plateau when the 1.25x
+teacher gains under 1.0 on both splits.
+
+Resumable: a point whose teacher finished is evaluated again, not retrained (its
+recorded wall time is kept). Cost: the teacher's time times the sum of the factors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this folder when imported
+
+from demo_seeds import measure_reference  # noqa: E402
+
+from configs import load_config  # noqa: E402
+from tasks.training import MODEL_FILE, evaluate_checkpoint  # noqa: E402
+
+
+def point(cfg, checkpoint: Path, metric: str) -> dict:
+    """Val and held-out metric of one teacher checkpoint."""
+    out = {"val": round(evaluate_checkpoint(cfg, checkpoint, "val")[metric], 2)}
+    if cfg.data.has_holdout:
+        out["held_out"] = round(evaluate_checkpoint(cfg, checkpoint, "holdout")[metric], 2)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", required=True, help="a finished demo run directory (holds config.yaml)")
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.25])
+    parser.add_argument("--out", default=None, help="default: <run>/../plateau")
+    parser.add_argument("--no-reference", action="store_true")
+    args = parser.parse_args()
+    run = Path(args.run)
+    config = run / "config.yaml"
+    if not config.exists():
+        raise SystemExit(f"--run {run}: no config.yaml; give a finished demo run directory")
+    cfg = load_config(config)
+    metric = json.loads((run / "summary.json").read_text())["metric"]
+    base_ckpt = run / "round-0" / "teacher" / MODEL_FILE
+    if not base_ckpt.exists():
+        raise SystemExit(f"--run {run}: its round-0 teacher has not finished ({base_ckpt} is missing)")
+    out_root = Path(args.out) if args.out else run.parent / "plateau"
+    ref = None if args.no_reference else measure_reference()
+    base = cfg.teacher.steps
+    points = [{"factor": 1.0, "steps": base, **point(cfg, base_ckpt, metric)}]
+    print(json.dumps(points[-1]), file=sys.stderr, flush=True)
+    for factor in args.factors:
+        steps = round(factor * base)
+        cell = out_root / f"steps-{steps}"
+        ckpt = cell / "run" / "round-0" / "teacher" / MODEL_FILE
+        overrides = [f"out_dir={cell / 'run'}", f"teacher.steps={steps}"]
+        wall_file = cell / "wall.json"
+        if not (ckpt.exists() and wall_file.exists()):
+            cell.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "flows.cli", "stage", "teacher", str(config)]
+            for o in overrides:
+                cmd += ["--set", o]
+            t0 = time.perf_counter()
+            with open(cell / "stage.log", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            if rc:
+                raise SystemExit(f"the {steps}-step teacher failed (exit {rc}); see {cell / 'stage.log'}")
+            wall_file.write_text(
+                json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "reference_step_s": ref}) + "\n"
+            )
+        wall = json.loads(wall_file.read_text())
+        row = {"factor": factor, "steps": steps, **point(load_config(config, overrides), ckpt, metric)}
+        row["wall_s"] = wall["wall_s"]
+        if wall.get("reference_step_s"):
+            row["reference_steps"] = round(wall["wall_s"] / wall["reference_step_s"])
+        for split in ("val", "held_out"):
+            if split in row:
+                row[f"{split}_gain"] = round(row[split] - points[0][split], 2)
+        points.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    longer = [p for p in points if p["factor"] == 1.25]
+    near = None
+    if longer:
+        near = all(longer[0].get(f"{s}_gain", 0.0) < 1.0 for s in ("val", "held_out"))
+    result = {
+        "benchmark": "teacher_plateau",
+        "run": str(run),
+        "family": cfg.family,
+        "metric": metric,
+        "points": points,
+        "near_plateau": near,
+        "reference_step_s": ref,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
