@@ -1,0 +1,43 @@
+"""benchmarks/teacher_plateau.py: the same teacher trained longer, on val and held out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.benchmark_module import ROOT
+
+
+@pytest.mark.slow
+def test_a_longer_teacher_is_measured_on_both_splits_and_not_retrained_on_resume(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    run = tmp_path / "demo" / "run"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "teacher_plateau.py"), "--run", str(run)]
+    cmd += ["--factors", "1.25", "--no-reference", "--out", str(tmp_path / "plateau")]
+    first = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    base, longer = first["points"]
+    teacher = json.loads((run / "round-0" / "teacher" / "metrics.json").read_text())
+    assert base["factor"] == 1.0 and base["val"] == pytest.approx(teacher["AP"], abs=0.01)
+    assert longer["steps"] == round(1.25 * base["steps"]) and "held_out" in longer
+    trained = json.loads(
+        (
+            tmp_path / "plateau" / f"steps-{longer['steps']}" / "run" / "round-0" / "teacher" / "manifest.json"
+        ).read_text()
+    )
+    assert trained["inputs"]["train"]["steps"] == longer["steps"]
+    for split in ("val", "held_out"):
+        assert longer[f"{split}_gain"] == pytest.approx(longer[split] - base[split], abs=0.01)
+    assert first["near_plateau"] == (longer["val_gain"] < 1.0 and longer["held_out_gain"] < 1.0)
+    # a second invocation evaluates the finished point again without training it
+    log = tmp_path / "plateau" / f"steps-{longer['steps']}" / "stage.log"
+    stamp = log.stat().st_mtime_ns
+    again = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    assert log.stat().st_mtime_ns == stamp and again["points"][1]["val"] == longer["val"]
