@@ -43,7 +43,7 @@ def one_case(family_name: str, n: int, setting: str, steps: int) -> dict:
     parts = set(setting.split("+"))
     tuned = tune_host_allocator() if "tuned" in parts else False
     family, model = build(family_name, *MODELS[family_name])
-    if "channels_last" in parts:  # the batches follow the weights (detection/backbone.py)
+    if "channels_last" in parts:  # the batches follow the weights (nets/backbone.py)
         model.to(memory_format=torch.channels_last)
     faults = []
     seconds = timed_steps(

@@ -140,7 +140,7 @@ def label_pool(
 @torch.inference_mode()
 def bare_inference(cfg, teacher: Path, repeats: int) -> float:
     """img/s of the teacher's eval forward on one ready batch of pseudo.batch_size images."""
-    from detection.backbone import model_input
+    from nets.backbone import model_input
     from tasks.training import shared_model
 
     _, model = shared_model(teacher, cfg.device)

@@ -20,8 +20,8 @@ from data.mixing import list_collate, loader_options
 from data.world import Demo, WorldPaths, WorldSpec
 from detection import evaluate as coco_eval
 from detection import pseudo
-from detection.backbone import build_backbone, model_input
-from detection.necks import build_neck
+from nets.backbone import build_backbone, model_input
+from nets.necks import build_neck
 from detection.retinanet import RetinaNet
 
 

@@ -19,8 +19,8 @@ from data.augment import Augment, crop_pad, resize
 from data.mixing import list_collate, loader_options
 from data.voc import VOC_CLASSES, VOCSegmentation
 from data.world import Demo, WorldPaths, WorldSpec
-from detection.backbone import build_backbone, model_input
-from detection.necks import build_neck
+from nets.backbone import build_backbone, model_input
+from nets.necks import build_neck
 from segmentation import evaluate as seg_eval
 from segmentation import pseudo
 from segmentation.model import Segmenter

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from configs import PseudoLabelConfig, TrainConfig
-from detection.backbone import model_input
+from nets.backbone import model_input
 from tasks import engine
 from tasks.engine import CHECKPOINT, fit, to_device_ahead
 from tests.conftest import tiny_model_config

@@ -235,7 +235,7 @@ def test_loss_normalizer_sees_the_mean_over_ranks():
 
 
 def test_batchnorm_conversion_keeps_weights_and_outputs():
-    from detection.backbone import build_backbone
+    from nets.backbone import build_backbone
 
     torch.manual_seed(0)
     plain = build_backbone("test_efficientnet")

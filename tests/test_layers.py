@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOWER = ["data", "detection", "segmentation", "configs"]
+LOWER = ["data", "nets", "detection", "segmentation", "configs"]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -39,3 +39,12 @@ def test_families_import_without_prefect():
         "assert 'prefect' not in sys.modules, 'prefect was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_families_do_not_import_each_other_and_nets_imports_neither():
+    """Parts both families use live in nets/; a family never reaches into the other."""
+    families = {"detection", "segmentation"}
+    for pkg in [*families, "nets"]:
+        others = families - {pkg}
+        for path in (ROOT / pkg).rglob("*.py"):
+            assert not imported_modules(path) & others, f"{path} imports {imported_modules(path) & others}"
