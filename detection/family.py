@@ -20,9 +20,9 @@ from data.mixing import list_collate, loader_options
 from data.world import Demo, WorldPaths, WorldSpec
 from detection import evaluate as coco_eval
 from detection import pseudo
+from detection.retinanet import RetinaNet
 from nets.backbone import build_backbone, model_input
 from nets.necks import build_neck
-from detection.retinanet import RetinaNet
 
 
 def _coco_world(world: WorldPaths) -> tuple[dict, int]:

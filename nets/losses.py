@@ -39,5 +39,8 @@ def group_scale(units: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         if ranks > 1:
             torch.distributed.all_reduce(counts)
     return torch.cat(
-        [torch.full((n,), n * ranks, dtype=torch.float32, device=units.device) / c.clamp(min=1) for n, c in zip(group_sizes, counts)]
+        [
+            torch.full((n,), n * ranks, dtype=torch.float32, device=units.device) / c.clamp(min=1)
+            for n, c in zip(group_sizes, counts)
+        ]
     )

@@ -38,7 +38,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from configs import TrainConfig
-from data import storage
+from data import files, storage
 from tasks import distributed
 from tasks.rundir import atomic_torch_save, atomic_write_json, read_json
 
@@ -107,7 +107,7 @@ def _diverged_run_resumes(stage_dir: Path, state: dict, resume_key: str | None) 
 
 def _keep_diverged_checkpoint(ckpt_path: Path) -> None:
     """`checkpoint-diverged.pt` beside `ckpt_path`: a hard link (a copy where links fail)."""
-    storage.copy(ckpt_path, ckpt_path.with_name(DIVERGED_CHECKPOINT))
+    files.copy(ckpt_path, ckpt_path.with_name(DIVERGED_CHECKPOINT))
 
 
 class Stateful(Protocol):

@@ -48,3 +48,46 @@ def test_families_do_not_import_each_other_and_nets_imports_neither():
         others = families - {pkg}
         for path in (ROOT / pkg).rglob("*.py"):
             assert not imported_modules(path) & others, f"{path} imports {imported_modules(path) & others}"
+
+
+def project_module_imports() -> dict[str, set[str]]:
+    """Every project module's imports of other project modules, at any depth of the file
+    (imports inside functions count: they are circles too, only deferred)."""
+    packages = ["flows", "tasks", "nets", "detection", "segmentation", "data", "configs"]
+    modules = {}
+    for pkg in packages:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module in modules:
+                    deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_circle():
+    graph = project_module_imports()
+    assert {"data.files", "data.storage", "tasks.engine"} <= set(graph), "the module graph missed modules"
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                circle = path[path.index(dep) :] + [dep]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
