@@ -4,7 +4,7 @@
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,audit,pseudo-label,student,control,soup,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student serve [--name local] [--limit N]
-    noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json | --probe] [--set ...]
+    noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json] [--set ...]
     noisy-student agent --rdzv-endpoint HOST:PORT --nodes N [--processes P] [--local-addr A] [--stages K]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
@@ -83,10 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--figures",
         default=None,
-        help="a benchmarks/ratios.py JSON to take throughputs from (default: benchmarks/results/ratios-<device>.json "
-        "if its sizes are the config's, else a 30-second probe)",
+        help="a JSON of benchmarks/ratios.py to take throughputs from, used if it was measured at the config's "
+        "sizes (default: a 30-second probe on this machine)",
     )
-    plan.add_argument("--probe", action="store_true", help="measure on this machine even where figures exist")
     _add_set(plan)
 
     agent = sub.add_parser(
@@ -280,16 +279,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import torch
-
     from configs import load_config
     from tasks import planner
 
     cfg = load_config(args.config, args.overrides)
-    figures = args.figures or f"benchmarks/results/ratios-{torch.device(cfg.device).type}.json"
-    rates = planner.from_figures(cfg, figures, args.gpus) if Path(figures).exists() and not args.probe else None
-    if args.figures and rates is None:
-        print(f"noisy-student: {args.figures} was measured at other sizes than the config's; probing", file=sys.stderr)
+    rates = None
+    if args.figures:
+        if not Path(args.figures).is_file():
+            raise SystemExit(f"noisy-student plan: --figures {args.figures}: no such file")
+        rates = planner.from_figures(cfg, args.figures, args.gpus)
+        if rates is None:
+            print(
+                f"noisy-student: {args.figures} was measured at other sizes than the config's; probing", file=sys.stderr
+            )
     print(planner.format_plan(planner.plan(cfg, args.gpus, args.images, rates), args.config))
     return 0
 

@@ -140,8 +140,16 @@ def test_figures_are_used_only_at_the_configs_sizes(quick, tmp_path):
 def test_plan_command_prints_every_stage_and_the_whole_run(quick, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(quick))
-    assert main(["plan", str(config), "--gpus", "2", "--probe", "--images", "1000"]) == 0
+    assert main(["plan", str(config), "--gpus", "2", "--images", "1000"]) == 0
     out = capsys.readouterr().out
     expected = ("teacher", "pseudo-label", "student", "whole run", "1000 images in 3 shards, labeled on 1 device(s), 3")
     for line in expected:
         assert line in out, out
+
+
+def test_plan_names_a_figures_file_that_does_not_exist(quick, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(quick))
+    missing = tmp_path / "ratios-cuda.json"
+    with pytest.raises(SystemExit, match=f"--figures {missing}: no such file"):
+        main(["plan", str(config), "--gpus", "2", "--figures", str(missing)])
