@@ -364,7 +364,7 @@ class StudentConfig(_Config):
 
 
 class SoupConfig(_Config):
-    """Model soups of the round's students (flows/stages.py `soup_flow`, tasks/soups.py).
+    """Model soups of the round's students (flows/stages.py `soup_flow`, engine/soups.py).
 
     The ingredients are the round's student and one more student per entry of
     `ingredients`, each trained with those overrides of the student section (a small
@@ -392,7 +392,7 @@ class SoupConfig(_Config):
         return v
 
 
-# The data format each family reads (the families themselves: tasks/families.py).
+# The data format each family reads (the families themselves: engine/families.py).
 FAMILY_DATA_FORMATS: dict[str, str] = {"detection": "coco", "segmentation": "voc"}
 
 

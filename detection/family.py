@@ -1,6 +1,6 @@
 """The detection family: RetinaNet on an EfficientNet pyramid, COCO data, box pseudo-labels.
 
-`DetectionFamily` satisfies the family contract of `tasks/contract.py`; it is the only
+`DetectionFamily` satisfies the family contract of `engine/contract.py`; it is the only
 place where detection reads configuration.
 """
 

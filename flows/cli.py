@@ -186,10 +186,10 @@ def _clear_message(err: Exception) -> str | None:
     """The message of an error that says what happened and what to do (printed alone,
     without a traceback); None for any other error."""
     from data.files import DiskFullError
+    from engine.devices import DeviceError
+    from engine.loop import TrainingDiverged
+    from engine.runlock import RunDirLocked
     from flows.stages import NoPseudoLabels
-    from tasks.devices import DeviceError
-    from tasks.engine import TrainingDiverged
-    from tasks.runlock import RunDirLocked
 
     if isinstance(err, (DeviceError, DiskFullError, NoPseudoLabels, RunDirLocked, TrainingDiverged)):
         return str(err)
@@ -234,7 +234,7 @@ def _augment_preview(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from tasks.launcher import serve_node
+    from engine.launcher import serve_node
 
     try:
         failed = serve_node(args.rdzv_endpoint, args.nodes, args.processes, args.local_addr, args.stages, args.idle)
@@ -252,8 +252,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from engine.runlock import hold_run_dir
     from flows.demo import demo_config, demo_preset, format_summary
-    from tasks.runlock import hold_run_dir
 
     out = args.out or f"runs/{demo_preset(args.family, args.quick)}"
     with hold_run_dir(storage.join(out, "run")):  # before the world is written
@@ -273,15 +273,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _config_command(args: argparse.Namespace) -> int:
     """`run` and `stage`: every missing input named at once, before any stage runs."""
     from configs import load_config
-    from tasks.inputs import check_inputs
-    from tasks.runlock import hold_run_dir
+    from engine.inputs import check_inputs
+    from engine.runlock import hold_run_dir
 
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg, ALL_STAGES if args.command == "run" else (args.name,))
     if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
+        from engine.rundir import RunDir
+        from engine.training import MODEL_FILE
         from flows import stages
-        from tasks.rundir import RunDir
-        from tasks.training import MODEL_FILE
 
         ckpt = args.checkpoint or str(RunDir(cfg.out_dir).stage(args.round_index, "student") / MODEL_FILE)
         print(json.dumps(stages.evaluate_flow(cfg, ckpt), indent=2))
@@ -297,7 +297,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from configs import load_config
-    from tasks import planner
+    from engine import planner
 
     cfg = load_config(args.config, args.overrides)
     rates = None

@@ -2,7 +2,7 @@
 
 Each stage flow takes the run's config and a round index, reads its upstream's
 outputs from the run directory's manifests, and skips itself when its own manifest
-matches its inputs (tasks/rundir.py). So any stage can be rerun alone, from the CLI
+matches its inputs (engine/rundir.py). So any stage can be rerun alone, from the CLI
 or as a deployment, and a change of its parameters invalidates exactly the stages
 after it.
 """
@@ -18,12 +18,11 @@ from prefect.futures import as_completed
 from configs import ConfigError, RunConfig, build_config, dump_config
 from data import storage
 from data.shards import expand_urls, shard_identities
-from flows import artifacts
-from tasks import audit, runners, soups, units
-from tasks.families import get_family
-from tasks.inputs import check_inputs, split_digest
-from tasks.labeling import add_stats, empty_stats, finished_shards, remove_temporaries
-from tasks.rundir import (
+from engine import audit, soups
+from engine.families import get_family
+from engine.inputs import check_inputs, split_digest
+from engine.labeling import add_stats, empty_stats, finished_shards, remove_temporaries
+from engine.rundir import (
     RunDir,
     atomic_write_bytes,
     atomic_write_json,
@@ -34,8 +33,10 @@ from tasks.rundir import (
     read_manifest,
     write_manifest,
 )
-from tasks.runlock import holds_run_dir
-from tasks.training import MODEL_FILE, resume_key
+from engine.runlock import holds_run_dir
+from engine.training import MODEL_FILE, resume_key
+from flows import artifacts
+from tasks import runners, units
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -193,7 +194,7 @@ def finish(stage: Path, inputs: dict, outputs: dict) -> dict:
 @holds_run_dir
 def audit_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Label `audit.images` held-out images with the round's teacher, score the labels
-    against their ground truth over a sweep of thresholds and recommend two (tasks/audit.py).
+    against their ground truth over a sweep of thresholds and recommend two (engine/audit.py).
 
     Writes audit.json, pr.png and grid.jpg in the stage folder and shows them in the
     `pseudo-audit-round-N` artifact. `pseudo.score_threshold: auto` labels the pool at
@@ -261,7 +262,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     if not shards:
         raise ValueError("data.unlabeled_shards matches no shard")
     inputs = pseudo_inputs(cfg, teacher, shards)
-    if removed := remove_temporaries(stage):  # this run holds the run directory (tasks/runlock.py)
+    if removed := remove_temporaries(stage):  # this run holds the run directory (engine/runlock.py)
         logger.info("removed %d temporary file(s) an interrupted run left in %s", len(removed), stage)
     if done := finished(stage, inputs):
         logger.info("pseudo-labels of round %d are up to date; skipped", round_index)
@@ -410,7 +411,7 @@ def soup_ingredients(cfg: RunConfig) -> list[tuple[str, tuple[str, ...], RunConf
 @holds_run_dir
 def soup_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Train the round's soup ingredients (student flows, each skipped when up to date),
-    then average them into a uniform and a greedy soup (tasks/soups.py), chosen on the
+    then average them into a uniform and a greedy soup (engine/soups.py), chosen on the
     held-out split, reported on val, in `<round>/soup` and the `soup-round-N` table."""
     logger = get_run_logger()
     if not cfg.soup.ingredients:
@@ -472,7 +473,7 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     <run>/config.yaml first and <run>/summary.json and report.md last; with several
     rounds also rounds.png, the metric per round, shown in the UI as the `rounds`
     artifact. Fails before any stage runs when inputs are missing, naming all of them
-    (tasks/inputs.py).
+    (engine/inputs.py).
     """
     check_inputs(cfg)
     t0 = time.perf_counter()

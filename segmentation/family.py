@@ -1,6 +1,6 @@
 """The segmentation family: a NAS-FPN segmenter, PASCAL VOC data, pixel pseudo-labels, mIoU.
 
-`SegmentationFamily` satisfies the family contract of `tasks/contract.py`; it is the
+`SegmentationFamily` satisfies the family contract of `engine/contract.py`; it is the
 only place where segmentation reads configuration. Class 0 is background, so a VOC
 config has 21 classes and `model.num_classes` counts the background.
 """

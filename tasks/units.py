@@ -16,9 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from configs import RunConfig
 from data import storage
 from data.files import AppendLog, DiskFullError
-from tasks import audit, labeling, soups, training
-from tasks.devices import DeviceError, bound_device, check_device
-from tasks.engine import device_settings
+from engine import audit, labeling, soups, training
+from engine.devices import DeviceError, bound_device, check_device
+from engine.loop import device_settings
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from configs import TrainConfig
-from tasks.engine import CHECKPOINT, fit, lr_factor
+from engine.loop import CHECKPOINT, fit, lr_factor
 
 
 def batches(start):

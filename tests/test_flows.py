@@ -141,7 +141,7 @@ def test_auto_threshold_labels_at_the_audits_f1_threshold(quick_run):
 
 
 def test_soup_of_the_student_and_a_second_ingredient(quick_run):
-    from tasks.training import evaluate_checkpoint
+    from engine.training import evaluate_checkpoint
 
     run = quick_run / "run"
     ingredient = "soup.ingredients=[[student.alpha=0.5]]"

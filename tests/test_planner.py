@@ -9,10 +9,10 @@ import torch
 
 from configs import dump_config
 from detection.family import DetectionFamily
+from engine import planner
+from engine.planner import TASK_OVERHEAD_S
 from flows.cli import main
 from flows.demo import demo_config
-from tasks import planner
-from tasks.planner import TASK_OVERHEAD_S
 
 FAMILY = DetectionFamily()
 
@@ -86,8 +86,8 @@ def test_labeling_is_divided_by_the_devices_that_label(quick, device, pseudo, gp
 def test_the_plan_counts_the_soups_own_evaluations(quick, tmp_path, monkeypatch, extra):
     """make_soups on tiny ingredients, the family's evaluate counting its passes per split:
     the counts are the planner's."""
-    from tasks.soups import make_soups
-    from tasks.training import save_model
+    from engine.soups import make_soups
+    from engine.training import save_model
     from tests.conftest import tiny_model_config
 
     model_cfg = tiny_model_config()

@@ -98,8 +98,8 @@ def flow_runs(api: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def evaluate_command(small_world, tmp_path_factory) -> list[str]:
     """`noisy-student stage evaluate` of an untrained tiny detector on the small world."""
-    from tasks.families import get_family
-    from tasks.training import save_model
+    from engine.families import get_family
+    from engine.training import save_model
 
     root = tmp_path_factory.mktemp("auth-run")
     data = world_data(small_world)

@@ -28,9 +28,9 @@ from torch import nn
 from configs import PseudoLabelConfig
 from data import storage
 from data.shards import CorruptImageError, ShardReadError, decode_image, image_bytes, iter_shard, write_shard
-from tasks.contract import Family
-from tasks.engine import autocast
-from tasks.rundir import atomic_write_json, read_json
+from engine.contract import Family
+from engine.loop import autocast
+from engine.rundir import atomic_write_json, read_json
 
 log = logging.getLogger("noisy_student.labeling")
 

@@ -19,9 +19,9 @@ import torch
 
 from configs import ModelConfig, RunConfig
 from data import storage
-from tasks.engine import device_settings
-from tasks.rundir import atomic_write_json
-from tasks.training import MODEL_FILE, load_model, save_model
+from engine.loop import device_settings
+from engine.rundir import atomic_write_json
+from engine.training import MODEL_FILE, load_model, save_model
 
 State = dict[str, torch.Tensor]
 

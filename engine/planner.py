@@ -36,10 +36,10 @@ import torch
 
 from configs import RunConfig, TrainConfig
 from data.shards import expand_urls, iter_shard
-from tasks import devices
-from tasks.engine import autocast, build_optimizer, device_settings
-from tasks.families import get_family
-from tasks.training import augmentation
+from engine import devices
+from engine.families import get_family
+from engine.loop import autocast, build_optimizer, device_settings
+from engine.training import augmentation
 
 TASK_OVERHEAD_S = {"thread": 0.016, "process": 0.016, "dask": 0.095}
 PROBE_S = 30.0
@@ -155,7 +155,7 @@ def labeling_devices(cfg: RunConfig, gpus: int) -> int:
 
 
 def soup_passes(extra: int) -> tuple[int, int]:
-    """(held-out, val) evaluation passes of `tasks.soups.make_soups` for a soup of `extra`
+    """(held-out, val) evaluation passes of `engine.soups.make_soups` for a soup of `extra`
     ingredients besides the student: each of the extra + 1 ingredients on held-out, the
     greedy soup's `extra` candidates on held-out, both soups on val and the uniform soup
     on held-out."""
@@ -231,7 +231,7 @@ def format_plan(p: dict, config: str) -> str:
         f"{p['labeling_tasks_per_round']} labeling tasks per round, {p['prefect_tasks']} Prefect tasks in all"
     )
     lines.append(
-        "  assumes: linear data-parallel scaling, no data-loading stalls, stages one after another (tasks/planner.py)"
+        "  assumes: linear data-parallel scaling, no data-loading stalls, stages one after another (engine/planner.py)"
     )
     return "\n".join(lines)
 
