@@ -205,7 +205,7 @@ class TrainConfig(_Config):
         1,
         ge=1,
         description="machines the stage trains on, `processes` ranks each; nodes > 1 needs rdzv_endpoint, and "
-        "`noisy-student agent` running on every other node (README, Clusters)",
+        "`noisy-student agent` running on every other node (docs/clusters.md, Training on several nodes)",
     )
     rdzv_endpoint: str = run_setting(
         "",

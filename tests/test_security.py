@@ -1,5 +1,5 @@
-"""Security: a shared Prefect server protected by PREFECT_SERVER_API_AUTH_STRING (README,
-Clusters) runs the project's flows for a client with PREFECT_API_AUTH_STRING and refuses
+"""Security: a shared Prefect server protected by PREFECT_SERVER_API_AUTH_STRING (docs/clusters.md,
+A shared server needs a password) runs the project's flows for a client with PREFECT_API_AUTH_STRING and refuses
 one without it (or with a wrong password); the labeling stage's Dask cluster listens on
 loopback only. (tests/test_interrupt.py checks the temporary server and the training
 processes of a run, and that a secret in the environment stays out of every file.)
