@@ -26,6 +26,16 @@ def quick(tmp_path_factory):
     return cfg
 
 
+def test_the_task_overhead_is_the_committed_measurement():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/noop-labeling-10000.json"
+    runners = json.loads(path.read_text())["runners"]
+    for runner in ("thread", "dask"):
+        assert TASK_OVERHEAD_S[runner] == pytest.approx(runners[runner]["overhead_per_task_s"], abs=0.001), runner
+
+
 def test_the_plan_adds_its_stages_from_the_rates(quick):
     cfg = quick.model_copy(update={"rounds": 2})
     p = planner.plan(cfg, gpus=2, rates=RATES)
@@ -33,7 +43,7 @@ def test_the_plan_adds_its_stages_from_the_rates(quick):
     assert p["stages_s"]["teacher"] == pytest.approx(cfg.teacher.steps * 0.5 + evaluate, abs=0.1)
     assert p["stages_s"]["student"] == pytest.approx(cfg.student.train.steps * 1.0 + evaluate, abs=0.1)
     # 48 images on the one device that labels at 40 img/s, plus one task's orchestration per shard chunk
-    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * 0.016, abs=0.06)
+    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * TASK_OVERHEAD_S["thread"], abs=0.06)
     assert p["stages_s"]["audit"] == pytest.approx(8 / 40.0, abs=0.1)  # the quick world's 8 held-out images
     # the control: the student's steps on its 4 human images of 4 + 4, at the student's cost per image
     assert p["stages_s"]["control"] == pytest.approx(cfg.student.train.steps * 1.0 * 4 / 8 + evaluate, abs=0.1)
