@@ -188,10 +188,20 @@ def _clear_message(err: Exception) -> str | None:
     from data.files import DiskFullError
     from engine.devices import DeviceError
     from engine.loop import TrainingDiverged
+    from engine.rundir import DamagedOutput, StageNotFinished
     from engine.runlock import RunDirLocked
     from flows.stages import NoPseudoLabels
 
-    if isinstance(err, (DeviceError, DiskFullError, NoPseudoLabels, RunDirLocked, TrainingDiverged)):
+    clear = (
+        DamagedOutput,
+        DeviceError,
+        DiskFullError,
+        NoPseudoLabels,
+        RunDirLocked,
+        StageNotFinished,
+        TrainingDiverged,
+    )
+    if isinstance(err, clear):
         return str(err)
     response = getattr(err, "response", None)  # httpx.HTTPStatusError, as Prefect's client raises it
     if getattr(response, "status_code", None) == 401:
