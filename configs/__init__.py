@@ -560,6 +560,8 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    if raw.get("out_dir") == ".":  # a run directory's own config.yaml: the run is the folder that holds it
+        raw["out_dir"] = str(path.parent)
     return build_config(raw, overrides)
 
 

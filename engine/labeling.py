@@ -120,17 +120,17 @@ def add_stats(total: dict, part: dict) -> dict:
     return out
 
 
-def pool_outputs(stage_dir: str | Path, per_shard: list[dict], keys: list[str], num_classes: int) -> dict:
+def pool_outputs(prefix: str, per_shard: list[dict], keys: list[str], num_classes: int) -> dict:
     """The pseudo-label stage's outputs from every shard's stats: the sidecar files, the
-    (shard, sidecar) pairs the student reads, the stage's digest (its shards' keys), the
-    summed stats and the broken shards, each named with its error."""
+    (shard, `prefix` + sidecar) pairs the student reads, the stage's digest (its shards'
+    keys), the summed stats and the broken shards, each named with its error."""
     per_shard = sorted(per_shard, key=lambda s: s["sidecar"])
     total = empty_stats(num_classes)
     for s in per_shard:
         total = add_stats(total, s)
     return {
         "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
-        "pairs": [[s["shard"], str(storage.join(stage_dir, s["sidecar"]))] for s in per_shard],
+        "pairs": [[s["shard"], prefix + s["sidecar"]] for s in per_shard],
         "digest": json_digest(keys),
         "stats": total,
         # Broken shards are final for their content; they are named again on every run.

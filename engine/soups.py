@@ -134,7 +134,7 @@ def make_soups(
             "held_out": scores(state, cfg.soup.split)[metric] if name == UNIFORM else history_best(history),
             "val": val[metric],
             "val_metrics": val,
-            "checkpoint": str(stage / name / MODEL_FILE),
+            "checkpoint": f"{name}/{MODEL_FILE}",  # relative to the soup's stage folder
         }
         log(f"soup: {name} soup {val[metric]:.2f} {metric} on val")
     report = {

@@ -118,11 +118,29 @@ def control_inputs(cfg: RunConfig, teacher: dict) -> dict:
     }
 
 
+def located(stage: Path, outputs: dict) -> dict:
+    """A stage's outputs with the paths its manifest stores relative to the run directory
+    (a model's `checkpoint`, the pseudo-label `pairs`' sidecars) joined to where the run
+    directory is now: a run directory works from any working directory, moved or copied."""
+    root = stage.parent.parent  # <run>/round-N/<stage>
+    out = dict(outputs)
+    if "checkpoint" in out:
+        out["checkpoint"] = str(storage.join(root, out["checkpoint"]))
+    if "pairs" in out:
+        out["pairs"] = [[shard, str(storage.join(root, sidecar))] for shard, sidecar in out["pairs"]]
+    return out
+
+
+def in_run(stage: Path, name: str) -> str:
+    """`name` in `stage`, relative to the run directory, as a manifest stores it."""
+    return f"{storage.name(stage.parent)}/{storage.name(stage)}/{name}"
+
+
 def teacher_outputs(cfg: RunConfig, round_index: int) -> dict:
     """The finished teacher of a round: round 0's teacher, else the previous student."""
     run = RunDir(cfg.out_dir)
     stage = run.stage(0, "teacher") if round_index == 0 else run.stage(round_index - 1, "student")
-    return finished_outputs(stage, f"the teacher of round {round_index}")
+    return located(stage, finished_outputs(stage, f"the teacher of round {round_index}"))
 
 
 def audit_outputs(cfg: RunConfig, round_index: int) -> dict:
@@ -140,7 +158,7 @@ def labeling_rule(cfg: RunConfig, round_index: int) -> RunConfig:
 
 def pseudo_outputs(cfg: RunConfig, round_index: int) -> dict:
     stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
-    return finished_outputs(stage, f"the pseudo-label stage of round {round_index}")
+    return located(stage, finished_outputs(stage, f"the pseudo-label stage of round {round_index}"))
 
 
 def run_stage(
@@ -153,11 +171,11 @@ def run_stage(
     logger = get_run_logger()
     if done := finished(stage, inputs, log=lambda line: logger.warning("%s: %s", what, line)):
         logger.info("%s is up to date (%s); skipped", what, stage)
-        return done["outputs"]
+        return located(stage, done["outputs"])
     if refuse is not None:
         refuse()
     invalidate(stage)
-    return write_manifest(stage, inputs, work())["outputs"]
+    return located(stage, write_manifest(stage, inputs, work())["outputs"])
 
 
 def trained_model(cfg: RunConfig, stage: Path, train: Callable[[], object]) -> Callable[[], dict]:
@@ -169,7 +187,7 @@ def trained_model(cfg: RunConfig, stage: Path, train: Callable[[], object]) -> C
         atomic_write_json(stage / "metrics.json", metrics)
         return {
             "files": [MODEL_FILE, "metrics.json"],
-            "checkpoint": str(stage / MODEL_FILE),
+            "checkpoint": in_run(stage, MODEL_FILE),
             "digest": file_digest(stage / MODEL_FILE),
             "metrics": metrics,
             "metric": get_family(cfg.family).metric,
@@ -302,7 +320,7 @@ def label_pool(cfg: RunConfig, round_index: int, stage: Path, inputs: dict, shar
                 for stats in fut.result():
                     per_shard.append(stats)
                     progress.advance(stats)
-    outputs = pool_outputs(stage, per_shard, keys, num_classes)
+    outputs = pool_outputs(in_run(stage, ""), per_shard, keys, num_classes)
     total = outputs["stats"]
     for b in outputs["broken"]:
         logger.warning("broken shard %s, its readable records labeled: %s", b["shard"], b["error"])
@@ -454,7 +472,8 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     run = RunDir(cfg.out_dir)
     storage.makedirs(run.root)
-    atomic_write_bytes(run.config, dump_config(cfg).encode())
+    # Its own folder as `out_dir: .`, so the run directory works wherever it is (configs.load_config).
+    atomic_write_bytes(run.config, dump_config(cfg.model_copy(update={"out_dir": "."})).encode())
     family = get_family(cfg.family)
     metric = family.metric
     teacher = teacher_flow(cfg)
@@ -515,10 +534,9 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
         "rounds": rounds,
         "stopped": stopped,
         "elapsed_s": round(time.perf_counter() - t0, 1),
-        "run_dir": str(run.root),
     }
     if len(rounds) > 1 or auto:
         artifacts.rounds_plot(summary, run.root / ROUNDS_PLOT)
     atomic_write_json(run.summary, summary)
     atomic_write_bytes(run.report, artifacts.report_markdown(summary).encode())
-    return summary
+    return {**summary, "run_dir": str(run.root)}  # where it is now; the files inside name no path

@@ -190,3 +190,27 @@ def torch_loads(path: Path) -> bool:
     import torch
 
     return isinstance(torch.load(path, map_location="cpu", weights_only=False), dict)
+
+
+def test_a_copied_run_directory_works_from_another_folder(quick_run, tmp_path, monkeypatch, capsys):
+    """Paths inside a run directory are relative to it: a copy, used from another working
+    directory, finds its stages up to date and evaluates its own student."""
+    import shutil
+
+    run = quick_run / "run"
+    assert main(["demo", "--quick", "--out", str(quick_run)]) == 0  # whole again after the tests above
+    copy = tmp_path / "moved" / "run"
+    shutil.copytree(run, copy)
+    for path in [copy / "config.yaml", *copy.rglob("*.json")]:
+        assert str(run) not in path.read_text(), f"{path} names the original run directory"
+    monkeypatch.chdir(tmp_path / "moved")
+    before = manifest_stamps(copy)
+    assert main(["stage", "student", "run/config.yaml"]) == 0
+    assert main(["stage", "control", "run/config.yaml"]) == 0
+    assert manifest_stamps(copy) == before  # up to date where it now is
+    (run / "round-0/student/model.pt").unlink()  # the original's model is not what the copy reads
+    capsys.readouterr()
+    assert main(["stage", "evaluate", "run/config.yaml"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{") :])
+    assert metrics["AP"] == pytest.approx(json.loads((copy / "round-0/student/metrics.json").read_text())["AP"])
