@@ -4,7 +4,7 @@
         [--settings default tuned tuned+channels_last]
 
 Settings: `default` (glibc's allocator settings, contiguous tensors), `tuned`
-(`host_allocator: tuned`, tasks/engine.py), `channels_last` (the model and its batches
+(`host_allocator: tuned`, engine/loop.py), `channels_last` (the model and its batches
 in channels_last, `channels_last: true`), or both joined by `+`. Each (family, batch,
 setting) case runs in a fresh interpreter (mallopt is process-wide), `--repeats` times,
 the settings taking turns: a bare training step of the demo models at 128 px on random
@@ -38,12 +38,12 @@ def one_case(family_name: str, n: int, setting: str, steps: int) -> dict:
     import torch
     from train_step_time import batch, build, timed_steps
 
-    from tasks.engine import tune_host_allocator
+    from engine.loop import tune_host_allocator
 
     parts = set(setting.split("+"))
     tuned = tune_host_allocator() if "tuned" in parts else False
     family, model = build(family_name, *MODELS[family_name])
-    if "channels_last" in parts:  # the batches follow the weights (detection/backbone.py)
+    if "channels_last" in parts:  # the batches follow the weights (nets/backbone.py)
         model.to(memory_format=torch.channels_last)
     faults = []
     seconds = timed_steps(

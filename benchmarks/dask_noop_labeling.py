@@ -7,7 +7,7 @@ Writes `--shards` tiny image shards (one 32x32 JPEG each) and a no-op teacher to
 temporary folder, starts a Prefect server there, then, each in a fresh process so
 that each peak RSS is its own:
 
-- bare:   `tasks.labeling.label_shard` over every shard in a plain loop (no Prefect):
+- bare:   `engine.labeling.label_shard` over every shard in a plain loop (no Prefect):
           the shard work itself (read, decode, write the sidecar tar and json);
 - thread: `pseudo_label_flow` with the bounded thread pool (`--workers` threads);
 - dask:   a LocalCluster of `--workers` single-threaded worker processes (built from
@@ -23,7 +23,7 @@ flow process's RSS at 10% of the run, at its end and at its peak (sampled every 
 the Dask workers apart), and the same for the Prefect server's process tree.
 
 The no-op model is a real family: `NoopFamily` below, registered under "noop" in
-`tasks.families.FAMILIES` in the benchmark's processes, and in each Dask worker by
+`engine.families.FAMILIES` in the benchmark's processes, and in each Dask worker by
 Dask's preload of this file (`dask_setup`). Its teacher leaves every image empty.
 
 Measured 2026-12-02 on a 2-core CPU, 10,000 shards, 2 workers, 100 tasks of 100 shards
@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig, RunConfig, build_config, dump_config  # noqa: E402
-from tasks.families import FAMILIES  # noqa: E402
+from engine.families import FAMILIES  # noqa: E402
 
 # ----------------------------------------------------------------------------- the no-op family
 
@@ -124,9 +124,9 @@ def write_world(root: Path, num_shards: int) -> str:
 
 
 def write_config(root: Path, pattern: str, workers: int, shards_per_task: int | None = None) -> RunConfig:
+    from engine.rundir import RunDir, file_digest, write_manifest
+    from engine.training import MODEL_FILE, save_model
     from flows.stages import teacher_inputs
-    from tasks.rundir import RunDir, file_digest, write_manifest
-    from tasks.training import MODEL_FILE, save_model
 
     # The no-op family reads no labeled data; the COCO fields only satisfy the schema.
     data = {
@@ -270,7 +270,7 @@ def child(mode: str, root: Path, workers: int) -> dict:
     cfg = load_config(root / "config.yaml")
     shards = sorted((root / "pool").glob("pool-*.tar"))
     if mode == "bare":
-        from tasks import labeling, training
+        from engine import labeling, training
 
         family, model = training.shared_model(Path(cfg.out_dir) / "round-0/teacher/model.pt", cfg.device)
         out = root / "bare"

@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/launch_startup.py [--processes 2] [--repeats 3]
 
-Each case starts N CPU ranks (gloo) that import the training stack (tasks.training),
+Each case starts N CPU ranks (gloo) that import the training stack (engine.training),
 join one process group, pass a barrier and return; it measures the wall time from
 the call to the return:
-- `launch_first`: tasks.launcher.launch in a fresh process: its fork server starts
+- `launch_first`: engine.launcher.launch in a fresh process: its fork server starts
   and imports torch and the training module once, then forks the ranks.
 - `launch_again`: the same process launching again (each later training stage of a
   flow): the fork server is up, so only the fork, the rendezvous and the group remain.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch.distributed as dist
 from demo_seeds import measure_reference  # this folder is on sys.path (run as a script, or PYTHONPATH)
 
-import tasks.training  # noqa: F401 - every rank imports the training stack, as a stage's ranks do
+import engine.training  # noqa: F401 - every rank imports the training stack, as a stage's ranks do
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -60,7 +60,7 @@ def _launch_case(processes: int, repeats: int) -> dict:
     code = (
         "import json, time\n"
         "import launch_startup\n"
-        "from tasks.launcher import launch\n"
+        "from engine.launcher import launch\n"
         "times = []\n"
         f"for _ in range({repeats + 1}):\n"
         "    t0 = time.perf_counter()\n"

@@ -130,9 +130,9 @@ def link_stage(src: Path, dst: Path) -> None:
 
 def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_level: str) -> dict:
     """Run (or skip, when finished) one cell; returns its per-round results."""
+    from engine.families import get_family
     from flows import stages
     from flows.demo import demo_config
-    from tasks.families import get_family
 
     seed_dir = root / f"seed-{seed}"
     cell_dir = seed_dir / cell.name

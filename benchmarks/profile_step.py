@@ -7,7 +7,7 @@ Runs the demo preset's teacher and student stages (`training.train_teacher`,
 `training.train_student`) for `--warmup` + `--steps` steps on a small demo world and
 profiles the last `--steps` of each with torch.profiler (CPU activities; CUDA too on a
 GPU). Prints one JSON object: per stage the wall seconds per step, the milliseconds per
-step of the engine's phases (`tasks.engine.STEP_PHASES`, marked with record_function:
+step of the engine's phases (`engine.loop.STEP_PHASES`, marked with record_function:
 waiting for the next batch, forward and loss, backward, the guard's host sync, the
 optimizer step), and the ten operators with the most self CPU time. Each
 stage's Chrome trace is written to `<out>/<stage>-trace.json` (open it in
@@ -34,7 +34,7 @@ import ratios  # noqa: E402  (benchmarks/ratios.py: the same world, config and p
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from tasks.engine import STEP_PHASES  # noqa: E402
+from engine.loop import STEP_PHASES  # noqa: E402
 
 
 def phases(prof, steps: int) -> dict:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tasks import training
+    from engine import training
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ by the demo's generator (`flows.demo.demo_config`), in this one process (the mem
 in fresh child processes). Each bare figure is the mean of a run before and a run after
 its pipeline figure, so a machine that drifts during the run biases neither side.
 
-  labeling  pipeline img/s: `tasks.labeling.label_shard` over the pool's shards (read,
+  labeling  pipeline img/s: `engine.labeling.label_shard` over the pool's shards (read,
             decode, letterbox, teacher forward, labeling rule, encode, write), over bare
             img/s: the teacher's eval forward on one ready uint8 batch. Goal >= 0.9.
   teacher   the teacher stage's step (`training.train_teacher`: loader workers, S1
@@ -98,8 +98,8 @@ def config(out: Path, family: str, device: str, steps: int, shards: int, per_sha
 
 def teacher_file(cfg, out: Path, given: str | None = None) -> Path:
     """`given` (a trained teacher's model.pt), or a randomly initialized teacher's (seed 0)."""
-    from tasks.families import get_family
-    from tasks.training import save_model
+    from engine.families import get_family
+    from engine.training import save_model
 
     if given:
         return Path(given)
@@ -116,8 +116,8 @@ def label_pool(
     """Label the pool's shards (the first `limit`) with `rule` (default: the config's);
     (img/s, [(image shard, sidecar)])."""
     from data.shards import expand_urls
-    from tasks import labeling
-    from tasks.training import shared_model
+    from engine import labeling
+    from engine.training import shared_model
 
     family, model = shared_model(teacher, cfg.device)
     shards = expand_urls(cfg.data.unlabeled_shards)[:limit]
@@ -140,8 +140,8 @@ def label_pool(
 @torch.inference_mode()
 def bare_inference(cfg, teacher: Path, repeats: int) -> float:
     """img/s of the teacher's eval forward on one ready batch of pseudo.batch_size images."""
-    from detection.backbone import model_input
-    from tasks.training import shared_model
+    from engine.training import shared_model
+    from nets.backbone import model_input
 
     _, model = shared_model(teacher, cfg.device)
     s, b = cfg.data.image_size, cfg.pseudo.batch_size
@@ -169,8 +169,8 @@ def stage_step_s(train, warmup: int) -> tuple[float, list[float]]:
 def bare_step_s(cfg, tcfg, batch: dict, step_loss, steps: int, warmup: int) -> float:
     """Seconds per bare step: forward, loss, backward, clip, AdamW on one ready batch, in the
     stage's memory format (`channels_last`)."""
-    from tasks.engine import autocast, build_optimizer
-    from tasks.families import get_family
+    from engine.families import get_family
+    from engine.loop import autocast, build_optimizer
 
     device = torch.device(cfg.device)
     torch.manual_seed(0)
@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child is not None:
         return memory_child(args)
 
-    from tasks import training
-    from tasks.engine import LossNormalizer
-    from tasks.families import get_family
-    from tasks.training import augmentation
+    from engine import training
+    from engine.families import get_family
+    from engine.loop import LossNormalizer
+    from engine.training import augmentation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from configs import DataConfig, ModelConfig, TrainConfig
+from engine.families import get_family
+from engine.loop import build_optimizer, lr_factor
 from segmentation import evaluate as seg_eval
-from tasks.engine import build_optimizer, lr_factor
-from tasks.families import get_family
 
 
 def measure(family, model, samples, names: list[str], image_size: int, threshold: float) -> dict:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from configs import ModelConfig
-from tasks.families import FAMILIES
+from engine.families import FAMILIES
 
 CASES = [  # family, neck, channels, repeats, batch
     ("segmentation", "nasfpn", 64, 3, 16),

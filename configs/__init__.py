@@ -205,7 +205,7 @@ class TrainConfig(_Config):
         1,
         ge=1,
         description="machines the stage trains on, `processes` ranks each; nodes > 1 needs rdzv_endpoint, and "
-        "`noisy-student agent` running on every other node (README, Clusters)",
+        "`noisy-student agent` running on every other node (docs/clusters.md, Training on several nodes)",
     )
     rdzv_endpoint: str = run_setting(
         "",
@@ -364,7 +364,7 @@ class StudentConfig(_Config):
 
 
 class SoupConfig(_Config):
-    """Model soups of the round's students (flows/stages.py `soup_flow`, tasks/soups.py).
+    """Model soups of the round's students (flows/stages.py `soup_flow`, engine/soups.py).
 
     The ingredients are the round's student and one more student per entry of
     `ingredients`, each trained with those overrides of the student section (a small
@@ -392,7 +392,7 @@ class SoupConfig(_Config):
         return v
 
 
-# The data format each family reads (the families themselves: tasks/families.py).
+# The data format each family reads (the families themselves: engine/families.py).
 FAMILY_DATA_FORMATS: dict[str, str] = {"detection": "coco", "segmentation": "voc"}
 
 
@@ -560,6 +560,8 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    if raw.get("out_dir") == ".":  # a run directory's own config.yaml: the run is the folder that holds it
+        raw["out_dir"] = str(path.parent)
     return build_config(raw, overrides)
 
 

@@ -1,4 +1,7 @@
-"""Atomic file writes: a crash never leaves a partial file under its final name."""
+"""Atomic file writes: a crash never leaves a partial file under its final name.
+
+Built on `data.storage` (paths and URLs), which imports nothing from here.
+"""
 
 from __future__ import annotations
 
@@ -82,3 +85,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             raise DiskFullError(path, _free_bytes(path.parent)) from err
         raise
     return path
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a file or object whole to `dst`, atomically: a hard link where both are on a
+    local disk and links work, else the bytes through `atomic_write`."""
+    if not storage.is_remote(src) and not storage.is_remote(dst):
+        s, d = storage.local(src), storage.local(dst)
+        tmp = d.with_name(f".{d.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(s, tmp)
+            os.replace(tmp, d)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    with storage.open_read(src) as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+
+
+class AppendLog:
+    """A text file that grows by lines: appended in place on a local disk; on object
+    storage (which cannot append) the whole object is rewritten with each line, so it is
+    always whole. Lines already there (a resumed stage) are kept."""
+
+    def __init__(self, p: str | os.PathLike):
+        self.p = p
+        self.remote = storage.is_remote(p)
+        if self.remote:
+            try:
+                self.text = storage.read_bytes(p).decode()
+            except FileNotFoundError:
+                self.text = ""
+        else:
+            storage.local(p).parent.mkdir(parents=True, exist_ok=True)
+
+    def write_line(self, line: str) -> None:
+        if not self.remote:
+            with open(storage.local(self.p), "a") as f:
+                f.write(line + "\n")
+            return
+        self.text += line + "\n"
+        data = self.text.encode()
+        atomic_write(self.p, lambda f: f.write(data))

@@ -201,7 +201,7 @@ class WorldPaths:
 @dataclass(frozen=True)
 class Demo:
     """A family's demo on the embedded world (`noisy-student demo --family NAME`; each
-    family names its own, tasks/contract.py).
+    family names its own, engine/contract.py).
 
     presets: the full and the quick preset's names (configs/); world: what the world
     draws; data(world) -> (the config's data section pointing at a written world, the

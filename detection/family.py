@@ -1,6 +1,6 @@
 """The detection family: RetinaNet on an EfficientNet pyramid, COCO data, box pseudo-labels.
 
-`DetectionFamily` satisfies the family contract of `tasks/contract.py`; it is the only
+`DetectionFamily` satisfies the family contract of `engine/contract.py`; it is the only
 place where detection reads configuration.
 """
 
@@ -20,9 +20,9 @@ from data.mixing import list_collate, loader_options
 from data.world import Demo, WorldPaths, WorldSpec
 from detection import evaluate as coco_eval
 from detection import pseudo
-from detection.backbone import build_backbone, model_input
-from detection.necks import build_neck
 from detection.retinanet import RetinaNet
+from nets.backbone import build_backbone, model_input
+from nets.necks import build_neck
 
 
 def _coco_world(world: WorldPaths) -> tuple[dict, int]:

@@ -18,11 +18,11 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
 
-from detection.necks import group_norm
+from nets.backbone import IMAGENET_MEAN, IMAGENET_STD
+from nets.losses import check_groups, group_scale
+from nets.necks import group_norm
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def cell_anchors(size: float, scales_per_octave: int, aspect_ratios: tuple[float, ...]) -> torch.Tensor:
@@ -199,9 +199,7 @@ class RetinaNet(nn.Module):
         box_reg = outputs["bbox_regression"].float()
         anchors = outputs["anchors"]
         b, a, k = cls_logits.shape
-        group_sizes = [b] if group_sizes is None else [int(n) for n in group_sizes]
-        if sum(group_sizes) != b or min(group_sizes, default=0) < 0:
-            raise ValueError(f"group sizes {group_sizes} do not split a batch of {b} images")
+        group_sizes = check_groups(group_sizes, b)
         cls_target = torch.zeros_like(cls_logits)
         box_target = torch.zeros_like(box_reg)
         fg = torch.zeros(b, a, dtype=torch.bool, device=anchors.device)
@@ -220,23 +218,7 @@ class RetinaNet(nn.Module):
         focal = sigmoid_focal_loss(cls_logits, cls_target, reduction="none").sum(-1)
         sum_cls = (focal * valid).sum(1)
         sum_box = ((box_reg - box_target).abs().sum(-1) * fg).sum(1)
-        # n / (the group's matched anchors, at least 1), repeated for each image of the group
-        counts = torch.stack([part.sum() for part in fg.sum(1).float().split(group_sizes)])
-        ranks = 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Under DDP every rank holds its share of each group: the normaliser is the
-            # group's matched anchors over all ranks, and each rank's loss is scaled by the
-            # number of ranks because DDP averages their gradients. Every rank calls this
-            # with the same number of groups (the training step does).
-            ranks = torch.distributed.get_world_size()
-            if ranks > 1:
-                torch.distributed.all_reduce(counts)
-        scale = torch.cat(
-            [
-                torch.full((n,), n * ranks, dtype=torch.float32, device=anchors.device) / c.clamp(min=1)
-                for n, c in zip(group_sizes, counts)
-            ]
-        )
+        scale = group_scale(fg.sum(1), group_sizes)
         return {"loss_cls": sum_cls * scale, "loss_box": sum_box * scale}
 
     # ------------------------------------------------------------------ inference

@@ -149,7 +149,7 @@ def _pct(v: float | None) -> str:
 def audit_markdown(round_index: int, report: dict, pr_png: bytes, grid_jpg: bytes) -> str:
     """The audit's page: recommendations, per-class precision/recall/F1 at the threshold in
     use and at the F1 threshold, the PR curves and the image grid."""
-    from tasks.audit import at
+    from engine.audit import at
 
     unit = report["unit"]
     lines = [

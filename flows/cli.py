@@ -4,7 +4,7 @@
     noisy-student run CONFIG.yaml [--set key.path=value ...]
     noisy-student stage {teacher,audit,pseudo-label,student,control,soup,evaluate} CONFIG.yaml [--round R] [--set ...]
     noisy-student serve [--name local] [--limit N]
-    noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json | --probe] [--set ...]
+    noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json] [--set ...]
     noisy-student agent --rdzv-endpoint HOST:PORT --nodes N [--processes P] [--local-addr A] [--stages K]
     noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="one Noisy Student round on the embedded synthetic world")
+    demo.set_defaults(handler=_demo)
     demo.add_argument("--quick", action="store_true", help="tiny model, a few images (about a minute)")
     demo.add_argument("--seed", type=int, default=0, help="world and training seed")
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
@@ -60,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(demo)
 
     run = sub.add_parser("run", help="all stages and rounds of a config")
+    run.set_defaults(handler=_config_command)
     run.add_argument("config", help="YAML file or preset name (see configs/)")
     _add_set(run)
 
     stage = sub.add_parser("stage", help="run one stage (skipped if up to date)")
-    stage.add_argument("name", choices=["teacher", "audit", "pseudo-label", "student", "control", "soup", "evaluate"])
+    stage.set_defaults(handler=_config_command)
+    stage.add_argument("name", choices=[*STAGE_FLOWS, "evaluate"])
     stage.add_argument("config", help="YAML file or preset name")
     stage.add_argument("--round", type=int, default=0, dest="round_index")
     stage.add_argument("--checkpoint", default=None, help="evaluate: model file (default: the round's student)")
@@ -73,26 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="serve every flow as a deployment on this machine (needs PREFECT_API_URL for the UI)"
     )
+    serve.set_defaults(handler=_serve)
     serve.add_argument("--name", default="local", help="deployment name: <flow>/<name> (default local)")
     serve.add_argument("--limit", type=int, default=None, help="at most N flow runs at once")
 
     plan = sub.add_parser("plan", help="estimate each stage's wall time, shards per labeling device and Prefect tasks")
+    plan.set_defaults(handler=_plan)
     plan.add_argument("config", help="YAML file or preset name")
     plan.add_argument("--gpus", type=int, required=True, help="devices: training ranks; labeling uses up to N")
     plan.add_argument("--images", type=int, default=None, help="unlabeled images (default: counted from the shards)")
     plan.add_argument(
         "--figures",
         default=None,
-        help="a benchmarks/ratios.py JSON to take throughputs from (default: benchmarks/results/ratios-<device>.json "
-        "if its sizes are the config's, else a 30-second probe)",
+        help="a JSON of benchmarks/ratios.py to take throughputs from, used if it was measured at the config's "
+        "sizes (default: a 30-second probe on this machine)",
     )
-    plan.add_argument("--probe", action="store_true", help="measure on this machine even where figures exist")
     _add_set(plan)
 
     agent = sub.add_parser(
         "agent",
         help="on another node: join each training stage's rendezvous (train.nodes > 1) and run its ranks here",
     )
+    agent.set_defaults(handler=_agent)
     agent.add_argument("--rdzv-endpoint", required=True, help="the stages' train.rdzv_endpoint, HOST:PORT")
     agent.add_argument("--nodes", type=int, required=True, help="the stages' train.nodes (this node included)")
     agent.add_argument("--processes", type=int, default=1, help="ranks on this node (the stages' train.processes)")
@@ -103,12 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="webdataset shards of unlabeled images")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
     build = shards_sub.add_parser("build", help="convert an image folder (ImageNet/OpenImages layout) to shards")
+    build.set_defaults(handler=_shards)
     build.add_argument("image_dir")
     build.add_argument("out_dir")
     build.add_argument("--per-shard", type=int, default=1000)
     build.add_argument("--prefix", default="pool")
 
     world = sub.add_parser("world", help="write the embedded synthetic world (COCO + VOC + shards)")
+    world.set_defaults(handler=_world)
     world.add_argument("out_dir")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--n-train", type=int, default=200)
@@ -125,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview = augment_sub.add_parser(
         "preview", help="PNG grid of augmented labeled train samples (boxes and masks drawn)"
     )
+    preview.set_defaults(handler=_augment_preview)
     preview.add_argument("out", metavar="OUT.png")
     preview.add_argument("--level", default="S3", choices=list(get_args(AugmentLevel)))
     preview.add_argument("--n", type=int, default=16, help="number of samples in the grid")
@@ -178,12 +186,22 @@ def _clear_message(err: Exception) -> str | None:
     """The message of an error that says what happened and what to do (printed alone,
     without a traceback); None for any other error."""
     from data.files import DiskFullError
+    from engine.devices import DeviceError
+    from engine.loop import TrainingDiverged
+    from engine.rundir import DamagedOutput, StageNotFinished
+    from engine.runlock import RunDirLocked
     from flows.stages import NoPseudoLabels
-    from tasks.devices import DeviceError
-    from tasks.engine import TrainingDiverged
-    from tasks.runlock import RunDirLocked
 
-    if isinstance(err, (DeviceError, DiskFullError, NoPseudoLabels, RunDirLocked, TrainingDiverged)):
+    clear = (
+        DamagedOutput,
+        DeviceError,
+        DiskFullError,
+        NoPseudoLabels,
+        RunDirLocked,
+        StageNotFinished,
+        TrainingDiverged,
+    )
+    if isinstance(err, clear):
         return str(err)
     response = getattr(err, "response", None)  # httpx.HTTPStatusError, as Prefect's client raises it
     if getattr(response, "status_code", None) == 401:
@@ -194,104 +212,129 @@ def _clear_message(err: Exception) -> str | None:
     return None
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "shards":
-        from data.shards import build_shards_from_folder
+def _shards(args: argparse.Namespace) -> int:
+    from data.shards import build_shards_from_folder
 
-        report = build_shards_from_folder(args.image_dir, args.out_dir, args.per_shard, args.prefix, _progress)
-        if report.get("pattern"):  # absolute, ready for data.unlabeled_shards
-            report["pattern"] = str(Path(args.out_dir).resolve() / report["pattern"])
-        print(json.dumps({k: v for k, v in report.items() if k != "shards"}, indent=2))
-        return 0
-    if args.command == "world":
-        from data.world import WorldSpec, write_world
+    report = build_shards_from_folder(args.image_dir, args.out_dir, args.per_shard, args.prefix, _progress)
+    if report.get("pattern"):  # absolute, ready for data.unlabeled_shards
+        report["pattern"] = str(Path(args.out_dir).resolve() / report["pattern"])
+    print(json.dumps({k: v for k, v in report.items() if k != "shards"}, indent=2))
+    return 0
 
-        t0 = time.perf_counter()
-        paths = write_world(
-            args.out_dir, WorldSpec(), args.seed, args.n_train, args.n_val, args.n_unlabeled, args.per_shard
-        )
-        print(f"world written to {paths.root} in {time.perf_counter() - t0:.1f} s")
-        print(f"  COCO: {paths.train_annotations}, {paths.val_annotations}")
-        print(f"  VOC:  {paths.voc_root}")
-        print(f"  unlabeled shards: {paths.unlabeled_pattern}")
-        return 0
-    if args.command == "augment" and args.augment_command == "preview":
-        from flows.preview import preview
 
-        report = preview(args.out, args.level, args.n, args.config, args.seed, args.overrides)
-        print(json.dumps(report, indent=2))
-        return 0
+def _world(args: argparse.Namespace) -> int:
+    from data.world import WorldSpec, write_world
 
-    if args.command == "plan":
-        return _plan(args)
-    if args.command == "agent":
-        from tasks.launcher import serve_node
-
-        try:
-            failed = serve_node(args.rdzv_endpoint, args.nodes, args.processes, args.local_addr, args.stages, args.idle)
-        except ValueError as err:  # a bad endpoint, node or process count: the message names it
-            print(f"noisy-student: {err}", file=sys.stderr)
-            return 2
-        return 1 if failed else 0
-
-    # Prefect is imported only for the commands that run flows.
-    if args.command == "serve":
-        from flows.serve import serve_all
-
-        serve_all(args.name, args.limit)
-        return 0
-
-    from tasks.runlock import hold_run_dir
-
-    if args.command == "demo":
-        from flows.demo import demo_config, demo_preset, format_summary
-
-        out = args.out or f"runs/{demo_preset(args.family, args.quick)}"
-        with hold_run_dir(storage.join(out, "run")):  # before the world is written
-            cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides, args.family)
-            from flows import stages
-
-            summary = stages.noisy_student_flow(cfg)
-        title = (
-            f"\nNoisy Student on the embedded world ({summary['family']}, seed {args.seed}, "
-            f"{world['n_train']} labeled + {world['n_unlabeled']} unlabeled images, "
-            f"val {world['n_val']})"
-        )
-        print(format_summary(summary, title))
-        return 0
-
-    from configs import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    from tasks.inputs import check_inputs  # every missing input named at once, before any stage
-
-    check_inputs(
-        cfg,
-        ("teacher", "audit", "pseudo-label", "student", "control", "soup") if args.command == "run" else (args.name,),
+    t0 = time.perf_counter()
+    paths = write_world(
+        args.out_dir, WorldSpec(), args.seed, args.n_train, args.n_val, args.n_unlabeled, args.per_shard
     )
-    if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
+    print(f"world written to {paths.root} in {time.perf_counter() - t0:.1f} s")
+    print(f"  COCO: {paths.train_annotations}, {paths.val_annotations}")
+    print(f"  VOC:  {paths.voc_root}")
+    print(f"  unlabeled shards: {paths.unlabeled_pattern}")
+    return 0
+
+
+def _augment_preview(args: argparse.Namespace) -> int:
+    from flows.preview import preview
+
+    print(json.dumps(preview(args.out, args.level, args.n, args.config, args.seed, args.overrides), indent=2))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from engine.launcher import serve_node
+
+    try:
+        failed = serve_node(args.rdzv_endpoint, args.nodes, args.processes, args.local_addr, args.stages, args.idle)
+    except ValueError as err:  # a bad endpoint, node or process count: the message names it
+        print(f"noisy-student: {err}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve_all  # Prefect is imported only by the commands that run flows
+
+    serve_all(args.name, args.limit)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from engine.runlock import hold_run_dir
+    from flows.demo import demo_config, demo_preset, format_summary
+
+    out = args.out or f"runs/{demo_preset(args.family, args.quick)}"
+    with hold_run_dir(storage.join(out, "run")):  # before the world is written
+        cfg, world = demo_config(out, args.seed, args.quick, args.device, args.overrides, args.family)
         from flows import stages
 
-        ckpt = args.checkpoint or str(storage.join(cfg.out_dir, f"round-{args.round_index}", "student", "model.pt"))
+        summary = stages.noisy_student_flow(cfg)
+    title = (
+        f"\nNoisy Student on the embedded world ({summary['family']}, seed {args.seed}, "
+        f"{world['n_train']} labeled + {world['n_unlabeled']} unlabeled images, "
+        f"val {world['n_val']})"
+    )
+    print(format_summary(summary, title))
+    return 0
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    """`run` and `stage`: every missing input named at once, before any stage runs."""
+    from configs import load_config
+    from engine.inputs import check_inputs
+    from engine.runlock import hold_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg, ALL_STAGES if args.command == "run" else (args.name,))
+    if args.command == "stage" and args.name == "evaluate":  # reads the run directory only
+        from engine.rundir import RunDir
+        from engine.training import MODEL_FILE
+        from flows import stages
+
+        ckpt = args.checkpoint or str(RunDir(cfg.out_dir).stage(args.round_index, "student") / MODEL_FILE)
         print(json.dumps(stages.evaluate_flow(cfg, ckpt), indent=2))
         return 0
     with hold_run_dir(cfg.out_dir):
         return _run_stages(args, cfg)
 
 
-def _plan(args: argparse.Namespace) -> int:
-    import torch
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the handler that the subcommand's parser set (`build_parser`)."""
+    return args.handler(args)
 
+
+def _plan(args: argparse.Namespace) -> int:
     from configs import load_config
-    from tasks import planner
+    from engine import planner
 
     cfg = load_config(args.config, args.overrides)
-    figures = args.figures or f"benchmarks/results/ratios-{torch.device(cfg.device).type}.json"
-    rates = planner.from_figures(cfg, figures, args.gpus) if Path(figures).exists() and not args.probe else None
-    if args.figures and rates is None:
-        print(f"noisy-student: {args.figures} was measured at other sizes than the config's; probing", file=sys.stderr)
+    rates = None
+    if args.figures:
+        if not Path(args.figures).is_file():
+            raise SystemExit(f"noisy-student plan: --figures {args.figures}: no such file")
+        rates = planner.from_figures(cfg, args.figures, args.gpus)
+        if rates is None:
+            print(
+                f"noisy-student: {args.figures} was measured at other sizes than the config's; probing", file=sys.stderr
+            )
     print(planner.format_plan(planner.plan(cfg, args.gpus, args.images, rates), args.config))
     return 0
+
+
+ALL_STAGES = ("teacher", "audit", "pseudo-label", "student", "control", "soup")
+# `stage NAME`: the flow of each stage, called with (flows.stages, config, round).
+STAGE_FLOWS = {
+    "teacher": lambda stages, cfg, r: stages.teacher_flow(cfg),
+    "audit": lambda stages, cfg, r: stages.audit_flow(cfg, r),
+    "pseudo-label": lambda stages, cfg, r: {
+        k: v for k, v in stages.pseudo_label_flow(cfg, r).items() if k in ("stats", "digest")
+    },
+    "student": lambda stages, cfg, r: stages.student_flow(cfg, r),
+    "control": lambda stages, cfg, r: stages.control_flow(cfg, r),
+    "soup": lambda stages, cfg, r: stages.soup_flow(cfg, r),
+}
 
 
 def _run_stages(args: argparse.Namespace, cfg) -> int:
@@ -304,20 +347,7 @@ def _run_stages(args: argparse.Namespace, cfg) -> int:
         summary = stages.noisy_student_flow(cfg)
         print(format_summary(summary, f"\nNoisy Student ({summary['family']})"))
         return 0
-    match args.name:
-        case "teacher":
-            out = stages.teacher_flow(cfg)
-        case "audit":
-            out = stages.audit_flow(cfg, args.round_index)
-        case "soup":
-            out = stages.soup_flow(cfg, args.round_index)
-        case "pseudo-label":
-            out = stages.pseudo_label_flow(cfg, args.round_index)
-            out = {k: v for k, v in out.items() if k in ("stats", "digest")}
-        case "student":
-            out = stages.student_flow(cfg, args.round_index)
-        case "control":
-            out = stages.control_flow(cfg, args.round_index)
+    out = STAGE_FLOWS[args.name](stages, cfg, args.round_index)
     print(json.dumps(out, indent=2))
     return 0
 

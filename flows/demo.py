@@ -4,7 +4,7 @@
 runs `noisy_student_flow` with the `demo` preset and prints teacher vs student.
 `--quick` uses a tiny model on a few images (about a minute; the test suite runs it).
 `--family segmentation` runs the same flow on the world's VOC layout (class maps): each
-family brings its demo (presets, world, data section; tasks/contract.py).
+family brings its demo (presets, world, data section; engine/contract.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ WORLDS = {
 
 
 def demo_of(family: str | None = None) -> Demo:
-    """The demo a family brings (tasks/contract.py), of the config's default family when
+    """The demo a family brings (engine/contract.py), of the config's default family when
     None; a ConfigError naming the families that have one."""
-    from tasks.families import FAMILIES
+    from engine.families import FAMILIES
 
     family = family or RunConfig.model_fields["family"].default
     demos = {name: f.demo for name, f in FAMILIES.items() if f.demo is not None}
@@ -83,8 +83,8 @@ def _pct(v: float | None) -> str:
 
 
 def format_summary(summary: dict, title: str) -> str:
+    from engine.families import get_family
     from flows.artifacts import round_metrics
-    from tasks.families import get_family
 
     metric, unit = summary["metric"], get_family(summary["family"]).label_unit
     lines = [

@@ -22,7 +22,7 @@ from data.preview import grid_pixels, grid_shape, render, save_grid  # noqa: F40
 
 def preview_config(cfg: RunConfig, out: str | Path, level: str = "S3", n: int = 16, seed: int = 0) -> dict:
     """Write the grid of `n` samples of `cfg`'s labeled train set augmented at `level`."""
-    from tasks.families import get_family
+    from engine.families import get_family
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

@@ -2,7 +2,7 @@
 
 Each stage flow takes the run's config and a round index, reads its upstream's
 outputs from the run directory's manifests, and skips itself when its own manifest
-matches its inputs (tasks/rundir.py). So any stage can be rerun alone, from the CLI
+matches its inputs (engine/rundir.py). So any stage can be rerun alone, from the CLI
 or as a deployment, and a change of its parameters invalidates exactly the stages
 after it.
 """
@@ -10,6 +10,7 @@ after it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -18,24 +19,26 @@ from prefect.futures import as_completed
 from configs import ConfigError, RunConfig, build_config, dump_config
 from data import storage
 from data.shards import expand_urls, shard_identities
-from flows import artifacts
-from tasks import audit, runners, soups, units
-from tasks.families import get_family
-from tasks.inputs import check_inputs, split_digest
-from tasks.labeling import add_stats, empty_stats, finished_shards, remove_temporaries
-from tasks.rundir import (
+from engine import audit, soups
+from engine.families import get_family
+from engine.inputs import check_inputs, split_digest
+from engine.labeling import finished_shards, pool_outputs, remove_temporaries
+from engine.rundir import (
     RunDir,
     atomic_write_bytes,
     atomic_write_json,
     file_digest,
     finished,
+    finished_outputs,
     invalidate,
     json_digest,
     read_manifest,
     write_manifest,
 )
-from tasks.runlock import holds_run_dir
-from tasks.training import MODEL_FILE, resume_key
+from engine.runlock import holds_run_dir
+from engine.training import MODEL_FILE, resume_key
+from flows import artifacts
+from tasks import runners, units
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -115,27 +118,33 @@ def control_inputs(cfg: RunConfig, teacher: dict) -> dict:
     }
 
 
+def located(stage: Path, outputs: dict) -> dict:
+    """A stage's outputs with the paths its manifest stores relative to the run directory
+    (a model's `checkpoint`, the pseudo-label `pairs`' sidecars) joined to where the run
+    directory is now: a run directory works from any working directory, moved or copied."""
+    root = stage.parent.parent  # <run>/round-N/<stage>
+    out = dict(outputs)
+    if "checkpoint" in out:
+        out["checkpoint"] = str(storage.join(root, out["checkpoint"]))
+    if "pairs" in out:
+        out["pairs"] = [[shard, str(storage.join(root, sidecar))] for shard, sidecar in out["pairs"]]
+    return out
+
+
+def in_run(stage: Path, name: str) -> str:
+    """`name` in `stage`, relative to the run directory, as a manifest stores it."""
+    return f"{storage.name(stage.parent)}/{storage.name(stage)}/{name}"
+
+
 def teacher_outputs(cfg: RunConfig, round_index: int) -> dict:
     """The finished teacher of a round: round 0's teacher, else the previous student."""
     run = RunDir(cfg.out_dir)
     stage = run.stage(0, "teacher") if round_index == 0 else run.stage(round_index - 1, "student")
-    m = read_manifest(stage)
-    if m is None:
-        raise RuntimeError(f"the teacher of round {round_index} ({stage}) has not finished; run that stage first")
-    return m["outputs"]
-
-
-def _finished_outputs(cfg: RunConfig, round_index: int, name: str, what: str) -> dict:
-    """The outputs of a round's finished stage `name`; RuntimeError naming `what` when it has not finished."""
-    stage = RunDir(cfg.out_dir).stage(round_index, name)
-    m = read_manifest(stage)
-    if m is None:
-        raise RuntimeError(f"{what} of round {round_index} ({stage}) has not finished; run that stage first")
-    return m["outputs"]
+    return located(stage, finished_outputs(stage, f"the teacher of round {round_index}"))
 
 
 def audit_outputs(cfg: RunConfig, round_index: int) -> dict:
-    return _finished_outputs(cfg, round_index, "audit", "the audit")
+    return finished_outputs(RunDir(cfg.out_dir).stage(round_index, "audit"), f"the audit of round {round_index}")
 
 
 def labeling_rule(cfg: RunConfig, round_index: int) -> RunConfig:
@@ -148,17 +157,43 @@ def labeling_rule(cfg: RunConfig, round_index: int) -> RunConfig:
 
 
 def pseudo_outputs(cfg: RunConfig, round_index: int) -> dict:
-    return _finished_outputs(cfg, round_index, "pseudo", "the pseudo-label stage")
+    stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
+    return located(stage, finished_outputs(stage, f"the pseudo-label stage of round {round_index}"))
 
 
-def _model_outputs(stage: Path, metrics: dict, metric: str) -> dict:
-    return {
-        "files": [MODEL_FILE, "metrics.json"],
-        "checkpoint": str(stage / MODEL_FILE),
-        "digest": file_digest(stage / MODEL_FILE),
-        "metrics": metrics,
-        "metric": metric,
-    }
+def run_stage(
+    what: str, stage: Path, inputs: dict, work: Callable[[], dict], refuse: Callable[[], None] | None = None
+) -> dict:
+    """The bookkeeping of every stage, in one place: skip when the stage's manifest
+    matches `inputs` and its files are as it wrote them; else call `refuse()` (which may
+    raise before anything of the stage is touched), forget the old manifest, call
+    `work()` for the outputs and record them (engine/rundir.py)."""
+    logger = get_run_logger()
+    if done := finished(stage, inputs, log=lambda line: logger.warning("%s: %s", what, line)):
+        logger.info("%s is up to date (%s); skipped", what, stage)
+        return located(stage, done["outputs"])
+    if refuse is not None:
+        refuse()
+    invalidate(stage)
+    return located(stage, write_manifest(stage, inputs, work())["outputs"])
+
+
+def trained_model(cfg: RunConfig, stage: Path, train: Callable[[], object]) -> Callable[[], dict]:
+    """The work of a training stage: `train()`, then the model evaluated on val."""
+
+    def work() -> dict:
+        train()
+        metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
+        atomic_write_json(stage / "metrics.json", metrics)
+        return {
+            "files": [MODEL_FILE, "metrics.json"],
+            "checkpoint": in_run(stage, MODEL_FILE),
+            "digest": file_digest(stage / MODEL_FILE),
+            "metrics": metrics,
+            "metric": get_family(cfg.family).metric,
+        }
+
+    return work
 
 
 # ----------------------------------------------------------------------------- stages
@@ -168,22 +203,10 @@ def _model_outputs(stage: Path, metrics: dict, metric: str) -> dict:
 @holds_run_dir
 def teacher_flow(cfg: RunConfig) -> dict:
     """Train the round-0 teacher on human labels, evaluate it (skipped when up to date)."""
-    logger = get_run_logger()
     stage = RunDir(cfg.out_dir).stage(0, "teacher")
     inputs = teacher_inputs(cfg)
-    if done := finished(stage, inputs):
-        logger.info("teacher is up to date (%s); skipped", stage)
-        return done["outputs"]
-    invalidate(stage)
-    units.train_teacher(cfg, str(stage), json_digest(inputs), resume_key(inputs))
-    metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
-    atomic_write_json(stage / "metrics.json", metrics)
-    family = get_family(cfg.family)
-    return finish(stage, inputs, _model_outputs(stage, metrics, family.metric))
-
-
-def finish(stage: Path, inputs: dict, outputs: dict) -> dict:
-    return write_manifest(stage, inputs, outputs)["outputs"]
+    train = lambda: units.train_teacher(cfg, str(stage), json_digest(inputs), resume_key(inputs))  # noqa: E731
+    return run_stage("teacher", stage, inputs, trained_model(cfg, stage, train))
 
 
 # ----------------------------------------------------------------------------- audit
@@ -193,47 +216,45 @@ def finish(stage: Path, inputs: dict, outputs: dict) -> dict:
 @holds_run_dir
 def audit_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Label `audit.images` held-out images with the round's teacher, score the labels
-    against their ground truth over a sweep of thresholds and recommend two (tasks/audit.py).
+    against their ground truth over a sweep of thresholds and recommend two (engine/audit.py).
 
     Writes audit.json, pr.png and grid.jpg in the stage folder and shows them in the
     `pseudo-audit-round-N` artifact. `pseudo.score_threshold: auto` labels the pool at
     this audit's F1 threshold.
     """
-    logger = get_run_logger()
     if cfg.audit.split is None:
         raise ValueError("audit.split is None: set audit.split=holdout (or val) to audit the pseudo-labels")
     stage = RunDir(cfg.out_dir).stage(round_index, "audit")
     teacher = teacher_outputs(cfg, round_index)
     inputs = audit_inputs(cfg, teacher, split_digest(cfg.data, cfg.audit.split))
-    if done := finished(stage, inputs):
-        logger.info("audit of round %d is up to date; skipped", round_index)
-        return done["outputs"]
-    invalidate(stage)
-    drawn = None if cfg.pseudo.score_threshold == "auto" else cfg.pseudo.score_threshold
-    report = units.audit_teacher(cfg, teacher["checkpoint"], str(stage), drawn)
-    artifacts.audit(
-        round_index, report, storage.read_bytes(stage / audit.PR_PLOT), storage.read_bytes(stage / audit.GRID)
-    )
-    drawn_rows = audit.at(report, report["drawn_threshold"])["all"]
-    logger.info(
-        "audit of round %d: F1 threshold %g (F1 %.3f), precision >= %g from %s; at %g: precision %s, recall %s",
-        round_index,
-        report["f1_threshold"],
-        report["f1"],
-        report["precision_target"],
-        report["precision_threshold"],
-        report["drawn_threshold"],
-        drawn_rows["precision"],
-        drawn_rows["recall"],
-    )
-    outputs = {
-        "files": [audit.REPORT, audit.PR_PLOT, audit.GRID],
-        "f1_threshold": report["f1_threshold"],
-        "f1": report["f1"],
-        "precision_threshold": report["precision_threshold"],
-        "at_drawn": {"threshold": report["drawn_threshold"], **drawn_rows},
-    }
-    return finish(stage, inputs, outputs)
+
+    def work() -> dict:
+        drawn = None if cfg.pseudo.score_threshold == "auto" else cfg.pseudo.score_threshold
+        report = units.audit_teacher(cfg, teacher["checkpoint"], str(stage), drawn)
+        artifacts.audit(
+            round_index, report, storage.read_bytes(stage / audit.PR_PLOT), storage.read_bytes(stage / audit.GRID)
+        )
+        drawn_rows = audit.at(report, report["drawn_threshold"])["all"]
+        get_run_logger().info(
+            "audit of round %d: F1 threshold %g (F1 %.3f), precision >= %g from %s; at %g: precision %s, recall %s",
+            round_index,
+            report["f1_threshold"],
+            report["f1"],
+            report["precision_target"],
+            report["precision_threshold"],
+            report["drawn_threshold"],
+            drawn_rows["precision"],
+            drawn_rows["recall"],
+        )
+        return {
+            "files": [audit.REPORT, audit.PR_PLOT, audit.GRID],
+            "f1_threshold": report["f1_threshold"],
+            "f1": report["f1"],
+            "precision_threshold": report["precision_threshold"],
+            "at_drawn": {"threshold": report["drawn_threshold"], **drawn_rows},
+        }
+
+    return run_stage(f"audit of round {round_index}", stage, inputs, work)
 
 
 # ----------------------------------------------------------------------------- labeling
@@ -251,7 +272,6 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     again, so a run killed mid-way resumes with the shards it had not finished.
     """
     logger = get_run_logger()
-    family = get_family(cfg.family)
     stage = RunDir(cfg.out_dir).stage(round_index, "pseudo")
     teacher = teacher_outputs(cfg, round_index)
     if (rule := labeling_rule(cfg, round_index)) is not cfg:
@@ -261,12 +281,17 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     if not shards:
         raise ValueError("data.unlabeled_shards matches no shard")
     inputs = pseudo_inputs(cfg, teacher, shards)
-    if removed := remove_temporaries(stage):  # this run holds the run directory (tasks/runlock.py)
+    if removed := remove_temporaries(stage):  # this run holds the run directory (engine/runlock.py)
         logger.info("removed %d temporary file(s) an interrupted run left in %s", len(removed), stage)
-    if done := finished(stage, inputs):
-        logger.info("pseudo-labels of round %d are up to date; skipped", round_index)
-        return done["outputs"]
-    invalidate(stage)
+    work = lambda: label_pool(cfg, round_index, stage, inputs, shards, teacher["checkpoint"])  # noqa: E731
+    return run_stage(f"pseudo-labels of round {round_index}", stage, inputs, work)
+
+
+def label_pool(cfg: RunConfig, round_index: int, stage: Path, inputs: dict, shards: list[str], teacher: str) -> dict:
+    """The pseudo-label stage's work: the shards not labeled by an earlier, interrupted
+    run, in `label_shards` tasks on the configured runner; progress and stats shown."""
+    logger = get_run_logger()
+    family = get_family(cfg.family)
     storage.makedirs(stage)
     num_classes = family.num_classes(cfg.data)
     common = {k: v for k, v in inputs.items() if k != "shards"}
@@ -275,10 +300,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     per_shard = list(done.values())
     if per_shard:
         logger.info(
-            "%d of %d shards were labeled by an earlier run; labeling the other %d",
-            len(per_shard),
-            len(shards),
-            len(todo),
+            "%d of %d shards were labeled by an earlier run; labeling the other %d", len(done), len(keys), len(todo)
         )
     progress = artifacts.LabelingProgress(round_index, len(shards), finished=per_shard)
     if todo:
@@ -286,46 +308,26 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
             size = cfg.pseudo.chunk_size(len(todo))
             chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
             logger.info("labeling %d shards in %d tasks of up to %d shards", len(todo), len(chunks), size)
+            task = dict(cfg=cfg, teacher_checkpoint=teacher, out_dir=str(stage), num_classes=num_classes)
             futures = [
                 runner.submit(
                     units.label_shards,
-                    parameters=dict(
-                        cfg=cfg,
-                        teacher_checkpoint=teacher["checkpoint"],
-                        shards=[shards[i] for i in chunk],
-                        indices=chunk,
-                        keys=[keys[i] for i in chunk],
-                        out_dir=str(stage),
-                        num_classes=num_classes,
-                    ),
+                    parameters=dict(task, shards=[shards[i] for i in c], indices=c, keys=[keys[i] for i in c]),
                 )
-                for chunk in chunks
+                for c in chunks
             ]
             for fut in as_completed(futures):
                 for stats in fut.result():
                     per_shard.append(stats)
                     progress.advance(stats)
-    per_shard.sort(key=lambda s: s["sidecar"])
-    total = empty_stats(num_classes)
-    for s in per_shard:
-        total = add_stats(total, s)
-    # Broken shards are final for their content; they are named again on every run.
-    broken = [{"shard": s["shard"], "error": s["error"]} for s in per_shard if s.get("error")]
-    for b in broken:
+    outputs = pool_outputs(in_run(stage, ""), per_shard, keys, num_classes)
+    total = outputs["stats"]
+    for b in outputs["broken"]:
         logger.warning("broken shard %s, its readable records labeled: %s", b["shard"], b["error"])
-    for s in per_shard:
-        if s.get("empty_shards"):
-            logger.warning("shard %s holds no records", s["shard"])
+    for shard in outputs["empty"]:
+        logger.warning("shard %s holds no records", shard)
     names = family.class_names(cfg.data)
     artifacts.pseudo_stats(round_index, total, family.label_unit, names, family.stats_rows(total, family.label_unit))
-    outputs = {
-        "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
-        "pairs": [[s["shard"], str(stage / s["sidecar"])] for s in per_shard],
-        "digest": json_digest(keys),
-        "threshold": cfg.pseudo.score_threshold,
-        "stats": total,
-        "broken": broken,
-    }
     logger.info(
         "round %d: %d images labeled, %d kept, %d labels, %d corrupt, %d broken shard(s) (%d records cut off)",
         round_index,
@@ -336,7 +338,7 @@ def pseudo_label_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         total["broken_shards"],
         total["lost_records"],
     )
-    return finish(stage, inputs, outputs)
+    return {**outputs, "threshold": cfg.pseudo.score_threshold}
 
 
 @flow(name="student", flow_run_name="student-round-{round_index}{variant}")
@@ -346,27 +348,26 @@ def student_flow(cfg: RunConfig, round_index: int = 0, variant: str = "") -> dic
 
     `variant` ("-1", "-2", ...): a soup ingredient's student, in its own stage folder
     `student<variant>`; the round's student has none."""
-    logger = get_run_logger()
     stage = RunDir(cfg.out_dir).stage(round_index, f"student{variant}")
     teacher = teacher_outputs(cfg, round_index)
     pseudo = pseudo_outputs(cfg, round_index)
     inputs = student_inputs(cfg, teacher, pseudo)
-    if done := finished(stage, inputs):
-        logger.info("student of round %d is up to date; skipped", round_index)
-        return done["outputs"]
-    if pseudo["stats"]["kept"] == 0:  # refused before anything of the stage is touched
-        raise NoPseudoLabels(
-            f"round {round_index}: the teacher kept no unlabeled image at pseudo.score_threshold="
-            f"{pseudo.get('threshold', cfg.pseudo.score_threshold)} "
-            f"({pseudo['stats']['images']} images labeled), so the student has no "
-            "pseudo batch to draw; lower the threshold or train the teacher longer"
-        )
-    invalidate(stage)
-    pairs = [tuple(p) for p in pseudo["pairs"]]
-    units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"], resume_key(inputs))
-    metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
-    atomic_write_json(stage / "metrics.json", metrics)
-    return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
+
+    def refuse() -> None:
+        if pseudo["stats"]["kept"] == 0:
+            raise NoPseudoLabels(
+                f"round {round_index}: the teacher kept no unlabeled image at pseudo.score_threshold="
+                f"{pseudo.get('threshold', cfg.pseudo.score_threshold)} "
+                f"({pseudo['stats']['images']} images labeled), so the student has no "
+                "pseudo batch to draw; lower the threshold or train the teacher longer"
+            )
+
+    def train() -> None:
+        pairs = [tuple(p) for p in pseudo["pairs"]]
+        units.train_student(cfg, str(stage), json_digest(inputs), pairs, teacher["checkpoint"], resume_key(inputs))
+
+    what = f"student{variant} of round {round_index}"
+    return run_stage(what, stage, inputs, trained_model(cfg, stage, train), refuse)
 
 
 @flow(name="control", flow_run_name="control-round-{round_index}")
@@ -376,18 +377,13 @@ def control_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     schedule, augmentation, noise, human batch) on human labels only, evaluated on the
     same split. Student minus control is what the pseudo-labels add; student minus
     teacher also counts the extra training steps."""
-    logger = get_run_logger()
     stage = RunDir(cfg.out_dir).stage(round_index, "control")
     teacher = teacher_outputs(cfg, round_index)
     inputs = control_inputs(cfg, teacher)
-    if done := finished(stage, inputs):
-        logger.info("control of round %d is up to date; skipped", round_index)
-        return done["outputs"]
-    invalidate(stage)
-    units.train_control(cfg, str(stage), json_digest(inputs), teacher["checkpoint"], resume_key(inputs))
-    metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
-    atomic_write_json(stage / "metrics.json", metrics)
-    return finish(stage, inputs, _model_outputs(stage, metrics, get_family(cfg.family).metric))
+    train = lambda: units.train_control(  # noqa: E731
+        cfg, str(stage), json_digest(inputs), teacher["checkpoint"], resume_key(inputs)
+    )
+    return run_stage(f"control of round {round_index}", stage, inputs, trained_model(cfg, stage, train))
 
 
 def soup_ingredients(cfg: RunConfig) -> list[tuple[str, tuple[str, ...], RunConfig]]:
@@ -410,9 +406,8 @@ def soup_ingredients(cfg: RunConfig) -> list[tuple[str, tuple[str, ...], RunConf
 @holds_run_dir
 def soup_flow(cfg: RunConfig, round_index: int = 0) -> dict:
     """Train the round's soup ingredients (student flows, each skipped when up to date),
-    then average them into a uniform and a greedy soup (tasks/soups.py), chosen on the
+    then average them into a uniform and a greedy soup (engine/soups.py), chosen on the
     held-out split, reported on val, in `<round>/soup` and the `soup-round-N` table."""
-    logger = get_run_logger()
     if not cfg.soup.ingredients:
         raise ValueError("soup.ingredients is empty: name at least one more student, e.g. ['student.train.seed=1']")
     stage = RunDir(cfg.out_dir).stage(round_index, "soup")
@@ -428,20 +423,19 @@ def soup_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         "split": cfg.soup.split,
         "data": split_digest(cfg.data, cfg.soup.split),
     }
-    if done := finished(stage, inputs):
-        logger.info("soups of round %d are up to date; skipped", round_index)
-        return done["outputs"]
-    invalidate(stage)
-    report = units.make_soups(cfg, ingredients, str(stage))
-    control = read_manifest(RunDir(cfg.out_dir).stage(round_index, "control")) if cfg.control else None
-    artifacts.soup_table(round_index, report, control["outputs"]["metrics"][report["metric"]] if control else None)
-    outputs = {
-        "files": [soups.REPORT, f"{soups.UNIFORM}/{MODEL_FILE}", f"{soups.GREEDY}/{MODEL_FILE}"],
-        "metric": report["metric"],
-        "ingredients": report["ingredients"],
-        "soups": {k: {kk: vv for kk, vv in v.items() if kk != "val_metrics"} for k, v in report["soups"].items()},
-    }
-    return finish(stage, inputs, outputs)
+
+    def work() -> dict:
+        report = units.make_soups(cfg, ingredients, str(stage))
+        control = read_manifest(RunDir(cfg.out_dir).stage(round_index, "control")) if cfg.control else None
+        artifacts.soup_table(round_index, report, control["outputs"]["metrics"][report["metric"]] if control else None)
+        return {
+            "files": [soups.REPORT, f"{soups.UNIFORM}/{MODEL_FILE}", f"{soups.GREEDY}/{MODEL_FILE}"],
+            "metric": report["metric"],
+            "ingredients": report["ingredients"],
+            "soups": {k: {kk: vv for kk, vv in v.items() if kk != "val_metrics"} for k, v in report["soups"].items()},
+        }
+
+    return run_stage(f"soups of round {round_index}", stage, inputs, work)
 
 
 class NoPseudoLabels(RuntimeError):
@@ -472,13 +466,14 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
     <run>/config.yaml first and <run>/summary.json and report.md last; with several
     rounds also rounds.png, the metric per round, shown in the UI as the `rounds`
     artifact. Fails before any stage runs when inputs are missing, naming all of them
-    (tasks/inputs.py).
+    (engine/inputs.py).
     """
     check_inputs(cfg)
     t0 = time.perf_counter()
     run = RunDir(cfg.out_dir)
     storage.makedirs(run.root)
-    atomic_write_bytes(run.config, dump_config(cfg).encode())
+    # Its own folder as `out_dir: .`, so the run directory works wherever it is (configs.load_config).
+    atomic_write_bytes(run.config, dump_config(cfg.model_copy(update={"out_dir": "."})).encode())
     family = get_family(cfg.family)
     metric = family.metric
     teacher = teacher_flow(cfg)
@@ -539,10 +534,9 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
         "rounds": rounds,
         "stopped": stopped,
         "elapsed_s": round(time.perf_counter() - t0, 1),
-        "run_dir": str(run.root),
     }
     if len(rounds) > 1 or auto:
         artifacts.rounds_plot(summary, run.root / ROUNDS_PLOT)
     atomic_write_json(run.summary, summary)
     atomic_write_bytes(run.report, artifacts.report_markdown(summary).encode())
-    return summary
+    return {**summary, "run_dir": str(run.root)}  # where it is now; the files inside name no path

@@ -144,26 +144,15 @@ def enter_run() -> None:
 
 
 def _descendants(pids: list[int]) -> list[int]:
-    """`pids` and every process below them, from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return list(pids)
-    for name in entries:
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state"
-            children.setdefault(ppid, []).append(int(name))
-    found, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
+    """`pids` that still run and every process below them (psutil)."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            found += [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 

@@ -1,6 +1,6 @@
 """The segmentation family: a NAS-FPN segmenter, PASCAL VOC data, pixel pseudo-labels, mIoU.
 
-`SegmentationFamily` satisfies the family contract of `tasks/contract.py`; it is the
+`SegmentationFamily` satisfies the family contract of `engine/contract.py`; it is the
 only place where segmentation reads configuration. Class 0 is background, so a VOC
 config has 21 classes and `model.num_classes` counts the background.
 """
@@ -19,8 +19,8 @@ from data.augment import Augment, crop_pad, resize
 from data.mixing import list_collate, loader_options
 from data.voc import VOC_CLASSES, VOCSegmentation
 from data.world import Demo, WorldPaths, WorldSpec
-from detection.backbone import build_backbone, model_input
-from detection.necks import build_neck
+from nets.backbone import build_backbone, model_input
+from nets.necks import build_neck
 from segmentation import evaluate as seg_eval
 from segmentation import pseudo
 from segmentation.model import Segmenter

@@ -1,6 +1,6 @@
 """The NAS-FPN segmenter (docs/recipe.md, Architectures): pyramid fused at P3, a 3-conv head.
 
-EfficientNet C3-C5 -> neck (NAS-FPN by default; any neck of `detection.necks`) ->
+EfficientNet C3-C5 -> neck (NAS-FPN by default; any neck of `nets.necks`) ->
 P3..P7, each level resampled bilinearly to P3's size and summed -> three
 conv3x3-norm-ReLU layers -> dropout -> 1x1 classifier -> logits upsampled bilinearly to
 the input size. Cross-entropy over the pixels that are not ignored (255), divided by
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.augment import IGNORE
-from detection.necks import norm2d
-from detection.retinanet import IMAGENET_MEAN, IMAGENET_STD
+from nets.backbone import IMAGENET_MEAN, IMAGENET_STD
+from nets.losses import check_groups, group_scale
+from nets.necks import norm2d
 
 
 class SegmentationHead(nn.Module):
@@ -97,23 +98,8 @@ class Segmenter(nn.Module):
         of the group, and each share is scaled by the number of ranks (DDP averages
         gradients); every rank must call it with the same number of groups.
         """
-        b = logits.shape[0]
-        group_sizes = [b] if group_sizes is None else [int(n) for n in group_sizes]
-        if sum(group_sizes) != b or min(group_sizes, default=0) < 0:
-            raise ValueError(f"group sizes {group_sizes} do not split a batch of {b} images")
+        group_sizes = check_groups(group_sizes, logits.shape[0])
         masks = masks.to(logits.device).long()
         ce = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="none")
         valid = (masks != IGNORE).flatten(1).sum(1).float()
-        counts = torch.stack([part.sum() for part in valid.split(group_sizes)])
-        ranks = 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = torch.distributed.get_world_size()
-            if ranks > 1:
-                torch.distributed.all_reduce(counts)
-        scale = torch.cat(
-            [
-                torch.full((n,), n * ranks, dtype=torch.float32, device=logits.device) / c.clamp(min=1)
-                for n, c in zip(group_sizes, counts)
-            ]
-        )
-        return ce.flatten(1).sum(1) * scale
+        return ce.flatten(1).sum(1) * group_scale(valid, group_sizes)

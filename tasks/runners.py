@@ -4,7 +4,7 @@ A bounded thread or process pool on this machine, or Dask (a scheduler's address
 LocalCluster started for the flow run), with the settings that make task runs in
 other processes report to the flow's API and the annotations that give each labeling
 task one GPU on a CUDA run. Each worker of the pools and of the LocalCluster is bound
-to one of the labeling devices (tasks/devices.py). `labeling_runner` is all of it as
+to one of the labeling devices (engine/devices.py). `labeling_runner` is all of it as
 one context manager; flows/ calls only that.
 """
 
@@ -19,7 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from configs import PseudoLabelConfig
-from tasks.devices import bind_next_process, bind_thread, labeling_devices, worker_device
+from engine.devices import bind_next_process, bind_thread, labeling_devices, worker_device
 
 
 def _uses_gpu(device: str) -> bool:
@@ -55,7 +55,7 @@ def local_cluster_kwargs(rule: PseudoLabelConfig, device: str) -> dict:
     labeling task asks for (`dask_annotations`). Like the scheduler and workers, the
     dashboards (HTTP, no authentication) listen on loopback only: distributed's default
     binds them to every interface."""
-    from tasks.dask_devices import BindLabelingDevice
+    from engine.dask_devices import BindLabelingDevice
 
     kwargs = {
         "n_workers": rule.max_workers,

@@ -15,10 +15,10 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import RunConfig
 from data import storage
-from data.files import DiskFullError
-from tasks import audit, labeling, soups, training
-from tasks.devices import DeviceError, bound_device, check_device
-from tasks.engine import device_settings
+from data.files import AppendLog, DiskFullError
+from engine import audit, labeling, soups, training
+from engine.devices import DeviceError, bound_device, check_device
+from engine.loop import device_settings
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -33,7 +33,7 @@ def _logger():
 def _train_log(stage_dir: Path):
     """Log to the Prefect run and append to <stage>/train.log."""
     logger = _logger()
-    lines = storage.AppendLog(storage.join(stage_dir, "train.log"))
+    lines = AppendLog(storage.join(stage_dir, "train.log"))
 
     def log(msg: str) -> None:
         logger.info(msg)

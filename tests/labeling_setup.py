@@ -15,11 +15,11 @@ import torch
 
 from configs import RunConfig
 from data.world import WorldSpec, write_world
+from engine.families import get_family
+from engine.rundir import RunDir, file_digest, write_manifest
+from engine.training import MODEL_FILE, save_model
 from flows import stages
 from flows.demo import demo_config
-from tasks.families import get_family
-from tasks.rundir import RunDir, file_digest, write_manifest
-from tasks.training import MODEL_FILE, save_model
 
 CLASS_PRIOR_LOGIT = -2.0
 

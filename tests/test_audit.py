@@ -8,9 +8,9 @@ import torch
 
 from configs import DataConfig, PseudoLabelConfig, RunConfig, build_config
 from detection.pseudo import match_counts
+from engine import audit
+from engine.families import FAMILIES
 from segmentation.pseudo import pixel_counts
-from tasks import audit
-from tasks.families import FAMILIES
 from tests.conftest import tiny_model_config
 
 
@@ -148,7 +148,7 @@ def test_config_names_what_auto_and_holdout_need():
 
 
 def test_audit_writes_its_report_and_pictures(small_world, tmp_path):
-    from tasks.training import MODEL_FILE, _write_model
+    from engine.training import MODEL_FILE, _write_model
 
     family = FAMILIES["detection"]
     where, classes = family.demo.data(small_world)

@@ -8,8 +8,8 @@ from data import augment
 from data.augment import IGNORE, Augment
 from data.mixing import PseudoLabeledShards
 from detection import pseudo
-from tasks import training
-from tasks.families import FAMILIES
+from engine import training
+from engine.families import FAMILIES
 from tests.conftest import tiny_model_config
 from tests.test_contract import data_config
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detection.backbone import build_backbone, load_checkpoint
-from detection.necks import (
+from nets.backbone import build_backbone, load_checkpoint
+from nets.necks import (
     FPN,
     NASFPN,
     NASFPNStage,

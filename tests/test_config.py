@@ -98,7 +98,7 @@ def test_family_and_data_format_must_match(family, data, want):
 
 def test_every_family_has_its_data_format():
     from configs import FAMILY_DATA_FORMATS
-    from tasks.families import FAMILIES
+    from engine.families import FAMILIES
 
     assert set(FAMILY_DATA_FORMATS) == set(FAMILIES)
 

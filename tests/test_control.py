@@ -5,9 +5,9 @@ import torch
 
 from configs import RunConfig, StudentConfig, TrainConfig
 from detection.family import DetectionFamily
+from engine import training
+from engine.families import get_family
 from flows import stages
-from tasks import training
-from tasks.families import get_family
 from tests.conftest import tiny_model_config, world_data
 from tests.test_distributed import sidecars
 

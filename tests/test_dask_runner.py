@@ -220,7 +220,7 @@ def die_in_the_next_sidecar() -> int:
     """Run in a Dask worker process: its next sidecar write is killed (SIGKILL) after
     the first record went to the temporary file. A restarted worker is a fresh process,
     without this patch. Returns the pid."""
-    import tasks.labeling as labeling
+    import engine.labeling as labeling
 
     write = labeling.write_shard
 

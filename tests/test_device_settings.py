@@ -8,9 +8,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from configs import PseudoLabelConfig, TrainConfig
-from detection.backbone import model_input
-from tasks import engine
-from tasks.engine import CHECKPOINT, fit, to_device_ahead
+from engine import loop
+from engine.loop import CHECKPOINT, fit, to_device_ahead
+from nets.backbone import model_input
 from tests.conftest import tiny_model_config
 
 
@@ -107,8 +107,8 @@ def test_channels_last_detection_loss_matches(tmp_path):
 def test_logs_are_read_back_only_on_steps_that_log(tmp_path, monkeypatch):
     """Per step one sync (the guard); log values are materialized at log or checkpoint steps only."""
     calls = []
-    real = engine._materialize
-    monkeypatch.setattr(engine, "_materialize", lambda logs: calls.append(1) or real(logs))
+    real = loop._materialize
+    monkeypatch.setattr(loop, "_materialize", lambda logs: calls.append(1) or real(logs))
     seen = []
 
     def step_loss(net, batch):
@@ -155,7 +155,7 @@ def test_decode_threads_give_the_batches_of_one_thread_in_order(tmp_path):
     from PIL import Image
 
     from data.shards import write_shard
-    from tasks.labeling import _decoded_batches
+    from engine.labeling import _decoded_batches
 
     def jpeg(value):
         buf = io.BytesIO()

@@ -3,8 +3,8 @@
 import pytest
 
 from configs import DataConfig, PseudoLabelConfig, RunConfig, TrainConfig, build_config
+from engine.rundir import finished, json_digest, write_manifest
 from flows import stages
-from tasks.rundir import finished, json_digest, write_manifest
 
 DATA = {"train_images": "i", "train_annotations": "a.json", "val_images": "i", "val_annotations": "b.json"}
 TEACHER = {"digest": "t" * 64}

@@ -18,8 +18,8 @@ from torch import nn
 
 from configs import TrainConfig
 from data.files import DiskFullError, atomic_write
-from tasks.engine import CHECKPOINT, fit
-from tasks.rundir import MANIFEST, atomic_torch_save, atomic_write_json, finished, write_manifest
+from engine.loop import CHECKPOINT, fit
+from engine.rundir import MANIFEST, atomic_torch_save, atomic_write_json, finished, write_manifest
 
 
 def no_space(*_args, **_kw):

@@ -28,8 +28,8 @@ from configs import RunConfig, StudentConfig, TrainConfig
 from data.mixing import InfiniteSampler, PseudoLabeledShards, endless_loader
 from data.shards import iter_shard, write_shard
 from detection import pseudo
-from tasks import distributed, launcher, training
-from tasks.engine import CHECKPOINT, LossNormalizer
+from engine import distributed, launcher, training
+from engine.loop import CHECKPOINT, LossNormalizer
 from tests.conftest import tiny_model_config, world_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def crash_and_resume(cfg: RunConfig, stage_dir) -> dict:
 def runs(small_world, tmp_path_factory):
     """The same training on 1 and on 2 processes, each stopped after step 1 and resumed.
 
-    A resumed stage draws a fresh data stream seeded by its start step (tasks/engine.py),
+    A resumed stage draws a fresh data stream seeded by its start step (engine/loop.py),
     so the 2-process run is compared with a 1-process run that stopped and resumed alike.
     """
     one = crash_and_resume(teacher_config(small_world, 1), tmp_path_factory.mktemp("one"))
@@ -195,7 +195,7 @@ def test_a_queue_lock_left_taken_by_a_stopped_rank_does_not_hold_the_launcher_at
     code = textwrap.dedent(
         """
         import multiprocessing
-        from tasks import launcher
+        from engine import launcher
         channel = launcher._Channel(multiprocessing.get_context(launcher.START_METHOD), want_steps=True)
         channel.replies._wlock.acquire()  # what a rank stopped mid-put leaves behind
         channel.replies.put("go")
@@ -235,7 +235,7 @@ def test_loss_normalizer_sees_the_mean_over_ranks():
 
 
 def test_batchnorm_conversion_keeps_weights_and_outputs():
-    from detection.backbone import build_backbone
+    from nets.backbone import build_backbone
 
     torch.manual_seed(0)
     plain = build_backbone("test_efficientnet")
@@ -397,8 +397,8 @@ def test_checkpoint_resumes_on_another_number_of_processes(small_world, tmp_path
     (same global batch) and continues as a 1-process resume of it does."""
     import shutil
 
+    from engine.rundir import json_digest
     from flows.stages import teacher_inputs
-    from tasks.rundir import json_digest
 
     one_cfg, two_cfg = teacher_config(small_world, 1), teacher_config(small_world, 2)
     key = json_digest(teacher_inputs(one_cfg))

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from configs import RunConfig, TrainConfig, dump_config
-from tasks import launcher
-from tasks.engine import CHECKPOINT, DIVERGED, DIVERGED_CHECKPOINT, TrainingDiverged, fit
+from engine import launcher
+from engine.loop import CHECKPOINT, DIVERGED, DIVERGED_CHECKPOINT, TrainingDiverged, fit
 from tests.conftest import tiny_model_config, world_data
 
 NAN = float("nan")
@@ -162,8 +162,8 @@ def test_launch_raises_a_ranks_divergence_as_it_is():
 
 
 def test_diverged_teacher_stage_resumes_after_a_lower_lr(prefect_harness, small_world, tmp_path, monkeypatch, capsys):
+    from engine import training
     from flows.cli import main
-    from tasks import training
 
     data = world_data(small_world)
     teacher = TrainConfig(

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from configs import TrainConfig
-from tasks.engine import CHECKPOINT, fit, lr_factor
+from engine.loop import CHECKPOINT, LossNormalizer, fit, lr_factor
 
 
 def batches(start):
@@ -113,3 +113,67 @@ def test_resumed_stage_draws_fresh_noise(tmp_path):
     result = fit(tmp_path, nn.Linear(4, 1), batches, noisy_loss, cfg, "cpu", key="k", log=lambda m: None)
     assert result["resumed_from"] == 2 and len(draws) == 2
     assert draws != first  # not a replay of steps 1-2's noise
+
+
+def indexed_batches(start):
+    """The batch of step s depends on s alone (a human and a pseudo half), so a resumed
+    run sees exactly the batches an uninterrupted one does."""
+    step = start
+    while True:
+        g = torch.Generator().manual_seed(1000 + step)
+        human, pseudo = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+        yield {"images": human, "pseudo": pseudo, "y": human.sum(1, keepdim=True), "yp": 3 * pseudo[:, :1]}
+        step += 1
+
+
+def train_mixed(stage_dir, on_step=None):
+    """12 AdamW steps of a linear model on a normalized human + pseudo loss; returns the
+    model, its loss normalizer and fit's result."""
+    cfg = TrainConfig(steps=12, batch_size=8, checkpoint_every=7, log_every=100, warmup_steps=2, lr=0.05)
+    assert cfg.optimizer == "adamw"  # its moments are state a resume must restore
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    normalizer = LossNormalizer(alpha=1.0, decay=0.5)
+
+    def mixed_loss(net, batch):
+        loss_h = ((net(batch["images"]) - batch["y"]) ** 2).mean()
+        loss_p = ((net(batch["pseudo"]) - batch["yp"]) ** 2).mean()
+        loss = normalizer(loss_h, loss_p)
+        return loss, {"loss": loss.detach()}
+
+    result = fit(
+        stage_dir,
+        model,
+        indexed_batches,
+        mixed_loss,
+        cfg,
+        "cpu",
+        key="k",
+        extra_state={"normalizer": normalizer},
+        log=lambda m: None,
+        on_step=on_step,
+    )
+    return model, normalizer, result
+
+
+@pytest.mark.parametrize("lose", [None, "optimizer", "normalizer"])
+def test_a_stage_stopped_at_step_7_and_resumed_matches_one_that_ran_through(tmp_path, monkeypatch, lose):
+    """Bit for bit, weights and normalizer; and a resume that drops the optimizer's or the
+    normalizer's state is caught (the same test, with that state's restore disabled)."""
+    through, through_norm, _ = train_mixed(tmp_path / "through")
+
+    def stop_at_7(step, logs):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_mixed(tmp_path / "stopped", on_step=stop_at_7)
+    if lose == "optimizer":
+        monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, state: None)
+    elif lose == "normalizer":
+        monkeypatch.setattr(LossNormalizer, "load_state_dict", lambda self, state: None)
+    resumed, resumed_norm, result = train_mixed(tmp_path / "stopped")
+    assert result["resumed_from"] == 7 and result["step"] == 12
+    same = all(torch.equal(a, b) for a, b in zip(through.state_dict().values(), resumed.state_dict().values()))
+    same = same and through_norm.state_dict() == resumed_norm.state_dict()
+    assert same == (lose is None), f"resume losing {lose}: weights and normalizer the same: {same}"

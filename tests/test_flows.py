@@ -141,7 +141,7 @@ def test_auto_threshold_labels_at_the_audits_f1_threshold(quick_run):
 
 
 def test_soup_of_the_student_and_a_second_ingredient(quick_run):
-    from tasks.training import evaluate_checkpoint
+    from engine.training import evaluate_checkpoint
 
     run = quick_run / "run"
     ingredient = "soup.ingredients=[[student.alpha=0.5]]"
@@ -161,3 +161,56 @@ def test_soup_of_the_student_and_a_second_ingredient(quick_run):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"][0]["soup"]["soups"]["greedy"]["val"] == report["soups"]["greedy"]["val"]
     assert "soup-round-0" in artifact_keys()
+
+
+def test_a_model_cut_in_half_is_found_before_it_is_used(quick_run, capsys):
+    """The manifest records each output file's sha256: a stage that would read a cut-off
+    upstream file stops with one line naming it, and the cut stage itself recomputes."""
+    run = quick_run / "run"
+    cfg = run / "config.yaml"
+    model = run / "round-0/teacher/model.pt"
+    whole = model.read_bytes()
+    model.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    # another threshold: the pseudo-label stage would load the teacher
+    assert main(["stage", "pseudo-label", str(cfg), "--set", "pseudo.score_threshold=0.03"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("noisy-student: the teacher of round 0: ") and str(model) in last, err
+    assert "cut off or changed" in last and "Traceback" not in err, err
+    teacher_before = (run / "round-0/teacher/manifest.json").read_bytes()
+    assert main(["stage", "teacher", str(cfg)]) == 0  # recomputed, not skipped
+    assert (run / "round-0/teacher/manifest.json").read_bytes() != teacher_before
+    assert torch_loads(model)
+    manifest = json.loads((run / "round-0/teacher/manifest.json").read_text())
+    assert set(manifest["file_digests"]) == {"model.pt", "metrics.json"}
+
+
+def torch_loads(path: Path) -> bool:
+    import torch
+
+    return isinstance(torch.load(path, map_location="cpu", weights_only=False), dict)
+
+
+def test_a_copied_run_directory_works_from_another_folder(quick_run, tmp_path, monkeypatch, capsys):
+    """Paths inside a run directory are relative to it: a copy, used from another working
+    directory, finds its stages up to date and evaluates its own student."""
+    import shutil
+
+    run = quick_run / "run"
+    assert main(["demo", "--quick", "--out", str(quick_run)]) == 0  # whole again after the tests above
+    copy = tmp_path / "moved" / "run"
+    shutil.copytree(run, copy)
+    for path in [copy / "config.yaml", *copy.rglob("*.json")]:
+        assert str(run) not in path.read_text(), f"{path} names the original run directory"
+    monkeypatch.chdir(tmp_path / "moved")
+    before = manifest_stamps(copy)
+    assert main(["stage", "student", "run/config.yaml"]) == 0
+    assert main(["stage", "control", "run/config.yaml"]) == 0
+    assert manifest_stamps(copy) == before  # up to date where it now is
+    (run / "round-0/student/model.pt").unlink()  # the original's model is not what the copy reads
+    capsys.readouterr()
+    assert main(["stage", "evaluate", "run/config.yaml"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{") :])
+    assert metrics["AP"] == pytest.approx(json.loads((copy / "round-0/student/metrics.json").read_text())["AP"])

@@ -15,7 +15,7 @@ from configs import ConfigError, build_config
 PROBE = """
 import json, resource, sys
 import torch
-from tasks.engine import device_settings
+from engine.loop import device_settings
 device_settings("cpu", True, sys.argv[1])
 faults = []
 for _ in range(8):

@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 from configs import DataConfig, RunConfig, dump_config
+from engine.inputs import MissingInputsError, check_inputs, missing_inputs
 from flows import stages
 from flows.cli import main
-from tasks.inputs import MissingInputsError, check_inputs, missing_inputs
 from tests.conftest import tiny_model_config, world_data
 
 

@@ -10,8 +10,9 @@ from prefect import flow
 
 from configs import PseudoLabelConfig, load_config
 from data.shards import expand_urls
-from tasks import devices, runners, units
-from tasks.devices import DeviceError, labeling_devices, worker_device
+from engine import devices
+from engine.devices import DeviceError, labeling_devices, worker_device
+from tasks import runners, units
 from tests.labeling_setup import labeling_config, with_out_dir
 
 
@@ -55,7 +56,7 @@ def test_pool_processes_and_cluster_workers_bind_in_start_order():
         bound.append(devices.bound_device("cpu"))
     assert bound == ["cuda:0", "cuda:1", "cuda:0"]
 
-    from tasks.dask_devices import BindLabelingDevice
+    from engine.dask_devices import BindLabelingDevice
 
     class Worker:
         name = 3
@@ -151,8 +152,8 @@ def test_each_device_keeps_one_teacher_and_a_new_file_replaces_it(tmp_path, monk
     replaces a device's teacher instead of piling up one per round."""
     import os
 
-    from tasks import training
-    from tasks.families import get_family
+    from engine import training
+    from engine.families import get_family
     from tests.conftest import tiny_model_config
 
     loads = []

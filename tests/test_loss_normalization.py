@@ -1,6 +1,6 @@
 import torch
 
-from tasks.engine import LossNormalizer
+from engine.loop import LossNormalizer
 
 
 def test_matches_hand_computation():

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from configs import TrainConfig
-from tasks import distributed, launcher, training
+from engine import distributed, launcher, training
 from tests.test_distributed import crash_and_resume, curve, rel, teacher_config
 
 ROOT = Path(__file__).resolve().parents[1]

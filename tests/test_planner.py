@@ -9,10 +9,10 @@ import torch
 
 from configs import dump_config
 from detection.family import DetectionFamily
+from engine import planner
+from engine.planner import TASK_OVERHEAD_S
 from flows.cli import main
 from flows.demo import demo_config
-from tasks import planner
-from tasks.planner import TASK_OVERHEAD_S
 
 FAMILY = DetectionFamily()
 
@@ -26,6 +26,16 @@ def quick(tmp_path_factory):
     return cfg
 
 
+def test_the_task_overhead_is_the_committed_measurement():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/noop-labeling-10000.json"
+    runners = json.loads(path.read_text())["runners"]
+    for runner in ("thread", "dask"):
+        assert TASK_OVERHEAD_S[runner] == pytest.approx(runners[runner]["overhead_per_task_s"], abs=0.001), runner
+
+
 def test_the_plan_adds_its_stages_from_the_rates(quick):
     cfg = quick.model_copy(update={"rounds": 2})
     p = planner.plan(cfg, gpus=2, rates=RATES)
@@ -33,7 +43,7 @@ def test_the_plan_adds_its_stages_from_the_rates(quick):
     assert p["stages_s"]["teacher"] == pytest.approx(cfg.teacher.steps * 0.5 + evaluate, abs=0.1)
     assert p["stages_s"]["student"] == pytest.approx(cfg.student.train.steps * 1.0 + evaluate, abs=0.1)
     # 48 images on the one device that labels at 40 img/s, plus one task's orchestration per shard chunk
-    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * 0.016, abs=0.06)
+    assert p["stages_s"]["pseudo-label"] == pytest.approx(48 / 40 + 3 * TASK_OVERHEAD_S["thread"], abs=0.06)
     assert p["stages_s"]["audit"] == pytest.approx(8 / 40.0, abs=0.1)  # the quick world's 8 held-out images
     # the control: the student's steps on its 4 human images of 4 + 4, at the student's cost per image
     assert p["stages_s"]["control"] == pytest.approx(cfg.student.train.steps * 1.0 * 4 / 8 + evaluate, abs=0.1)
@@ -86,8 +96,8 @@ def test_labeling_is_divided_by_the_devices_that_label(quick, device, pseudo, gp
 def test_the_plan_counts_the_soups_own_evaluations(quick, tmp_path, monkeypatch, extra):
     """make_soups on tiny ingredients, the family's evaluate counting its passes per split:
     the counts are the planner's."""
-    from tasks.soups import make_soups
-    from tasks.training import save_model
+    from engine.soups import make_soups
+    from engine.training import save_model
     from tests.conftest import tiny_model_config
 
     model_cfg = tiny_model_config()
@@ -140,8 +150,16 @@ def test_figures_are_used_only_at_the_configs_sizes(quick, tmp_path):
 def test_plan_command_prints_every_stage_and_the_whole_run(quick, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(quick))
-    assert main(["plan", str(config), "--gpus", "2", "--probe", "--images", "1000"]) == 0
+    assert main(["plan", str(config), "--gpus", "2", "--images", "1000"]) == 0
     out = capsys.readouterr().out
     expected = ("teacher", "pseudo-label", "student", "whole run", "1000 images in 3 shards, labeled on 1 device(s), 3")
     for line in expected:
         assert line in out, out
+
+
+def test_plan_names_a_figures_file_that_does_not_exist(quick, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(quick))
+    missing = tmp_path / "ratios-cuda.json"
+    with pytest.raises(SystemExit, match=f"--figures {missing}: no such file"):
+        main(["plan", str(config), "--gpus", "2", "--figures", str(missing)])

@@ -17,9 +17,9 @@ from prefect.settings import PREFECT_API_URL
 
 from configs import dump_config
 from data.shards import expand_urls, iter_shard
+from engine.families import get_family
+from engine.labeling import add_stats, empty_stats
 from flows import stages
-from tasks.families import get_family
-from tasks.labeling import add_stats, empty_stats
 from tests.labeling_setup import labeling_config
 from tests.test_shards import same_size_rewrite
 
@@ -170,7 +170,8 @@ def test_a_failed_attempt_is_retried_in_place_and_a_full_disk_is_not(prefect_har
     from prefect.states import Failed
 
     from data.files import DiskFullError
-    from tasks import labeling, units
+    from engine import labeling
+    from tasks import units
 
     cfg = labeling_config(tmp_path, ["pseudo.shard_limit=2", "pseudo.max_workers=1"])
     write, attempts = labeling.write_shard, []
@@ -246,7 +247,7 @@ def read_progress(artifact_id) -> float:
 
 
 def test_remove_temporaries_of_some_shards_keeps_the_others(tmp_path):
-    from tasks.labeling import remove_temporaries
+    from engine.labeling import remove_temporaries
 
     names = [".labels-000001.tar.a.tmp", ".labels-000002.json.b.tmp", ".labels-000010.tar.c.tmp", "labels-000001.tar"]
     for n in names:

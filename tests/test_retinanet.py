@@ -164,7 +164,7 @@ def test_group_norm_heads_accept_widths_not_divisible_by_32(family_name, channel
 
 
 def test_group_count_is_the_largest_divisor_up_to_32_with_two_channels_a_group():
-    from detection.necks import group_count
+    from nets.necks import group_count
 
     assert [group_count(c) for c in (32, 64, 256, 40, 48, 36, 8, 37)] == [16, 32, 32, 20, 24, 18, 4, 1]
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from configs import RunConfig, dump_config
+from engine.runlock import LOCK_FILE, RunDirLocked, hold_run_dir, holds_run_dir
 from flows.cli import main
-from tasks.runlock import LOCK_FILE, RunDirLocked, hold_run_dir, holds_run_dir
 from tests.conftest import tiny_model_config, world_data
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from tasks.runlock import hold_run_dir
+from engine.runlock import hold_run_dir
 with hold_run_dir(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -82,7 +82,7 @@ def test_lock_is_reentrant_in_one_process_and_released_after_the_outermost(tmp_p
         [
             sys.executable,
             "-c",
-            "import sys; from tasks.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]): pass",
+            "import sys; from engine.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]): pass",
             str(run),
         ],
         cwd=ROOT,

@@ -1,5 +1,5 @@
-"""Security: a shared Prefect server protected by PREFECT_SERVER_API_AUTH_STRING (README,
-Clusters) runs the project's flows for a client with PREFECT_API_AUTH_STRING and refuses
+"""Security: a shared Prefect server protected by PREFECT_SERVER_API_AUTH_STRING (docs/clusters.md,
+A shared server needs a password) runs the project's flows for a client with PREFECT_API_AUTH_STRING and refuses
 one without it (or with a wrong password); the labeling stage's Dask cluster listens on
 loopback only. (tests/test_interrupt.py checks the temporary server and the training
 processes of a run, and that a secret in the environment stays out of every file.)
@@ -98,8 +98,8 @@ def flow_runs(api: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def evaluate_command(small_world, tmp_path_factory) -> list[str]:
     """`noisy-student stage evaluate` of an untrained tiny detector on the small world."""
-    from tasks.families import get_family
-    from tasks.training import save_model
+    from engine.families import get_family
+    from engine.training import save_model
 
     root = tmp_path_factory.mktemp("auth-run")
     data = world_data(small_world)

@@ -193,7 +193,7 @@ def _distributed_pixel_counts(masks, *, device, log, on_step):
 
 
 def test_segmentation_loss_counts_labeled_pixels_over_ranks():
-    from tasks import launcher
+    from engine import launcher
 
     _, masks = _pixel_loss_case()
     shares = launcher.launch(_distributed_pixel_counts, (masks,), processes=2, device="cpu")

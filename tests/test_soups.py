@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.soups import greedy_soup, uniform_soup
+from engine.soups import greedy_soup, uniform_soup
 
 
 def bn_net(seed: int) -> nn.Module:

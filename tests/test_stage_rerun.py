@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from configs import load_config
+from engine.rundir import RunDir, finished, read_manifest
 from flows import stages
 from flows.cli import main
 from flows.serve import run_parameters
-from tasks.rundir import RunDir, finished, read_manifest
 
 STAGES = ("teacher", "pseudo", "student")
 

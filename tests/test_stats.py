@@ -1,6 +1,6 @@
 """Pseudo-label statistics add up across images and shards, whatever the family adds."""
 
-from tasks.labeling import add_stats, empty_stats
+from engine.labeling import add_stats, empty_stats
 
 
 def test_family_keys_start_at_zero_and_bookkeeping_is_not_summed():

@@ -12,7 +12,7 @@ import torch
 from data import storage
 from data.shards import ShardReadError, expand_urls, iter_shard, iter_with_sidecar, shard_identities, write_shard
 from data.world import WorldSpec, write_world
-from tasks.labeling import finished_shards, label_shard, remove_temporaries, sidecar_paths
+from engine.labeling import finished_shards, label_shard, remove_temporaries, sidecar_paths
 
 GOOD = [(f"k{i}", {"jpg": bytes([i + 1]) * (700 + 300 * i), "json": b"{}"}) for i in range(4)]
 
@@ -84,7 +84,7 @@ def test_sidecars_on_s3_join_their_image_shard_in_lockstep(bucket):
 
 def test_labeling_reads_an_s3_shard_and_writes_its_sidecar_there(bucket, tmp_path):
     from configs import PseudoLabelConfig
-    from tasks.families import get_family
+    from engine.families import get_family
 
     from .conftest import tiny_model_config
 
@@ -108,7 +108,7 @@ def test_labeling_reads_an_s3_shard_and_writes_its_sidecar_there(bucket, tmp_pat
 
 def test_missing_s3_shards_are_named_before_any_stage_runs(bucket, small_world):
     from configs import RunConfig
-    from tasks.inputs import missing_inputs
+    from engine.inputs import missing_inputs
 
     from .conftest import world_data
 

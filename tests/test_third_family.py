@@ -1,5 +1,5 @@
 """A third family, defined here and nowhere else, runs the teacher, pseudo-label and
-student flows: flows/ and tasks/ know families only through tasks/contract.py.
+student flows: flows/ and tasks/ know families only through engine/contract.py.
 
 The toy family labels whole images: which of the world's shape classes appear in an
 image (multi-label), from a small convolutional network with a per-class sigmoid.
@@ -21,10 +21,10 @@ from data.augment import Augment
 from data.coco import CocoDetection
 from data.mixing import list_collate
 from data.world import Demo, WorldPaths
+from engine import families
+from engine.contract import Family, LabelingFamily, TrainingFamily
+from engine.rundir import RunDir, read_manifest
 from flows import stages
-from tasks import families
-from tasks.contract import Family, LabelingFamily, TrainingFamily
-from tasks.rundir import RunDir, read_manifest
 from tests.conftest import world_data
 
 

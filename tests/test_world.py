@@ -198,7 +198,7 @@ def test_write_world_is_idempotent_and_regenerates_on_change(tmp_path):
 
 @pytest.mark.parametrize("family", ["detection", "segmentation"])
 def test_demo_worlds_are_deterministic_per_seed(family):
-    from tasks.families import FAMILIES
+    from engine.families import FAMILIES
 
     spec = FAMILIES[family].demo.world
     for i in range(3):
@@ -209,7 +209,7 @@ def test_demo_worlds_are_deterministic_per_seed(family):
 @pytest.mark.parametrize("family", ["detection", "segmentation"])
 def test_demo_worlds_keep_the_sizes_they_promise(family):
     """Boxes within the spec's object sizes, upright squares, 1-4 objects, distractors kept."""
-    from tasks.families import FAMILIES
+    from engine.families import FAMILIES
 
     spec = FAMILIES[family].demo.world
     lo, hi = spec.object_size

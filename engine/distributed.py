@@ -1,6 +1,6 @@
 """Inside a training rank with torch.distributed (docs/design.md, Distributed training). No Prefect here.
 
-The ranks are started by tasks/launcher.py (torch.distributed.elastic). With one
+The ranks are started by engine/launcher.py (torch.distributed.elastic). With one
 process no process group exists, `rank()` is 0, `world_size()` is 1, and every helper
 below is the identity: the training code is the same functions for 1 and N processes.
 

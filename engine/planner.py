@@ -16,8 +16,8 @@ Assumptions (each a line of the printed plan):
 - Labeling spreads the pool's shards over the devices that label (`labeling_devices`:
   those of `pseudo.devices` that workers are bound to, at most N) with no loss:
   images / (devices x images per second), plus the orchestration cost of
-  each task (16 ms on the thread pool, 95 ms on Dask, measured by benchmarks/dask_noop_labeling.py;
-  the process pool is taken at the thread pool's cost, not measured).
+  each task (`TASK_OVERHEAD_S`: 81 ms on the thread pool, 187 ms on Dask, measured by
+  benchmarks/dask_noop_labeling.py; the process pool is taken at the thread pool's cost).
 - Evaluation runs at the labeling rate over the val split, on one device; a soup of n
   extra ingredients evaluates 2n + 2 times on its held-out split and twice on val
   (`soup_passes`).
@@ -36,12 +36,15 @@ import torch
 
 from configs import RunConfig, TrainConfig
 from data.shards import expand_urls, iter_shard
-from tasks import devices
-from tasks.engine import autocast, build_optimizer, device_settings
-from tasks.families import get_family
-from tasks.training import augmentation
+from engine import devices
+from engine.families import get_family
+from engine.loop import autocast, build_optimizer, device_settings
+from engine.training import augmentation
 
-TASK_OVERHEAD_S = {"thread": 0.016, "process": 0.016, "dask": 0.095}
+# Wall seconds of orchestration per labeling task, (flow - bare) / tasks as measured by
+# benchmarks/dask_noop_labeling.py (benchmarks/results/noop-labeling-10000.json, 2-core
+# CPU, 2026-12-02); the process pool is taken at the thread pool's cost, not measured.
+TASK_OVERHEAD_S = {"thread": 0.081, "process": 0.081, "dask": 0.187}
 PROBE_S = 30.0
 
 
@@ -155,7 +158,7 @@ def labeling_devices(cfg: RunConfig, gpus: int) -> int:
 
 
 def soup_passes(extra: int) -> tuple[int, int]:
-    """(held-out, val) evaluation passes of `tasks.soups.make_soups` for a soup of `extra`
+    """(held-out, val) evaluation passes of `engine.soups.make_soups` for a soup of `extra`
     ingredients besides the student: each of the extra + 1 ingredients on held-out, the
     greedy soup's `extra` candidates on held-out, both soups on val and the uniform soup
     on held-out."""
@@ -177,7 +180,7 @@ def plan(cfg: RunConfig, gpus: int, images: int | None = None, rates: dict | Non
     rounds = cfg.max_rounds if cfg.rounds == "auto" else cfg.rounds
     per_task = cfg.pseudo.chunk_size(shards)
     label_tasks = math.ceil(shards / per_task)
-    overhead = TASK_OVERHEAD_S.get(cfg.pseudo.runner, 0.016) * label_tasks
+    overhead = TASK_OVERHEAD_S[cfg.pseudo.runner] * label_tasks
     evaluate = val / rates["label_img_s"]
     stages = {"teacher": cfg.teacher.steps * rates["teacher_step_s"] + evaluate}
     if cfg.audit.split is not None:  # labeling the audited images (their scoring and pictures are not counted)
@@ -231,7 +234,7 @@ def format_plan(p: dict, config: str) -> str:
         f"{p['labeling_tasks_per_round']} labeling tasks per round, {p['prefect_tasks']} Prefect tasks in all"
     )
     lines.append(
-        "  assumes: linear data-parallel scaling, no data-loading stalls, stages one after another (tasks/planner.py)"
+        "  assumes: linear data-parallel scaling, no data-loading stalls, stages one after another (engine/planner.py)"
     )
     return "\n".join(lines)
 

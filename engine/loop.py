@@ -14,7 +14,7 @@ checkpoint stays as it is; `<stage>/diverged.json` records the stop, and
 checkpoint.pt. A rerun whose inputs differ only in the learning rate (its `resume_key`,
 the digest of the inputs without lr, equals the checkpoint's) resumes from it.
 
-The same `fit` runs in every training process (tasks/distributed.py): every rank
+The same `fit` runs in every training process (engine/distributed.py): every rank
 resumes from the checkpoint, the model trains as a DistributedDataParallel replica,
 logged values and the loss normalizer's averages are means over ranks (so every rank
 holds the same state), and only rank 0 writes the checkpoint. With one process the
@@ -38,9 +38,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from configs import TrainConfig
-from data import storage
-from tasks import distributed
-from tasks.rundir import atomic_torch_save, atomic_write_json, read_json
+from data import files, storage
+from engine import distributed
+from engine.rundir import atomic_torch_save, atomic_write_json, read_json
 
 CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.json"
@@ -107,7 +107,7 @@ def _diverged_run_resumes(stage_dir: Path, state: dict, resume_key: str | None) 
 
 def _keep_diverged_checkpoint(ckpt_path: Path) -> None:
     """`checkpoint-diverged.pt` beside `ckpt_path`: a hard link (a copy where links fail)."""
-    storage.copy(ckpt_path, ckpt_path.with_name(DIVERGED_CHECKPOINT))
+    files.copy(ckpt_path, ckpt_path.with_name(DIVERGED_CHECKPOINT))
 
 
 class Stateful(Protocol):
@@ -321,7 +321,7 @@ def fit(
     it is the last good one of a diverged run and `resume_key` (the digest of the inputs
     without the learning rate) is its resume key.
     on_step(step, logs): called after every optimizer step (hooks: tests, progress).
-    With several processes (tasks/distributed.py) each rank calls fit with its own
+    With several processes (engine/distributed.py) each rank calls fit with its own
     batches (its share of the global batch); logs are means over ranks.
     Raises TrainingDiverged on a loss, gradient norm or weight that is not finite.
     Returns {"step", "resumed_from", "seconds", "images_per_s" (all ranks), "processes",

@@ -11,9 +11,11 @@
     <run>/summary.json, report.md
 
 A stage writes `manifest.json` last. It records the digest of the stage's inputs
-(config sections, upstream outputs); a stage whose manifest matches its inputs is
-skipped, one that does not is recomputed, and since every downstream stage includes
-its upstream's output digest in its own inputs, the stages after it are too.
+(config sections, upstream outputs) and the sha256 of every file the stage lists as
+an output; a stage whose manifest matches its inputs, and whose files are as it wrote
+them, is skipped; one that does not is recomputed, and since every downstream stage
+includes its upstream's output digest in its own inputs, the stages after it are too.
+A file cut off or changed after its stage finished is found before anything reads it.
 """
 
 from __future__ import annotations
@@ -69,24 +71,60 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
     return read_json(storage.join(stage_dir, MANIFEST))
 
 
-def finished(stage_dir: str | Path, inputs: dict) -> dict | None:
-    """The stage's manifest if it finished with exactly these inputs and its files exist."""
+def damaged_file(stage_dir: str | Path, manifest: dict) -> str | None:
+    """The first output file of a finished stage that is missing, or whose bytes are not
+    the ones its manifest recorded (cut off, rewritten), as a phrase naming it; None
+    when every file is as the stage wrote it."""
+    for name, digest in manifest.get("file_digests", {}).items():
+        path = storage.join(stage_dir, name)
+        if not storage.exists(path):
+            return f"{path} is missing"
+        if file_digest(path) != digest:
+            return f"{path} was cut off or changed after the stage wrote it"
+    return None
+
+
+class StageNotFinished(RuntimeError):
+    """A stage needs the outputs of one that has not finished; run that one first."""
+
+
+class DamagedOutput(RuntimeError):
+    """A finished stage's output file is missing or changed; rerun that stage."""
+
+
+def finished(stage_dir: str | Path, inputs: dict, log=None) -> dict | None:
+    """The stage's manifest if it finished with exactly these inputs and its files are as
+    it wrote them; else None. `log(line)` hears why a matching stage must recompute."""
     m = read_manifest(stage_dir)
     if not m or m.get("inputs_digest") != json_digest(inputs):
         return None
-    files = m.get("outputs", {}).get("files", [])
-    if not all(storage.exists(storage.join(stage_dir, f)) for f in files):
+    if (damage := damaged_file(stage_dir, m)) is not None:
+        if log is not None:
+            log(f"{damage}: recomputing the stage")
         return None
     return m
 
 
+def finished_outputs(stage_dir: str | Path, what: str) -> dict:
+    """The outputs of an upstream stage a stage is about to use: DamagedOutput naming the
+    file when one is missing or changed, StageNotFinished when the stage has not finished."""
+    m = read_manifest(stage_dir)
+    if m is None:
+        raise StageNotFinished(f"{what} ({stage_dir}) has not finished; run that stage first")
+    if (damage := damaged_file(stage_dir, m)) is not None:
+        raise DamagedOutput(f"{what}: {damage}; rerun that stage")
+    return m["outputs"]
+
+
 def write_manifest(stage_dir: str | Path, inputs: dict, outputs: dict) -> dict:
-    """Record a finished stage. `outputs["files"]` lists files (relative) that must exist;
-    `outputs["digest"]` is what downstream stages depend on."""
+    """Record a finished stage. `outputs["files"]` lists its files (relative to the
+    stage folder), whose sha256 the manifest records; `outputs["digest"]` is what
+    downstream stages depend on."""
     m = {
         "inputs_digest": json_digest(inputs),
         "inputs": inputs,
         "outputs": outputs,
+        "file_digests": {f: file_digest(storage.join(stage_dir, f)) for f in outputs.get("files", [])},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(storage.join(stage_dir, MANIFEST), m)

@@ -19,9 +19,9 @@ import torch
 
 from configs import ModelConfig, RunConfig
 from data import storage
-from tasks.engine import device_settings
-from tasks.rundir import atomic_write_json
-from tasks.training import MODEL_FILE, load_model, save_model
+from engine.loop import device_settings
+from engine.rundir import atomic_write_json
+from engine.training import MODEL_FILE, load_model, save_model
 
 State = dict[str, torch.Tensor]
 
@@ -134,7 +134,7 @@ def make_soups(
             "held_out": scores(state, cfg.soup.split)[metric] if name == UNIFORM else history_best(history),
             "val": val[metric],
             "val_metrics": val,
-            "checkpoint": str(stage / name / MODEL_FILE),
+            "checkpoint": f"{name}/{MODEL_FILE}",  # relative to the soup's stage folder
         }
         log(f"soup: {name} soup {val[metric]:.2f} {metric} on val")
     report = {

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 OUT_INDICES = (2, 3, 4)
+# The per-channel statistics of ImageNet's RGB images that timm's EfficientNets expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # Parts of a timm classifier that a features_only model does not have; a checkpoint of
 # the full classifier carries them and they are dropped without complaint.
 HEAD_PREFIXES = ("conv_head.", "bn2.", "global_pool.", "classifier.", "head.", "fc.")

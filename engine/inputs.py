@@ -17,7 +17,7 @@ from configs import ConfigError, DataConfig, RunConfig
 from data import storage
 from data.shards import expand_urls
 from data.voc import split_paths
-from tasks.rundir import file_digest, json_digest
+from engine.rundir import file_digest, json_digest
 
 STAGES = ("teacher", "audit", "pseudo-label", "student", "control", "soup", "evaluate")
 SHARDS_NAMED = 5  # missing shards named one by one; the rest are counted

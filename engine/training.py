@@ -1,10 +1,10 @@
-"""Teacher and student training stages on top of `tasks.engine.fit` (no Prefect here).
+"""Teacher and student training stages on top of `engine.loop.fit` (no Prefect here).
 
 `model.pt` holds {"family", "model_cfg", "state"}: enough to rebuild the model
 anywhere, loaded with `weights_only=True`.
 
 `train_teacher` and `train_student` train on `processes` processes of their
-TrainConfig (tasks/launcher.py), on each of its `nodes`: with one process the stage runs
+TrainConfig (engine/launcher.py), on each of its `nodes`: with one process the stage runs
 here; with N, the same `_*_rank` function runs once per rank, each rank reading batch_size/N human (and
 pseudo) samples per step, and rank 0 writes checkpoint.pt and model.pt.
 """
@@ -22,11 +22,11 @@ from configs import ModelConfig, RunConfig, TrainConfig
 from data import storage
 from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
-from tasks import distributed, launcher
-from tasks.contract import Family
-from tasks.engine import LossNormalizer, TrainingDiverged, device_settings, fit
-from tasks.families import get_family
-from tasks.rundir import atomic_torch_save, json_digest
+from engine import distributed, launcher
+from engine.contract import Family
+from engine.families import get_family
+from engine.loop import LossNormalizer, TrainingDiverged, device_settings, fit
+from engine.rundir import atomic_torch_save, json_digest
 
 MODEL_FILE = "model.pt"
 

@@ -1,11 +1,11 @@
 """The worker plugin that binds each worker of the Dask runner's LocalCluster to a labeling
-device (apart from tasks/devices.py, so that only the Dask runner imports distributed)."""
+device (apart from engine/devices.py, so that only the Dask runner imports distributed)."""
 
 from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from tasks.devices import bind_process, worker_device
+from engine.devices import bind_process, worker_device
 
 
 class BindLabelingDevice(WorkerPlugin):

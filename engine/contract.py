@@ -93,7 +93,7 @@ class TrainingFamily(_Classes, Protocol):
 
 
 class AuditFamily(_Classes, Protocol):
-    """What the pseudo-label audit needs (tasks/audit.py)."""
+    """What the pseudo-label audit needs (engine/audit.py)."""
 
     audit_legend: str  # what the audit grid's panels show, in one line
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from detection.family import DetectionFamily
+from engine.contract import Family
 from segmentation.family import SegmentationFamily
-from tasks.contract import Family
 
 FAMILIES: dict[str, Family] = {
     "detection": DetectionFamily(),

@@ -28,9 +28,9 @@ from torch import nn
 from configs import PseudoLabelConfig
 from data import storage
 from data.shards import CorruptImageError, ShardReadError, decode_image, image_bytes, iter_shard, write_shard
-from tasks.contract import Family
-from tasks.engine import autocast
-from tasks.rundir import atomic_write_json, read_json
+from engine.contract import Family
+from engine.loop import autocast
+from engine.rundir import atomic_write_json, json_digest, read_json
 
 log = logging.getLogger("noisy_student.labeling")
 
@@ -118,6 +118,25 @@ def add_stats(total: dict, part: dict) -> dict:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = out[k] + v
     return out
+
+
+def pool_outputs(prefix: str, per_shard: list[dict], keys: list[str], num_classes: int) -> dict:
+    """The pseudo-label stage's outputs from every shard's stats: the sidecar files, the
+    (shard, `prefix` + sidecar) pairs the student reads, the stage's digest (its shards'
+    keys), the summed stats and the broken shards, each named with its error."""
+    per_shard = sorted(per_shard, key=lambda s: s["sidecar"])
+    total = empty_stats(num_classes)
+    for s in per_shard:
+        total = add_stats(total, s)
+    return {
+        "files": [s["sidecar"] for s in per_shard] + [s["sidecar"].replace(".tar", ".json") for s in per_shard],
+        "pairs": [[s["shard"], prefix + s["sidecar"]] for s in per_shard],
+        "digest": json_digest(keys),
+        "stats": total,
+        # Broken shards are final for their content; they are named again on every run.
+        "broken": [{"shard": s["shard"], "error": s["error"]} for s in per_shard if s.get("error")],
+        "empty": [s["shard"] for s in per_shard if s.get("empty_shards")],
+    }
 
 
 def _decoded_batches(

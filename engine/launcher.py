@@ -5,7 +5,7 @@
 node's first rank.
 
 - processes=1, nodes=1: `fn` runs in this process. No process group exists and every
-  helper of tasks/distributed.py is the identity: the training code is the same
+  helper of engine/distributed.py is the identity: the training code is the same
   functions for 1 and N ranks.
 - Otherwise this process is the node's elastic agent (`elastic_launch`, in a helper
   thread): `processes` ranks start here, rank r on `cuda:(i+r)` for device `cuda:i`
@@ -65,7 +65,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousClosedError, Rend
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from data import storage
-from tasks.distributed import TIMEOUT, RankError, WorkerError, resolve_backend
+from engine.distributed import TIMEOUT, RankError, WorkerError, resolve_backend
 
 HOST = "127.0.0.1"
 START_METHOD = "forkserver"
@@ -421,7 +421,7 @@ def serve_node(
         raise ValueError(f"processes must be >= 1, got {processes}")
     threads = max(1, torch.get_num_threads() // processes)
     # The stages' rank functions live in the training module: imported once, by the fork server.
-    multiprocessing.get_context(START_METHOD).set_forkserver_preload(["torch", "tasks.training"])
+    multiprocessing.get_context(START_METHOD).set_forkserver_preload(["torch", "engine.training"])
     reach_s = int(max(1, min(60, idle_s)))
     ended = failed = 0
     waiting_since = time.monotonic()

@@ -33,10 +33,10 @@ import torch
 from configs import RunConfig
 from data import storage
 from data.files import atomic_write
-from tasks.contract import Family
-from tasks.engine import device_settings
-from tasks.rundir import atomic_write_json
-from tasks.training import load_model
+from engine.contract import Family
+from engine.loop import device_settings
+from engine.rundir import atomic_write_json
+from engine.training import load_model
 
 REPORT = "audit.json"
 PR_PLOT = "pr.png"
