@@ -7,7 +7,7 @@ Reads a finished demo run (its `config.yaml` and its round-0 teacher) and trains
 each factor f, the same teacher (same data, seed, recipe, warm-up) for round(f * steps)
 steps with its own cosine schedule, through the product's `stage teacher` in a fresh
 process per point. Each point is evaluated on val and on the held-out split
-(`tasks.training.evaluate_checkpoint`); the run's own teacher is the 1x point. Prints one
+(`engine.training.evaluate_checkpoint`); the run's own teacher is the 1x point. Prints one
 JSON object: per point steps, val and held-out metric, wall time and reference steps
 (benchmarks/train_step_time.py, measured before the first point), and each point's
 gain over the 1x teacher. The demo's teacher counts as near its plateau when the 1.25x
@@ -32,7 +32,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this
 from demo_seeds import measure_reference  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from tasks.training import MODEL_FILE, evaluate_checkpoint  # noqa: E402
+from engine.training import MODEL_FILE, evaluate_checkpoint  # noqa: E402
 
 
 def point(cfg, checkpoint: Path, metric: str) -> dict:
