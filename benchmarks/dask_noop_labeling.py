@@ -58,6 +58,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig, RunConfig, build_config, dump_config  # noqa: E402
+from data.coco import CocoLayout  # noqa: E402
 from engine.families import FAMILIES  # noqa: E402
 
 # ----------------------------------------------------------------------------- the no-op family
@@ -70,6 +71,7 @@ class NoopFamily:
     metric = "none"
     sidecar_ext = "json"
     label_unit = "labels"
+    data_formats = {"coco": CocoLayout()}
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         return nn.Identity()

@@ -32,13 +32,14 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this
 from demo_seeds import measure_reference  # noqa: E402
 
 from configs import load_config  # noqa: E402
+from engine.families import has_holdout  # noqa: E402
 from engine.training import MODEL_FILE, evaluate_checkpoint  # noqa: E402
 
 
 def point(cfg, checkpoint: Path, metric: str) -> dict:
     """Val and held-out metric of one teacher checkpoint."""
     out = {"val": round(evaluate_checkpoint(cfg, checkpoint, "val")[metric], 2)}
-    if cfg.data.has_holdout:
+    if has_holdout(cfg):
         out["held_out"] = round(evaluate_checkpoint(cfg, checkpoint, "holdout")[metric], 2)
     return out
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PRESET_DIR = Path(__file__).parent
 
 AugmentLevel = Literal["none", "S1", "S2", "S3", "S4"]
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS (data/shards.py checks that they agree)
 Precision = Literal["off", "bf16", "fp16"]
 
 
@@ -89,16 +90,20 @@ class _Config(BaseModel):
 class DataConfig(_Config):
     """Where the labeled and unlabeled data live.
 
-    `format="coco"`: a COCO json and its image folder per split (detection).
-    `format="voc"`: a PASCAL VOC root (segmentation).
+    `format` names the layout of the labeled data: `coco` (a COCO json and its image
+    folder per split) or `voc` (a PASCAL VOC root). Which formats a run may use, and
+    which of the keys below each needs, is its family's to say (`data_formats`,
+    engine/families.py `check_config`).
     """
 
-    format: Literal["coco", "voc"] = "coco"
+    format: str = Field("coco", description="layout of the labeled data (coco, voc): one its family reads")
     train_images: str | None = None
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
-    voc_root: str | None = None
+    voc_root: str | list[str] | None = Field(
+        None, description="a VOC folder (VOCdevkit/VOC2012); detection may combine several: a list"
+    )
     voc_train_split: str = Field(
         "train", description="id list ImageSets/Segmentation/<split>.txt (train_aug: the SBD-augmented set)"
     )
@@ -107,7 +112,9 @@ class DataConfig(_Config):
         "SegmentationClass", description="mask folder of the train split (SegmentationClassAug for SBD)"
     )
     voc_classes: tuple[str, ...] | None = Field(
-        None, description="class names in label order, background first; None: the 21 VOC classes"
+        None,
+        description="class names in label order (segmentation: background first); None: VOC's own "
+        "(the 21 with background for segmentation, the 20 object classes for detection)",
     )
     labeled_limit: int | None = Field(None, ge=1, description="use only the first N labeled images (a label fraction)")
     # The held-out labeled split: no teacher or student trains on it, so it stays out of
@@ -117,33 +124,18 @@ class DataConfig(_Config):
     voc_holdout_split: str | None = held_out(
         description="id list ImageSets/Segmentation/<split>.txt of the held-out split (format voc)"
     )
-    unlabeled_shards: str = run_setting(
+    unlabeled_shards: str | list[str] = run_setting(
         "",
-        description="webdataset image shards, brace pattern such as pool-{000000..000012}.tar "
-        "(the pseudo-label stage digests the shards themselves)",
+        description="webdataset image shards: one brace pattern such as pool-{000000..000012}.tar (spaces "
+        "in it are part of the path), or a list of them (the pseudo-label stage digests the shards themselves)",
     )
     image_size: int = Field(640, ge=128, description="square training/eval size; multiple of 128")
     num_workers: int = run_setting(1, ge=0, description="DataLoader workers per loader")
-
-    @property
-    def has_holdout(self) -> bool:
-        """Whether a held-out labeled split is configured (the audit's, soup's and `rounds: auto`'s)."""
-        if self.format == "coco":
-            return self.holdout_images is not None and self.holdout_annotations is not None
-        return self.voc_holdout_split is not None
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.image_size % 128:
             raise ValueError(f"data.image_size={self.image_size} must be a multiple of 128 (P7 stride)")
-        need = (
-            ("train_images", "train_annotations", "val_images", "val_annotations")
-            if self.format == "coco"
-            else ("voc_root",)
-        )
-        missing = [k for k in need if getattr(self, k) is None]
-        if missing:
-            raise ValueError(f"data.format={self.format!r} needs data.{', data.'.join(missing)}")
         return self
 
 
@@ -263,6 +255,13 @@ class PseudoLabelConfig(_Config):
     )
     decode_threads: int = run_setting(
         1, ge=1, description="threads decoding the next batches while the teacher runs (a GPU wants 4-8)"
+    )
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS,
+        ge=1,
+        description="an unlabeled image whose header declares more pixels is skipped and counted, never decoded "
+        "(default: PIL's decompression-bomb limit, about 9,459 x 9,459)",
+        json_schema_extra={"digest_omit": MAX_IMAGE_PIXELS},
     )
     runner: Literal["thread", "process", "dask"] = run_setting(
         "thread", description="thread or process: a pool on this machine; dask: a Dask cluster, one task per shard"
@@ -392,10 +391,6 @@ class SoupConfig(_Config):
         return v
 
 
-# The data format each family reads (the families themselves: engine/families.py).
-FAMILY_DATA_FORMATS: dict[str, str] = {"detection": "coco", "segmentation": "voc"}
-
-
 class RunConfig(_Config):
     """A whole Noisy Student run: all stages of all rounds."""
 
@@ -435,34 +430,14 @@ class RunConfig(_Config):
     soup: SoupConfig = SoupConfig()
 
     @model_validator(mode="after")
-    def _check_family_reads_the_format(self) -> RunConfig:
-        # A family added at run time (a benchmark's no-op family) has no known format.
-        want = FAMILY_DATA_FORMATS.get(self.family)
-        if want is not None and self.data.format != want:
-            raise ValueError(f"family={self.family!r} reads data.format={want!r}, but data.format={self.data.format!r}")
-        return self
-
-    @model_validator(mode="after")
     def _check_audit(self) -> RunConfig:
         if self.pseudo.score_threshold == "auto" and self.audit.split is None:
             raise ValueError(
                 "pseudo.score_threshold='auto' takes the audit's F1 threshold, but audit.split is None; "
                 "set audit.split=holdout (or val)"
             )
-        if (self.audit.split == "holdout" or self.soup.ingredients or self.rounds == "auto") and not (
-            self.data.has_holdout
-        ):
-            need = ("holdout_images", "holdout_annotations") if self.data.format == "coco" else ("voc_holdout_split",)
-            missing = [k for k in need if getattr(self.data, k) is None]
-            if missing:
-                who = (
-                    "audit.split='holdout'"
-                    if self.audit.split == "holdout"
-                    else "soup (its greedy choice)"
-                    if self.soup.ingredients
-                    else "rounds='auto' (its stopping rule)"
-                )
-                raise ValueError(f"{who} needs data.{', data.'.join(missing)} (a labeled split no stage trains on)")
+        # Whether the held-out split that audit.split=holdout, the soup and rounds=auto
+        # choose on is named depends on the data's layout: engine/families.py check_config.
         return self
 
     @property

@@ -90,7 +90,12 @@ def load_coco(annotations: str | Path) -> COCO:
             dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CocoFormatError(f"{path}: not valid JSON ({err})") from None
-    _check_dataset(dataset, path)
+    return coco_of(dataset, path)
+
+
+def coco_of(dataset: dict, source: str | Path) -> COCO:
+    """pycocotools COCO object of a checked dataset dict (`source` names it in errors)."""
+    _check_dataset(dataset, Path(source))
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -134,6 +139,34 @@ def _clip_box(bbox: list[float], info: dict) -> tuple[list[float] | None, str | 
     return [x0, y0, x1, y1], None
 
 
+class CocoLayout:
+    """The COCO layout as a run names it: per split (train, val, holdout) an image folder
+    `data.<split>_images` and a json `data.<split>_annotations`. A family that reads
+    COCO lists this layout in its `data_formats` (engine/contract.py, `DataLayout`)."""
+
+    name = "coco"
+
+    @staticmethod
+    def _keys(split: str) -> tuple[str, str]:
+        return f"{split}_images", f"{split}_annotations"
+
+    def missing_keys(self, data, split: str) -> list[str]:
+        return [f"data.{k}" for k in self._keys(split) if getattr(data, k) is None]
+
+    def problems(self, data) -> list[str]:
+        return []
+
+    def split_files(self, data, split: str) -> list[str]:
+        return [getattr(data, f"{split}_annotations")]
+
+    def split_inputs(self, data, split: str) -> list[tuple[str, str | None, str]]:
+        images, annotations = self._keys(split)
+        return [
+            (f"data.{images}", getattr(data, images), "folder"),
+            (f"data.{annotations}", getattr(data, annotations), "file"),
+        ]
+
+
 class CocoDetection(Dataset):
     """Samples `(image uint8 [3,H,W], target)` of a COCO json and its image folder.
 
@@ -147,13 +180,17 @@ class CocoDetection(Dataset):
     def __init__(
         self,
         images_dir: str | Path,
-        annotations: str | Path,
+        annotations: str | Path | COCO,
         augment_level: str | Augment | None = None,
         size: int = 640,
         limit: int | None = None,
+        source: str | None = None,
     ):
+        """`annotations`: a COCO json, or a COCO object built elsewhere (VOC's XML,
+        `data.voc_boxes`), then named in messages by `source`."""
         self.images_dir = storage.path(images_dir)
-        self.coco = load_coco(annotations)
+        self.coco = annotations if isinstance(annotations, COCO) else load_coco(annotations)
+        annotations = source or ("the given COCO annotations" if isinstance(annotations, COCO) else annotations)
         self.ids = sorted(self.coco.getImgIds())[:limit]
         self.cat_ids = sorted(self.coco.getCatIds())
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]

@@ -18,10 +18,12 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from braceexpand import braceexpand
 
+from configs import MAX_IMAGE_PIXELS
 from data import storage
 from data.files import atomic_write
 
@@ -48,6 +51,12 @@ class CorruptImageError(ValueError):
     """Image bytes that cannot be decoded (truncated, garbage, unsupported format)."""
 
 
+class ImageTooLargeError(CorruptImageError):
+    """An image whose header declares more pixels than the limit: it is never decoded
+    (a 20,000 x 20,000 PNG of 400 KB would take 1.2 GB), so readers that skip corrupt
+    images skip it too."""
+
+
 # --------------------------------------------------------------------------- patterns
 
 
@@ -55,26 +64,22 @@ def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     """Shard paths named by brace patterns, in order.
 
     `pattern` is one pattern (`pool-{000000..000012}.tar`, `{a,b}.tar`,
-    `s3://bucket/pool-{000000..000012}.tar`), several patterns separated by whitespace in
-    one string, or a sequence of patterns. A webdataset `pipe:` command is one pattern,
-    spaces and all (`pipe:aws s3 cp s3://b/pool-{0..9}.tar -`). Each is
-    expanded with `braceexpand`; the results are concatenated in the given order
-    (duplicates are kept: the caller decides). An empty string gives [].
+    `s3://bucket/pool-{000000..000012}.tar`, a webdataset `pipe:` command) or a sequence
+    of patterns. A string is always one pattern, spaces and all: folders such as
+    `my projects/` are common, so several patterns are a list (a YAML list in a config),
+    never a string split at whitespace. Each is expanded with `braceexpand`; the results
+    are concatenated in the given order (duplicates are kept: the caller decides). An
+    empty string gives [].
     """
     if isinstance(pattern, (str, os.PathLike)):
-        parts = _split_patterns(os.fspath(pattern))
+        parts = [os.fspath(pattern)]
     else:
         parts = []
         for p in pattern:
             if not isinstance(p, (str, os.PathLike)):
                 raise TypeError(f"shard pattern must be a string or path, got {type(p).__name__}: {p!r}")
-            parts.extend(_split_patterns(os.fspath(p)))
-    return [url for part in parts for url in braceexpand(part)]
-
-
-def _split_patterns(text: str) -> list[str]:
-    text = text.strip()
-    return [text] if text.startswith("pipe:") else text.split()
+            parts.append(os.fspath(p))
+    return [url for part in parts if part.strip() for url in braceexpand(part.strip())]
 
 
 def brace_pattern(prefix: str, count: int, suffix: str = ".tar") -> str:
@@ -479,19 +484,41 @@ def _decode_pil(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 
-def decode_image(data: bytes) -> torch.Tensor:
+def declared_pixels(data: bytes) -> float | None:
+    """Width x height that an image's header declares, read without decoding a pixel;
+    inf when PIL refuses the header itself (more than twice its own limit); None when
+    PIL cannot read the header (the decoder then says why)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return float(im.size[0] * im.size[1])
+    except Image.DecompressionBombError:
+        return math.inf
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode JPEG/PNG/WebP bytes to a uint8 tensor [3,H,W], RGB.
 
     Grayscale, RGBA (alpha dropped), palette and CMYK images are converted to RGB;
     16-bit PNGs keep their high byte; an animated image gives its first frame. EXIF
     orientation is not applied (the same pixels for teacher and student). Decoding uses
     torchvision's native decoders and falls back to PIL for what they refuse. Raises
-    CorruptImageError for empty, garbage or truncated data.
+    CorruptImageError for empty, garbage or truncated data, and ImageTooLargeError,
+    before any pixel is decoded, for an image whose header declares more than
+    `max_pixels` pixels (None: no limit).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"image data must be bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise CorruptImageError("empty image data")
+    if max_pixels is not None and (pixels := declared_pixels(bytes(data))) is not None and pixels > max_pixels:
+        declared = f"more than {2 * MAX_IMAGE_PIXELS:,}" if math.isinf(pixels) else f"{pixels:,.0f}"
+        raise ImageTooLargeError(
+            f"its header declares {declared} pixels, above the limit of {max_pixels:,}; not decoded"
+        )
     try:
         return _decode_torchvision(bytes(data))
     except Exception as tv_err:  # torchvision raises RuntimeError for bad data
@@ -515,17 +542,22 @@ def build_shards_from_folder(
     per_shard: int = 1000,
     prefix: str = "pool",
     progress: Callable[[int, int], None] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
 ) -> dict:
     """Convert an image folder (ImageNet or OpenImages layout) to webdataset shards.
 
     Files under `image_dir` (recursively) ending in .jpg/.jpeg/.png/.webp (any case) are
     taken in sorted relative-path order. Each is decoded once as a check; corrupt ones
-    are skipped, counted and listed. A valid image is stored with its original bytes as
+    are skipped, counted and listed, and so are images whose header declares more than
+    `max_pixels` pixels (never decoded: `decode_image`); `workers` threads check files
+    at once (default: every core). A valid image is stored with its original bytes as
     `{key}.{ext}`, ext lower-cased and jpeg written as jpg; key = relative path without
     extension, '/' and '.' replaced by '_', with `_1`, `_2`, ... appended on collision.
     Shards `{prefix}-000000.tar`, ... of `per_shard` images each (the last may be
     shorter) are written atomically, then `{out_dir}/shards.json`:
     `{"shards": [names], "images": n, "corrupt": n, "corrupt_files": [relative paths],
+    "too_large": n, "too_large_files": [relative paths], "max_pixels": N,
     "per_shard": N, "pattern": "pool-{000000..00000K}.tar" (None if no image was valid)}`.
     Shard files `{prefix}-NNNNNN.tar` left in `out_dir` by an earlier, longer run are
     removed so a glob never mixes the two. `progress(done_files, total_files)` is called
@@ -536,6 +568,7 @@ def build_shards_from_folder(
         raise ValueError(f"per_shard must be an integer >= 1, got {per_shard!r}")
     if not prefix or "/" in prefix:
         raise ValueError(f"invalid shard prefix {prefix!r}")
+    workers = workers or os.cpu_count() or 1
     root = Path(image_dir)
     if not root.is_dir():
         raise ValueError(f"image_dir does not exist or is not a folder: {os.fspath(image_dir)}")
@@ -554,20 +587,43 @@ def build_shards_from_folder(
     total = len(files)
 
     corrupt_files: list[str] = []
+    too_large_files: list[str] = []
     used: set[str] = set()
     done = 0
 
+    def checked(rel: str) -> tuple[bytes, str]:
+        """A file's bytes and its verdict: ok, corrupt or too_large (decoded once as a check)."""
+        data = (root / rel).read_bytes()
+        try:
+            decode_image(data, max_pixels)
+        except ImageTooLargeError:
+            return data, "too_large"
+        except CorruptImageError:
+            return data, "corrupt"
+        return data, "ok"
+
+    def in_order() -> Iterator[tuple[str, str, bytes, str]]:
+        """Every file checked, in sorted order, by `workers` threads at once (the
+        decoders release the GIL), with at most a few images per worker in memory."""
+        with ThreadPoolExecutor(workers) as pool:
+            pending: deque = deque()
+            for rel, ext in files:
+                pending.append((rel, ext, pool.submit(checked, rel)))
+                if len(pending) >= 4 * workers:
+                    rel0, ext0, fut = pending.popleft()
+                    yield rel0, ext0, *fut.result()
+            while pending:
+                rel0, ext0, fut = pending.popleft()
+                yield rel0, ext0, *fut.result()
+
     def valid_records() -> Iterator[tuple[str, dict[str, bytes]]]:
         nonlocal done
-        for rel, ext in files:
-            data = (root / rel).read_bytes()
-            try:
-                decode_image(data)
-            except CorruptImageError:
+        for rel, ext, data, verdict in in_order():
+            if verdict == "too_large":
+                too_large_files.append(rel)
+            elif verdict == "corrupt":
                 corrupt_files.append(rel)
-                ok = False
-            else:
-                ok = True
+            ok = verdict == "ok"
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -599,6 +655,9 @@ def build_shards_from_folder(
         "images": images,
         "corrupt": len(corrupt_files),
         "corrupt_files": corrupt_files,
+        "too_large": len(too_large_files),
+        "too_large_files": too_large_files,
+        "max_pixels": max_pixels,
         "per_shard": per_shard,
         "pattern": brace_pattern(prefix, len(shards)) or None,
     }

@@ -83,6 +83,13 @@ def join(base: str | os.PathLike, *names: str) -> str | Path:
     return "/".join([text(base).rstrip("/"), *names])
 
 
+def parent(path: str | os.PathLike) -> str | Path:
+    """The folder holding a path or URL (a Path for a local one)."""
+    if not is_remote(path):
+        return local(path).parent
+    return text(path).rstrip("/").rsplit("/", 1)[0]
+
+
 def name(path: str | os.PathLike) -> str:
     """The last component of a path or URL."""
     return text(path).rstrip("/").rsplit("/", 1)[-1]

@@ -60,6 +60,44 @@ def read_mask(path: str | Path) -> torch.Tensor:
         return torch.from_numpy(np.array(im, dtype=np.uint8))
 
 
+class VocLayout:
+    """The VOC layout as a run names it: one `data.voc_root`, a split id list per split
+    (`data.voc_train_split`, `voc_val_split`, `voc_holdout_split`) and a folder of labels;
+    the train split's mask folder is `data.voc_train_masks`. A family that reads VOC
+    lists this layout in its `data_formats` (engine/contract.py, `DataLayout`)."""
+
+    name = "voc"
+    SPLIT_KEYS = {"train": "voc_train_split", "val": "voc_val_split", "holdout": "voc_holdout_split"}
+
+    def missing_keys(self, data, split: str) -> list[str]:
+        keys = ["voc_root", self.SPLIT_KEYS[split]]
+        return [f"data.{k}" for k in keys if getattr(data, k) is None]
+
+    def problems(self, data) -> list[str]:
+        if isinstance(data.voc_root, list | tuple):
+            return [f"data.voc_root={list(data.voc_root)}: segmentation reads one VOC folder"]
+        return []
+
+    def _paths(self, data, split: str) -> dict[str, Path]:
+        masks = data.voc_train_masks if split == "train" else "SegmentationClass"
+        return split_paths(data.voc_root, getattr(data, self.SPLIT_KEYS[split]), masks)
+
+    def split_files(self, data, split: str) -> list[str]:
+        return [str(self._paths(data, split)["list"])]
+
+    def split_inputs(self, data, split: str) -> list[tuple[str, str | None, str]]:
+        out = [("data.voc_root", data.voc_root, "folder")]
+        if data.voc_root is None or not Path(data.voc_root).is_dir():
+            return out  # the root is named once, not every path under it
+        paths = self._paths(data, split)
+        masks_key = "data.voc_train_masks" if split == "train" else "data.voc_root"
+        return out + [
+            (f"data.{self.SPLIT_KEYS[split]}", paths["list"], "file"),
+            ("data.voc_root", paths["images"], "folder"),
+            (masks_key, paths["masks"], "folder"),
+        ]
+
+
 class VOCSegmentation(Dataset):
     """Samples `(image uint8 [3,H,W], {"mask": uint8 [H,W], "image_id": str})` of one split.
 

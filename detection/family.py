@@ -6,6 +6,7 @@ place where detection reads configuration.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import partial
 
@@ -14,9 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
+from data import storage
 from data.augment import Augment, letterbox
-from data.coco import CocoDetection
+from data.coco import CocoDetection, CocoLayout
+from data.files import atomic_write
 from data.mixing import list_collate, loader_options
+from data.voc_boxes import VocBoxesLayout, voc_detection
 from data.world import Demo, WorldPaths, WorldSpec
 from detection import evaluate as coco_eval
 from detection import pseudo
@@ -59,11 +63,15 @@ DEMO = Demo(
 )
 
 
+DETECTIONS_FILE = "detections.json"  # what an evaluation with a results_dir writes
+
+
 class DetectionFamily:
     name = "detection"
     metric = "AP"
     sidecar_ext = "json"
     label_unit = "boxes"
+    data_formats = {"coco": CocoLayout(), "voc": VocBoxesLayout()}
     demo = DEMO
 
     # ------------------------------------------------------------------ model
@@ -80,8 +88,9 @@ class DetectionFamily:
     # ------------------------------------------------------------------ data
 
     def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> CocoDetection:
-        if data.format != "coco":
-            raise ValueError(f"detection reads data.format='coco', got {data.format!r}")
+        if data.format == "voc":  # VOC's XML boxes, read into the same COCO form
+            limit = data.labeled_limit if split == "train" else None
+            return voc_detection(data, split, augment_level, data.image_size, limit)
         if split == "train":
             return CocoDetection(
                 data.train_images, data.train_annotations, augment_level, data.image_size, data.labeled_limit
@@ -183,6 +192,7 @@ class DetectionFamily:
     # ------------------------------------------------------------------ audit
 
     audit_legend = "green: ground truth; coloured: the teacher's kept boxes (class, score)"
+    audit_scoring = "a box matches at IoU >= {iou:g}"
 
     def scored_labels(self, model: RetinaNet, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
         """The rule's boxes at its threshold, with their scores (no box: an empty label).
@@ -209,13 +219,47 @@ class DetectionFamily:
     def draw_audit(self, image: torch.Tensor, label: dict | None, target: dict, class_names: list[str]):
         return pseudo.draw_boxes(image, label, target, class_names)
 
+    # ------------------------------------------------------------------ predict
+
+    def prediction_output(self, index: int, name: str, label: dict | None, class_names: list[str]):
+        """COCO's results format (bbox x, y, w, h in pixels, score) with the file's name and
+        the class's name beside its contiguous label; no file of its own."""
+        if label is None:
+            return [], {}
+        records = [
+            {
+                "image_id": index,
+                "file_name": name,
+                "label": c,
+                "category": class_names[c],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": s,
+            }
+            for (x0, y0, x1, y1), c, s in zip(
+                label["boxes_xyxy"].tolist(), label["labels"].tolist(), label["scores"].tolist()
+            )
+        ]
+        return records, {}
+
+    def draw_prediction(self, image: torch.Tensor, label: dict | None, class_names: list[str]):
+        none = {"boxes_xyxy": torch.zeros(0, 4)}
+        return pseudo.draw_boxes(image, label, none, class_names, zoom=1)
+
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(
-        self, model: RetinaNet, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
+        self,
+        model: RetinaNet,
+        data: DataConfig,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split: str = "val",
+        results_dir: str | None = None,
     ) -> dict[str, float]:
-        """COCO box metrics (percent) on `split` (val)."""
+        """COCO box metrics (percent) on `split` (val); with `results_dir`, its
+        `detections.json` in COCO's results format (the dataset's own image and category
+        ids), which pycocotools' `loadRes` reads back to the same metrics."""
         dataset = self.labeled_dataset(data, split, None)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list_collate, **loader_options(num_workers))
         results = []
@@ -223,4 +267,6 @@ class DetectionFamily:
             preds = self.predict(model, [s[0] for s in samples], data.image_size)
             for (_, target), pred in zip(samples, preds):
                 results += coco_eval.coco_results(target["image_id"], pred, dataset.cat_ids)
+        if results_dir is not None:
+            atomic_write(storage.join(results_dir, DETECTIONS_FILE), lambda f: f.write(json.dumps(results).encode()))
         return coco_eval.coco_ap(dataset.coco, results, dataset.ids)

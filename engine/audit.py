@@ -229,7 +229,13 @@ def audit_teacher(
         log(f"audit: {min(start + batch, len(samples))}/{len(samples)} held-out images labeled")
     report = summarize(counts, thresholds, names, cfg.audit.precision_target)
     in_use = report["f1_threshold"] if drawn_threshold is None else drawn_threshold
-    report.update(split=cfg.audit.split, images=len(samples), iou=cfg.audit.iou, unit=family.label_unit)
+    report.update(
+        split=cfg.audit.split,
+        images=len(samples),
+        iou=cfg.audit.iou,
+        unit=family.label_unit,
+        scoring=family.audit_scoring.format(iou=cfg.audit.iou),
+    )
     report["drawn_threshold"] = in_use
     panels = [
         family.draw_audit(image, family.at_threshold(label, in_use), target, names)

@@ -37,7 +37,29 @@ from data.augment import Augment
 from data.world import Demo
 
 
+class DataLayout(Protocol):
+    """A layout of labeled data on disk (data/coco.py `CocoLayout`, data/voc.py
+    `VocLayout`). A family lists the layouts it reads in `data_formats`, by the value
+    of `data.format` that selects each; engine/ asks the layout, never the format."""
+
+    name: str
+
+    def missing_keys(self, data: DataConfig, split: str) -> list[str]:
+        """The `data.<key>`s that `split` (train, val, holdout) needs and the config leaves unset."""
+
+    def problems(self, data: DataConfig) -> list[str]:
+        """Settings this layout cannot take, each naming its key and value ([] when none)."""
+
+    def split_files(self, data: DataConfig, split: str) -> list[str]:
+        """The files that list `split`'s images and labels (a stage choosing on it digests them)."""
+
+    def split_inputs(self, data: DataConfig, split: str) -> list[tuple[str, str | None, str]]:
+        """(config key, path, "file" or "folder") of each path `split` reads."""
+
+
 class _Classes(Protocol):
+    data_formats: dict[str, DataLayout]  # the layouts this family reads, by `data.format`
+
     name: str
 
     def build_model(self, cfg: ModelConfig) -> nn.Module: ...
@@ -87,15 +109,25 @@ class TrainingFamily(_Classes, Protocol):
         """A pseudo-label from its sidecar bytes (`LabelingFamily.encode`'s inverse)."""
 
     def evaluate(
-        self, model: nn.Module, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
+        self,
+        model: nn.Module,
+        data: DataConfig,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split: str = "val",
+        results_dir: str | None = None,
     ) -> dict[str, float]:
-        """Metrics in percent on `split` (val; holdout for the soup's choices), `metric` among them."""
+        """Metrics in percent on `split` (val; holdout for the soup's choices), `metric` among them.
+        With `results_dir`, the predictions are also written there, in a format other tools
+        read (detection: `detections.json`, COCO's results format; segmentation: one palette
+        PNG per image), and nothing else is."""
 
 
 class AuditFamily(_Classes, Protocol):
     """What the pseudo-label audit needs (engine/audit.py)."""
 
     audit_legend: str  # what the audit grid's panels show, in one line
+    audit_scoring: str  # how a label meets the ground truth, "{iou:g}" filled from audit.iou
 
     def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> Dataset: ...
 
@@ -117,7 +149,21 @@ class AuditFamily(_Classes, Protocol):
         """uint8 [H,W,3]: a kept pseudo-label (or None) drawn over the image's ground truth."""
 
 
-class Family(LabelingFamily, TrainingFamily, AuditFamily, Protocol):
+class PredictFamily(AuditFamily, Protocol):
+    """What `noisy-student predict` needs (engine/predict.py): the audit's `scored_labels`
+    and `at_threshold` give an image's kept prediction; these write and draw it."""
+
+    def prediction_output(
+        self, index: int, name: str, label: dict | None, class_names: list[str]
+    ) -> tuple[list[dict], dict[str, bytes]]:
+        """One image's kept prediction (None: nothing kept) as JSON records for
+        `predictions.json` and the files it adds beside it (relative path -> bytes)."""
+
+    def draw_prediction(self, image: torch.Tensor, label: dict | None, class_names: list[str]):
+        """uint8 [H,W,3]: the prediction drawn over the image."""
+
+
+class Family(LabelingFamily, TrainingFamily, PredictFamily, Protocol):
     demo: Demo | None  # None: no demo (`noisy-student demo` does not offer it)
 
     def stats_rows(self, total: dict, unit: str) -> list[tuple[str, str]]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from configs import ConfigError, DataConfig, RunConfig
+from configs import ConfigError, RunConfig
 from data import storage
 from data.shards import expand_urls
-from data.voc import split_paths
+from engine.families import check_config, data_layout
 from engine.rundir import file_digest, json_digest
 
 STAGES = ("teacher", "audit", "pseudo-label", "student", "control", "soup", "evaluate")
@@ -71,38 +71,21 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
         if not (p.is_file() if kind == "file" else p.is_dir()):
             missing.append((key, str(path), f"not a {kind}" if p.exists() else f"no such {kind}"))
 
-    trains = bool(stages & {"teacher", "student", "control"})
-    evaluates = bool(stages & {"teacher", "student", "control", "evaluate"})  # the training stages evaluate too
+    check_config(cfg)
+    layout = data_layout(cfg)
     data = cfg.data
-    if evaluates and data.format == "coco":
-        if trains:
-            need("data.train_images", data.train_images, "folder")
-            need("data.train_annotations", data.train_annotations, "file")
-        need("data.val_images", data.val_images, "folder")
-        need("data.val_annotations", data.val_annotations, "file")
-    elif evaluates and data.format == "voc":
-        need("data.voc_root", data.voc_root, "folder")
-        if Path(data.voc_root).is_dir():
-            splits = [("voc_val_split", data.voc_val_split, "SegmentationClass", None)]
-            if trains:
-                splits.insert(0, ("voc_train_split", data.voc_train_split, data.voc_train_masks, "voc_train_masks"))
-            for split_key, split, masks, masks_key in splits:
-                paths = split_paths(data.voc_root, split, masks)
-                need(f"data.{split_key}", paths["list"], "file")
-                need("data.voc_root", paths["images"], "folder")
-                need(f"data.{masks_key}" if masks_key else "data.voc_root", paths["masks"], "folder")
+    splits = []
+    if stages & {"teacher", "student", "control", "evaluate"}:  # the training stages evaluate too
+        splits = (["train"] if stages & {"teacher", "student", "control"} else []) + ["val"]
     if (
         ("audit" in stages and cfg.audit.split == "holdout")
         or ("soup" in stages and cfg.soup.ingredients)
         or ("student" in stages and cfg.rounds == "auto")
     ):
-        if data.format == "coco":
-            need("data.holdout_images", data.holdout_images, "folder")
-            need("data.holdout_annotations", data.holdout_annotations, "file")
-        elif data.voc_root is not None and Path(data.voc_root).is_dir():
-            paths = split_paths(data.voc_root, data.voc_holdout_split, "SegmentationClass")
-            need("data.voc_holdout_split", paths["list"], "file")
-            need("data.voc_root", paths["masks"], "folder")
+        splits.append("holdout")
+    for split in splits:
+        for key, path, kind in layout.split_inputs(data, split):
+            need(key, path, kind)
     if "teacher" in stages:
         need("model.backbone_checkpoint", cfg.model.backbone_checkpoint, "file")
     if stages & {"student", "control"}:
@@ -134,17 +117,10 @@ def missing_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> list[tuple
     return unique
 
 
-def split_files(data: DataConfig, split: str) -> list[str]:
-    """The files that list a labeled split's images and labels: its COCO json, or its VOC id list."""
-    if data.format == "coco":
-        return [getattr(data, f"{split}_annotations")]
-    name = {"train": data.voc_train_split, "val": data.voc_val_split, "holdout": data.voc_holdout_split}[split]
-    return [str(split_paths(data.voc_root, name, "SegmentationClass")["list"])]
-
-
-def split_digest(data: DataConfig, split: str) -> str:
-    """A digest of `split_files`: a stage choosing on a split reruns when its labels change."""
-    return json_digest([file_digest(f) for f in split_files(data, split)])
+def split_digest(cfg: RunConfig, split: str) -> str:
+    """A digest of the files that list a labeled split's images and labels (the layout's
+    `split_files`): a stage choosing on a split reruns when its labels change."""
+    return json_digest([file_digest(f) for f in data_layout(cfg).split_files(cfg.data, split)])
 
 
 def check_inputs(cfg: RunConfig, stages: Iterable[str] = STAGES) -> None:

@@ -27,7 +27,15 @@ from torch import nn
 
 from configs import PseudoLabelConfig
 from data import storage
-from data.shards import CorruptImageError, ShardReadError, decode_image, image_bytes, iter_shard, write_shard
+from data.shards import (
+    CorruptImageError,
+    ImageTooLargeError,
+    ShardReadError,
+    decode_image,
+    image_bytes,
+    iter_shard,
+    write_shard,
+)
 from engine.contract import Family
 from engine.loop import autocast
 from engine.rundir import atomic_write_json, json_digest, read_json
@@ -86,6 +94,7 @@ def empty_stats(num_classes: int) -> dict:
         "images": 0,
         "kept": 0,
         "corrupt": 0,
+        "too_large": 0,  # images whose header declares more than pseudo.max_image_pixels
         "labels": 0,
         "class_counts": [0] * num_classes,
         # shards not readable to their end, records they cut off, shards without records
@@ -140,9 +149,11 @@ def pool_outputs(prefix: str, per_shard: list[dict], keys: list[str], num_classe
 
 
 def _decoded_batches(
-    shard: str, batch_size: int, damage: list[ShardReadError], threads: int = 1
-) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
-    """(keys, images, corrupt keys) per batch, in shard order, decoded ahead of the teacher.
+    shard: str, batch_size: int, damage: list[ShardReadError], threads: int = 1, max_pixels: int | None = None
+) -> Iterator[tuple[list[str], list[torch.Tensor], list[str], int]]:
+    """(keys, images, skipped keys, how many of those were too large) per batch, in shard
+    order, decoded ahead of the teacher. An image is skipped when it cannot be decoded or
+    its header declares more than `max_pixels` pixels (then it is never decoded).
 
     `threads` batches decode at once, each in a thread of its own (PIL's decoders release
     the GIL), and one more is read ahead, so the teacher's forward never waits on a
@@ -150,18 +161,22 @@ def _decoded_batches(
     error is appended to `damage`."""
 
     def decode(records):
-        keys, images, corrupt = [], [], []
+        keys, images, corrupt, too_large = [], [], [], 0
         for key, record in records:
             found = image_bytes(record)
             try:
                 if found is None:
                     raise CorruptImageError(f"no image member in {sorted(record)}")
-                images.append(decode_image(found[1]))
+                images.append(decode_image(found[1], max_pixels))
                 keys.append(key)
+            except ImageTooLargeError as err:
+                log.warning("image above the pixel limit skipped: shard %s key %s (%s)", shard, key, err)
+                corrupt.append(key)
+                too_large += 1
             except CorruptImageError as err:
                 log.warning("corrupt image skipped: shard %s key %s (%s)", shard, key, err)
                 corrupt.append(key)
-        return keys, images, corrupt
+        return keys, images, corrupt, too_large
 
     def chunks():
         chunk = []
@@ -214,8 +229,10 @@ def label_shard(
 
     def records():
         nonlocal stats
-        for keys, images, corrupt in _decoded_batches(shard, rule.batch_size, damage, rule.decode_threads):
-            stats["corrupt"] += len(corrupt)
+        batches = _decoded_batches(shard, rule.batch_size, damage, rule.decode_threads, rule.max_image_pixels)
+        for keys, images, skipped, too_large in batches:
+            stats["corrupt"] += len(skipped) - too_large
+            stats["too_large"] += too_large
             with autocast(device, rule.amp):
                 labels = family.label_images(model, images, image_size, rule) if images else []
             for k, lab in zip(keys, labels):
@@ -226,14 +243,14 @@ def label_shard(
                 stats = add_stats(stats, family.label_stats(lab, num_classes))
                 yield k, {family.sidecar_ext: family.encode(lab)}
             if progress is not None:
-                progress(len(keys) + len(corrupt))
+                progress(len(keys) + len(skipped))
 
     write_shard(out_tar, records())
     if damage:
         err = damage[0]
         stats.update(broken_shards=1, lost_records=int(err.lost_key is not None), error=str(err))
         log.warning("broken shard %s: its %d readable record(s) were labeled; %s", shard, err.records, err)
-    elif stats["images"] + stats["corrupt"] == 0:
+    elif stats["images"] + stats["corrupt"] + stats["too_large"] == 0:
         stats["empty_shards"] = 1
         log.warning("shard %s holds no records", shard)
     stats.update({"key": key, "shard": str(shard), "sidecar": storage.name(out_tar)})

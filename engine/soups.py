@@ -128,7 +128,14 @@ def make_soups(
     soups = {}
     for name, state, members in ((UNIFORM, uniform, list(range(len(states)))), (GREEDY, greedy, chosen)):
         val = scores(state, "val")  # leaves the soup's weights in the model
-        save_model(storage.join(stage / name, MODEL_FILE), family.name, model_cfg, model)
+        save_model(
+            storage.join(stage / name, MODEL_FILE),
+            family.name,
+            model_cfg,
+            model,
+            family.class_names(cfg.data),
+            cfg.data.image_size,
+        )
         soups[name] = {
             "ingredients": [ingredients[i]["name"] for i in members],
             "held_out": scores(state, cfg.soup.split)[metric] if name == UNIFORM else history_best(history),

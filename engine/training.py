@@ -24,16 +24,39 @@ from data.augment import Augment
 from data.mixing import PseudoLabeledShards, endless_loader, mixed_batches
 from engine import distributed, launcher
 from engine.contract import Family
-from engine.families import get_family
+from engine.families import check_config, get_family
 from engine.loop import LossNormalizer, TrainingDiverged, device_settings, fit
 from engine.rundir import atomic_torch_save, json_digest
 
 MODEL_FILE = "model.pt"
 
 
-def save_model(path: str | Path, family: str, model_cfg: ModelConfig, model: nn.Module) -> Path:
+def save_model(
+    path: str | Path,
+    family: str,
+    model_cfg: ModelConfig,
+    model: nn.Module,
+    class_names: list[str] | None = None,
+    image_size: int | None = None,
+) -> Path:
+    """model.pt: the family, the model's config and weights, and what applying it needs
+    without the training data (`noisy-student predict`): its class names and input size."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return atomic_torch_save({"family": family, "model_cfg": model_cfg.model_dump(mode="json"), "state": state}, path)
+    saved = {"family": family, "model_cfg": model_cfg.model_dump(mode="json"), "state": state}
+    if class_names is not None:
+        saved["class_names"] = list(class_names)
+    if image_size is not None:
+        saved["image_size"] = int(image_size)
+    return atomic_torch_save(saved, path)
+
+
+def model_info(path: str | Path) -> dict:
+    """What `save_model` recorded beside the weights: family, model_cfg, and class_names
+    and image_size when recorded."""
+    ckpt = storage.torch_load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not {"family", "model_cfg", "state"} <= set(ckpt):
+        raise ValueError(f"{path} is not a model saved by a stage (model.pt); a training checkpoint.pt is not one")
+    return {k: v for k, v in ckpt.items() if k != "state"}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, nn.Module]:
@@ -118,10 +141,15 @@ def _seed_rank_noise(tcfg: TrainConfig) -> None:
         torch.manual_seed(distributed.rank_seed(tcfg.seed))
 
 
-def _write_model(stage_dir: str | Path, family_name: str, model_cfg: ModelConfig, model: nn.Module) -> None:
-    """Rank 0 writes model.pt; every rank returns once it exists."""
+def _write_model(
+    stage_dir: str | Path, family_name: str, model_cfg: ModelConfig, model: nn.Module, cfg: RunConfig | None = None
+) -> None:
+    """Rank 0 writes model.pt (with the class names and input size of `cfg`'s data);
+    every rank returns once it exists."""
     if distributed.is_main():
-        save_model(storage.join(stage_dir, MODEL_FILE), family_name, model_cfg, model)
+        names = get_family(family_name).class_names(cfg.data) if cfg is not None else None
+        size = cfg.data.image_size if cfg is not None else None
+        save_model(storage.join(stage_dir, MODEL_FILE), family_name, model_cfg, model, names, size)
     distributed.barrier()
 
 
@@ -141,7 +169,7 @@ def _teacher_rank(
     cfg: RunConfig, stage_dir: str, key: str, resume_key: str | None, *, device: torch.device, log, on_step
 ) -> dict:
     device_settings(device, cfg.cudnn_benchmark, cfg.host_allocator)
-    family = get_family(cfg.family)
+    family = check_config(cfg)
     _check_classes(family, cfg, cfg.model)
     tcfg = cfg.teacher
     rank, ranks = distributed.rank(), distributed.world_size()
@@ -167,7 +195,7 @@ def _teacher_rank(
     result = fit(
         stage_dir, model, make_batches, step_loss, tcfg, device, key, log=log, on_step=on_step, resume_key=resume_key
     )
-    _write_model(stage_dir, cfg.family, cfg.model, model)
+    _write_model(stage_dir, cfg.family, cfg.model, model, cfg)
     return result
 
 
@@ -222,7 +250,7 @@ def _student_rank(
 ) -> dict:
     """A student's rank; `pseudo_pairs` None: the control's (human batches only, loss L_h)."""
     device_settings(device, cfg.cudnn_benchmark, cfg.host_allocator)
-    family = get_family(cfg.family)
+    family = check_config(cfg)
     scfg = cfg.student
     tcfg = scfg.train
     model_cfg = cfg.student_model
@@ -303,11 +331,22 @@ def _student_rank(
         on_step=on_step,
         resume_key=resume_key,
     )
-    _write_model(stage_dir, cfg.family, model_cfg, model)
+    _write_model(stage_dir, cfg.family, model_cfg, model, cfg)
     return result
 
 
-def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict[str, float]:
+def evaluate_checkpoint(
+    cfg: RunConfig, checkpoint: str | Path, split: str = "val", results_dir: str | Path | None = None
+) -> dict[str, float]:
+    """The checkpoint's metrics on `split`; with `results_dir` (created, emptied first) its
+    predictions are written there too (the family's `evaluate`)."""
     device_settings(cfg.device, cfg.cudnn_benchmark, cfg.host_allocator)
     family, model = load_model(checkpoint, cfg.device)
-    return family.evaluate(model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers, split=split)
+    if results_dir is not None:  # no file of an earlier evaluation stays beside the new ones
+        storage.makedirs(results_dir)
+        for name in storage.list_names(results_dir):
+            storage.remove(storage.join(results_dir, name))
+        results_dir = storage.text(results_dir)
+    return family.evaluate(
+        model, cfg.data, cfg.eval_batch_size, cfg.data.num_workers, split=split, results_dir=results_dir
+    )

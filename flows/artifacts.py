@@ -119,6 +119,7 @@ def pseudo_stats(
         f"| images labeled | {total['images']} |",
         f"| images kept | {total['kept']} ({100 * total['kept'] / max(1, total['images']):.1f}%) |",
         f"| corrupt images skipped | {total['corrupt']} |",
+        f"| images above pseudo.max_image_pixels skipped | {total.get('too_large', 0)} |",
         f"| {unit} | {total['labels']} ({total['labels'] / kept:.2f} per kept image) |",
         "",
         "| class | count | share |",
@@ -156,8 +157,7 @@ def audit_markdown(round_index: int, report: dict, pr_png: bytes, grid_jpg: byte
         f"## Pseudo-label audit, round {round_index}",
         "",
         f"The teacher labeled {report['images']} held-out images of the {report['split']} split as if unlabeled; "
-        f"its {unit} are scored against the ground truth"
-        + (f" (a box matches at IoU >= {report['iou']:g})." if unit == "boxes" else " pixel by pixel."),
+        f"its {unit} are scored against the ground truth, {report['scoring']}.",
         "",
         f"- **F1-maximizing threshold: {report['f1_threshold']:g}** (F1 {_pct(report['f1'])} over all classes; "
         "`pseudo.score_threshold: auto` uses it)",

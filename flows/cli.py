@@ -6,7 +6,8 @@
     noisy-student serve [--name local] [--limit N]
     noisy-student plan CONFIG.yaml --gpus N [--images M] [--figures RATIOS.json] [--set ...]
     noisy-student agent --rdzv-endpoint HOST:PORT --nodes N [--processes P] [--local-addr A] [--stages K]
-    noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool]
+    noisy-student predict CHECKPOINT IMAGES OUT [--threshold 0.5] [--device cpu] [--batch-size N] [--classes ...]
+    noisy-student shards build IMAGE_DIR OUT_DIR [--per-shard N] [--prefix pool] [--max-pixels N] [--workers N]
     noisy-student world OUT_DIR [--seed N] [--n-train N] [--n-val N] [--n-unlabeled N]
     noisy-student augment preview OUT.png [--level S3] [--n 16] [--config CONFIG] [--seed N]
 
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from configs import MAX_IMAGE_PIXELS
 from data import storage
 from flows import supervise
 
@@ -105,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--stages", type=int, default=None, help="stop after K stages (default: keep serving)")
     agent.add_argument("--idle", type=float, default=3600.0, help="stop when no stage came for this many seconds")
 
+    predict = sub.add_parser(
+        "predict", help="apply a trained model to a folder of images or to shards: results and pictures"
+    )
+    predict.set_defaults(handler=_predict)
+    predict.add_argument("checkpoint", help="a model.pt a stage wrote")
+    predict.add_argument("images", help="a folder of images (searched recursively) or a shard pattern")
+    predict.add_argument("out", help="folder for predictions.json, masks/, pictures/ and predict.json")
+    predict.add_argument("--threshold", type=float, default=0.5, help="keep boxes or pixels scoring at least this")
+    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--classes", nargs="+", default=None, help="class names (default: the checkpoint's)")
+    predict.add_argument("--image-size", type=int, default=None, help="input size (default: the checkpoint's)")
+    predict.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, help="skip larger images, undecoded")
+
     shards = sub.add_parser("shards", help="webdataset shards of unlabeled images")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
     build = shards_sub.add_parser("build", help="convert an image folder (ImageNet/OpenImages layout) to shards")
@@ -113,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("out_dir")
     build.add_argument("--per-shard", type=int, default=1000)
     build.add_argument("--prefix", default="pool")
+    build.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="skip (and list) images whose header declares more pixels; they are never decoded "
+        "(default: PIL's limit, %(default)s)",
+    )
+    build.add_argument("--workers", type=int, default=None, help="threads checking images (default: every core)")
 
     world = sub.add_parser("world", help="write the embedded synthetic world (COCO + VOC + shards)")
     world.set_defaults(handler=_world)
@@ -188,6 +212,7 @@ def _clear_message(err: Exception) -> str | None:
     from data.files import DiskFullError
     from engine.devices import DeviceError
     from engine.loop import TrainingDiverged
+    from engine.predict import PredictError
     from engine.rundir import DamagedOutput, StageNotFinished
     from engine.runlock import RunDirLocked
     from flows.stages import NoPseudoLabels
@@ -197,6 +222,7 @@ def _clear_message(err: Exception) -> str | None:
         DeviceError,
         DiskFullError,
         NoPseudoLabels,
+        PredictError,
         RunDirLocked,
         StageNotFinished,
         TrainingDiverged,
@@ -215,10 +241,39 @@ def _clear_message(err: Exception) -> str | None:
 def _shards(args: argparse.Namespace) -> int:
     from data.shards import build_shards_from_folder
 
-    report = build_shards_from_folder(args.image_dir, args.out_dir, args.per_shard, args.prefix, _progress)
+    report = build_shards_from_folder(
+        args.image_dir, args.out_dir, args.per_shard, args.prefix, _progress, args.max_pixels, args.workers
+    )
     if report.get("pattern"):  # absolute, ready for data.unlabeled_shards
         report["pattern"] = str(Path(args.out_dir).resolve() / report["pattern"])
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from engine.predict import predict_images
+
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        print(f"\r{done} images", end="", file=sys.stderr, flush=True)
+
+    report = predict_images(
+        args.checkpoint,
+        args.images,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        classes=args.classes,
+        image_size=args.image_size,
+        max_pixels=args.max_pixels,
+        progress=progress,
+    )
+    print(file=sys.stderr)
+    print(json.dumps({k: v for k, v in report.items() if k != "skipped"}, indent=2))
     return 0
 
 

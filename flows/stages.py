@@ -20,7 +20,7 @@ from configs import ConfigError, RunConfig, build_config, dump_config
 from data import storage
 from data.shards import expand_urls, shard_identities
 from engine import audit, soups
-from engine.families import get_family
+from engine.families import get_family, has_holdout
 from engine.inputs import check_inputs, split_digest
 from engine.labeling import finished_shards, pool_outputs, remove_temporaries
 from engine.rundir import (
@@ -161,6 +161,10 @@ def pseudo_outputs(cfg: RunConfig, round_index: int) -> dict:
     return located(stage, finished_outputs(stage, f"the pseudo-label stage of round {round_index}"))
 
 
+PREDICTIONS_DIR = "predictions"  # a training stage's val predictions, in its folder
+EVALUATION_DIR = "evaluation"  # `stage evaluate`'s, beside the checkpoint it evaluated
+
+
 def run_stage(
     what: str, stage: Path, inputs: dict, work: Callable[[], dict], refuse: Callable[[], None] | None = None
 ) -> dict:
@@ -179,14 +183,17 @@ def run_stage(
 
 
 def trained_model(cfg: RunConfig, stage: Path, train: Callable[[], object]) -> Callable[[], dict]:
-    """The work of a training stage: `train()`, then the model evaluated on val."""
+    """The work of a training stage: `train()`, then the model evaluated on val, its
+    predictions written under `<stage>/predictions/` for other tools (the family's format)."""
 
     def work() -> dict:
         train()
-        metrics = units.evaluate(cfg, str(stage / MODEL_FILE))
+        predictions = storage.join(stage, PREDICTIONS_DIR)
+        metrics = units.evaluate(cfg, str(stage / MODEL_FILE), "val", storage.text(predictions))
         atomic_write_json(stage / "metrics.json", metrics)
+        written = [f"{PREDICTIONS_DIR}/{name}" for name in storage.list_names(predictions)]
         return {
-            "files": [MODEL_FILE, "metrics.json"],
+            "files": [MODEL_FILE, "metrics.json", *written],
             "checkpoint": in_run(stage, MODEL_FILE),
             "digest": file_digest(stage / MODEL_FILE),
             "metrics": metrics,
@@ -226,7 +233,7 @@ def audit_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         raise ValueError("audit.split is None: set audit.split=holdout (or val) to audit the pseudo-labels")
     stage = RunDir(cfg.out_dir).stage(round_index, "audit")
     teacher = teacher_outputs(cfg, round_index)
-    inputs = audit_inputs(cfg, teacher, split_digest(cfg.data, cfg.audit.split))
+    inputs = audit_inputs(cfg, teacher, split_digest(cfg, cfg.audit.split))
 
     def work() -> dict:
         drawn = None if cfg.pseudo.score_threshold == "auto" else cfg.pseudo.score_threshold
@@ -329,12 +336,14 @@ def label_pool(cfg: RunConfig, round_index: int, stage: Path, inputs: dict, shar
     names = family.class_names(cfg.data)
     artifacts.pseudo_stats(round_index, total, family.label_unit, names, family.stats_rows(total, family.label_unit))
     logger.info(
-        "round %d: %d images labeled, %d kept, %d labels, %d corrupt, %d broken shard(s) (%d records cut off)",
+        "round %d: %d images labeled, %d kept, %d labels, %d corrupt, %d above the pixel limit, "
+        "%d broken shard(s) (%d records cut off)",
         round_index,
         total["images"],
         total["kept"],
         total["labels"],
         total["corrupt"],
+        total.get("too_large", 0),
         total["broken_shards"],
         total["lost_records"],
     )
@@ -421,7 +430,7 @@ def soup_flow(cfg: RunConfig, round_index: int = 0) -> dict:
         "stage": "soup",
         "ingredients": [(i["name"], i["overrides"], file_digest(i["checkpoint"])) for i in ingredients],
         "split": cfg.soup.split,
-        "data": split_digest(cfg.data, cfg.soup.split),
+        "data": split_digest(cfg, cfg.soup.split),
     }
 
     def work() -> dict:
@@ -444,8 +453,10 @@ class NoPseudoLabels(RuntimeError):
 
 @flow(name="evaluate", flow_run_name="evaluate")
 def evaluate_flow(cfg: RunConfig, checkpoint: str) -> dict:
-    """Evaluate any saved model on the config's val split; shows a metrics table."""
-    metrics = units.evaluate(cfg, checkpoint)
+    """Evaluate any saved model on the config's val split; shows a metrics table. Its
+    predictions go to `evaluation/` beside the checkpoint (replaced at each evaluation)."""
+    where = storage.join(storage.parent(checkpoint), EVALUATION_DIR)
+    metrics = units.evaluate(cfg, checkpoint, "val", storage.text(where))
     artifacts.metrics_table_single(checkpoint, metrics)
     return metrics
 
@@ -511,7 +522,7 @@ def noisy_student_flow(cfg: RunConfig) -> dict:
                 **({"soup": souped} if souped is not None else {}),
             }
         )
-        if cfg.data.has_holdout:  # the figures settings are chosen on (val is where results are reported)
+        if has_holdout(cfg):  # the figures settings are chosen on (val is where results are reported)
             rounds[-1]["held_out"] = {
                 "split": "holdout",
                 "teacher": held_out(teacher),

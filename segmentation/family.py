@@ -15,10 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from configs import DataConfig, ModelConfig, PseudoLabelConfig
+from data import storage
 from data.augment import Augment, crop_pad, resize
+from data.files import atomic_write
 from data.mixing import list_collate, loader_options
-from data.voc import VOC_CLASSES, VOCSegmentation
-from data.world import Demo, WorldPaths, WorldSpec
+from data.voc import VOC_CLASSES, VocLayout, VOCSegmentation
+from data.world import Demo, WorldPaths, WorldSpec, encode_voc_png
 from nets.backbone import build_backbone, model_input
 from nets.necks import build_neck
 from segmentation import evaluate as seg_eval
@@ -87,6 +89,7 @@ class SegmentationFamily:
     metric = "mIoU"
     sidecar_ext = "png"
     label_unit = "pixels"
+    data_formats = {"voc": VocLayout()}
     demo = DEMO
 
     # ------------------------------------------------------------------ model
@@ -103,8 +106,6 @@ class SegmentationFamily:
     # ------------------------------------------------------------------ data
 
     def labeled_dataset(self, data: DataConfig, split: str, augment_level: str | Augment | None) -> VOCSegmentation:
-        if data.format != "voc":
-            raise ValueError(f"segmentation reads data.format='voc', got {data.format!r}")
         common = dict(size=data.image_size, num_classes=self.num_classes(data))
         if split == "train":
             return VOCSegmentation(
@@ -200,6 +201,7 @@ class SegmentationFamily:
     # ------------------------------------------------------------------ audit
 
     audit_legend = "image | ground truth | the teacher's kept pixels (grey: left unlabeled)"
+    audit_scoring = "pixel by pixel"
 
     def scored_labels(self, model: Segmenter, images: list[torch.Tensor], image_size: int, rule: PseudoLabelConfig):
         """{"mask": argmax class, "score": its probability} per image: the rule's label at
@@ -218,13 +220,38 @@ class SegmentationFamily:
     def draw_audit(self, image: torch.Tensor, label: dict | None, target: dict, class_names: list[str]):
         return pseudo.draw_masks(image, label, target)
 
+    # ------------------------------------------------------------------ predict
+
+    def prediction_output(self, index: int, name: str, label: dict | None, class_names: list[str]):
+        """The class map as a palette PNG (`masks/<name>.png`, VOC colours, 255 where no
+        pixel reached the threshold) and a record naming it and the classes present."""
+        stem = name.rsplit(".", 1)[0]
+        if label is None:
+            return [{"image_id": index, "file_name": name, "mask": None, "classes": []}], {}
+        mask = label["mask"].cpu().to(torch.uint8)
+        present = [class_names[c] for c in torch.unique(mask).tolist() if c < len(class_names)]
+        path = f"masks/{stem}.png"
+        record = {"image_id": index, "file_name": name, "mask": path, "classes": present}
+        return [record], {path: encode_voc_png(mask.numpy())}
+
+    def draw_prediction(self, image: torch.Tensor, label: dict | None, class_names: list[str]):
+        return pseudo.overlay_mask(image, label)
+
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(
-        self, model: Segmenter, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
+        self,
+        model: Segmenter,
+        data: DataConfig,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split: str = "val",
+        results_dir: str | None = None,
     ) -> dict[str, float]:
-        """mIoU, pixel accuracy and per-class IoU (percent) on `split` (val), single scale."""
+        """mIoU, pixel accuracy and per-class IoU (percent) on `split` (val), single scale;
+        with `results_dir`, each image's predicted class map as a palette PNG named after
+        the image (`<id>.png`, VOC colours), as VOC's own masks are written."""
         dataset = self.labeled_dataset(data, split, None)
         names = self.class_names(data)
         if getattr(model, "num_classes", len(names)) != len(names):
@@ -235,4 +262,7 @@ class SegmentationFamily:
             preds = self.predict(model, [s[0] for s in samples], data.image_size)
             for (_, target), pred in zip(samples, preds):
                 conf += seg_eval.confusion_matrix(pred["mask"], target["mask"], len(names))
+                if results_dir is not None:
+                    png = encode_voc_png(pred["mask"].cpu().to(torch.uint8).numpy())
+                    atomic_write(storage.join(results_dir, f"{target['image_id']}.png"), lambda f, b=png: f.write(b))
         return seg_eval.miou(conf, names)

@@ -94,3 +94,18 @@ def draw_masks(image: torch.Tensor, label: dict | None, target: dict, zoom: int 
     gap = np.full((h, 2, 3), 255, np.uint8)
     row = np.concatenate([image.permute(1, 2, 0).numpy(), gap, coloured(target["mask"]), gap, coloured(kept)], 1)
     return row.repeat(zoom, 0).repeat(zoom, 1)
+
+
+def overlay_mask(image: torch.Tensor, label: dict | None, alpha: float = 0.5) -> np.ndarray:
+    """uint8 [H,W,3]: the image with its kept pixels blended in their VOC class colours
+    (pixels left unlabeled, 255, and background keep the image's own colours)."""
+    from data.world import voc_palette
+
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
+    if label is None:
+        return rgb.astype(np.uint8)
+    mask = label["mask"].cpu().numpy()
+    palette = np.array(voc_palette(), np.float32).reshape(-1, 3)
+    shown = (mask != IGNORE) & (mask != 0)
+    rgb[shown] = (1 - alpha) * rgb[shown] + alpha * palette[mask[shown]]
+    return rgb.astype(np.uint8)

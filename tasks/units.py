@@ -69,8 +69,8 @@ def train_control(cfg: RunConfig, stage_dir: str, key: str, teacher_checkpoint: 
 
 
 @task(name="evaluate", **_TASK)
-def evaluate(cfg: RunConfig, checkpoint: str, split: str = "val") -> dict[str, float]:
-    metrics = training.evaluate_checkpoint(cfg, checkpoint, split)
+def evaluate(cfg: RunConfig, checkpoint: str, split: str = "val", results_dir: str | None = None) -> dict[str, float]:
+    metrics = training.evaluate_checkpoint(cfg, checkpoint, split, results_dir)
     _logger().info("%s metrics of %s: %s", split, checkpoint, {k: round(v, 2) for k, v in metrics.items()})
     return metrics
 

@@ -1,12 +1,9 @@
 """Shared fixtures. Prefect gets a fresh home per test session and no analytics."""
 
 import atexit
-import faulthandler
 import os
 import shutil
-import sys
 import tempfile
-import threading
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="noisy-student-prefect-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
@@ -18,29 +15,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
-
-EXIT_GRACE_S = 120
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """A watchdog for the interpreter's shutdown after the last test.
-
-    A test session has been seen to pass and then never exit: the main thread waited at
-    shutdown (multiprocessing's exit finalizer joining a Queue's feeder thread, whose
-    data a gone reader never took; which test leaves that queue is not found yet).
-    If the process is still alive EXIT_GRACE_S after the session ends, every thread's
-    stack goes to stderr (to name that thread) and the process exits with the session's
-    own status, so a passing suite stays passing and a failing one failing."""
-
-    def stuck() -> None:
-        print(f"\ntest session ended {EXIT_GRACE_S} s ago but the process did not exit; threads:", file=sys.stderr)
-        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
-        shutil.rmtree(os.environ["PREFECT_HOME"], True)
-        os._exit(int(exitstatus))
-
-    timer = threading.Timer(EXIT_GRACE_S, stuck)
-    timer.daemon = True
-    timer.start()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 from configs import DataConfig, PseudoLabelConfig, RunConfig, build_config
 from detection.pseudo import match_counts
 from engine import audit
-from engine.families import FAMILIES
+from engine.families import FAMILIES, check_config
 from segmentation.pseudo import pixel_counts
 from tests.conftest import tiny_model_config
 
@@ -136,7 +136,7 @@ def test_config_names_what_auto_and_holdout_need():
     with pytest.raises(ValueError, match="audit.split"):
         build_config({"data": data, "pseudo": {"score_threshold": "auto"}})
     with pytest.raises(ValueError, match="data.holdout_images, data.holdout_annotations"):
-        build_config({"data": data, "audit": {"split": "holdout"}})
+        check_config(build_config({"data": data, "audit": {"split": "holdout"}}))
     with pytest.raises(ValueError, match=r"\[1.5\]"):
         build_config({"data": data, "audit": {"split": "val", "thresholds": [0.5, 1.5]}})
     cfg = build_config({"data": data, "audit": {"split": "val", "thresholds": [0.7, 0.3]}})

@@ -14,6 +14,7 @@ from data.shards import expand_urls, iter_shard, write_shard
 from flows import stages
 from tests.labeling_setup import labeling_config
 from tests.test_resume import label_shard_runs
+from tests.test_shards import big_png
 
 GOOD_IMAGES = 5  # records left whole before the cut
 
@@ -32,7 +33,13 @@ def make_broken_shards(good_shard: str, folder: Path) -> dict[str, Path]:
     write_shard(shards["zero"], [])
     write_shard(
         shards["notimage"],
-        [records[0], ("notes", {"txt": b"not an image"}), ("fake", {"jpg": b"\xff\xd8 not a jpeg"}), records[1]],
+        [
+            records[0],
+            ("notes", {"txt": b"not an image"}),
+            ("fake", {"jpg": b"\xff\xd8 not a jpeg"}),
+            ("huge", {"png": big_png()}),  # above the pixel limit: skipped, never decoded
+            records[1],
+        ],
     )
     return shards
 
@@ -66,12 +73,13 @@ def test_broken_shards_are_labeled_as_far_as_they_read_and_counted(broken_run):
     zero = per_shard["zero"]
     assert (zero["images"], zero["broken_shards"], zero["empty_shards"]) == (0, 0, 1) and "error" not in zero
     notimage = per_shard["notimage"]
-    assert (notimage["images"], notimage["corrupt"], notimage["broken_shards"]) == (2, 2, 0)
+    assert (notimage["images"], notimage["corrupt"], notimage["too_large"], notimage["broken_shards"]) == (2, 2, 1, 0)
 
     manifest = json.loads((Path(cfg.out_dir) / "round-0" / "pseudo" / "manifest.json").read_text())
     total = manifest["outputs"]["stats"]
     assert total == out["stats"]
     assert total["images"] == cut["images"] + 2 and total["corrupt"] == cut["corrupt"] + 2
+    assert total["too_large"] == 1
     assert (total["broken_shards"], total["lost_records"], total["empty_shards"]) == (3, 1, 1)
     assert [b["shard"] for b in out["broken"]] == [str(shards[n]) for n in ("cut", "empty", "garbage")]
     # Sidecars of the broken shards hold what was labeled, and they end properly.

@@ -180,5 +180,5 @@ def test_flows_tasks_and_engine_have_no_family_specific_code():
                 continue  # the one place that names the families; the contract documents formats
             text = path.read_text()
             assert family_branches(text) == [], f"{path.name}: {family_branches(text)}"
-            for word in ("boxes_xyxy", "RetinaNet", "segmentation."):
+            for word in ("boxes_xyxy", "RetinaNet", "segmentation.", '"coco"', '"voc"', '"boxes"', '"pixels"'):
                 assert word not in text, f"{path.name} mentions {word!r}"

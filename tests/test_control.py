@@ -153,7 +153,8 @@ def test_rounds_auto_decides_on_held_out_figures(prefect_harness, small_world, t
 
 def test_rounds_auto_needs_a_held_out_split(small_world):
     from configs import ConfigError, build_config
+    from engine.families import check_config
 
     raw = {"data": world_data(small_world).model_dump(mode="json"), "rounds": "auto"}
     with pytest.raises(ConfigError, match="rounds='auto'.*data.holdout_images, data.holdout_annotations"):
-        build_config(raw)
+        check_config(build_config(raw))

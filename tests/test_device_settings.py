@@ -176,5 +176,6 @@ def test_decode_threads_give_the_batches_of_one_thread_in_order(tmp_path):
     one, four = run(1), run(4)
     assert [b[0] for b in four] == [b[0] for b in one]
     assert sum(len(b[0]) for b in one) == 23 and [b[2] for b in one][1] == ["broken"]
-    for (_, a, _), (_, b, _) in zip(one, four):
+    assert sum(b[3] for b in one) == 0  # nothing above the pixel limit
+    for (_, a, _, _), (_, b, _, _) in zip(one, four):
         assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -40,8 +40,10 @@ def test_every_stage_produced_its_outputs(quick_run):
     assert r0["pseudo"]["images"] == 48 and 0 <= r0["pseudo"]["kept"] <= 48
     assert 0 < summary["elapsed_s"] < 600  # the quick demo stays quick (about a minute when the machine is idle)
     for stage in ("round-0/teacher", "round-0/student", "round-0/control"):
-        for f in ("model.pt", "metrics.json", "train.log", "manifest.json"):
+        for f in ("model.pt", "metrics.json", "train.log", "manifest.json", "predictions/detections.json"):
             assert (run / stage / f).stat().st_size > 0, f"{stage}/{f}"
+        # the val predictions in COCO's results format, covered by the stage's file digests
+        assert "predictions/detections.json" in json.loads((run / stage / "manifest.json").read_text())["file_digests"]
     pseudo = run / "round-0/pseudo"
     assert sorted(p.name for p in pseudo.glob("labels-*.tar")) == [f"labels-{i:06d}.tar" for i in range(3)]
     manifest = json.loads((pseudo / "manifest.json").read_text())
@@ -183,7 +185,7 @@ def test_a_model_cut_in_half_is_found_before_it_is_used(quick_run, capsys):
     assert (run / "round-0/teacher/manifest.json").read_bytes() != teacher_before
     assert torch_loads(model)
     manifest = json.loads((run / "round-0/teacher/manifest.json").read_text())
-    assert set(manifest["file_digests"]) == {"model.pt", "metrics.json"}
+    assert set(manifest["file_digests"]) == {"model.pt", "metrics.json", "predictions/detections.json"}
 
 
 def torch_loads(path: Path) -> bool:

@@ -81,8 +81,8 @@ def test_aggregate_rows_and_verdicts():
 
 
 def test_every_sitting_adds_its_time(tmp_path):
-    assert pc.add_sitting(tmp_path, 4860.0) == {"elapsed_s": 4860.0, "sittings": 1}
-    assert pc.add_sitting(tmp_path, 79.7) == {"elapsed_s": 4939.7, "sittings": 2}
+    assert pc.add_sitting(tmp_path, 4860.0, 0.6712) == {"elapsed_s": 4860.0, "sittings": 1, "reference_step_s": [0.671]}
+    assert pc.add_sitting(tmp_path, 79.7, 0.9) == {"elapsed_s": 4939.7, "sittings": 2, "reference_step_s": [0.671, 0.9]}
 
 
 def test_loss_curve_reads_the_last_log_of_each_step(tmp_path):
@@ -105,7 +105,7 @@ def test_loss_curve_reads_the_last_log_of_each_step(tmp_path):
 def test_tiny_claims_run_resumes_and_reports(tmp_path):
     """Claim a at the tiny scale, 2 seeds, through the product's flows; a rerun skips every stage."""
     out = tmp_path / "claims"
-    assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "a", "--out", str(out)]) == 0
+    assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "a", "--out", str(out), "--no-reference"]) == 0
     result = json.loads((out / "claims.json").read_text())
     assert set(result["claims"]) == {"a"}
     claim = result["claims"]["a"]
@@ -122,7 +122,7 @@ def test_tiny_claims_run_resumes_and_reports(tmp_path):
     outputs = sorted(p for p in out.rglob("*") if p.is_file() and p.parent.name in ("teacher", "pseudo", "student"))
     stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs}
     assert any(p.name == "model.pt" for p in stamps) and any(p.name == "manifest.json" for p in stamps)
-    assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "a", "--out", str(out)]) == 0
+    assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "a", "--out", str(out), "--no-reference"]) == 0
     again = json.loads((out / "claims.json").read_text())
     assert again["claims"]["a"]["rows"] == claim["rows"]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs} == stamps
@@ -145,3 +145,20 @@ def test_a_threshold_that_keeps_nothing_is_a_row_without_a_student():
     out["e"]["plot"] = "claim-e.png"
     report = pc.report_markdown({**result, "claims": out})
     assert "| 0.7 | 20.00 ± 0.00 | 21.00 ± 0.00 | no student on 2 seed(s): no image kept |" in report
+
+
+def test_the_report_names_rows_whose_teachers_are_below_the_regime():
+    """The paper's claims are about teachers of >= 30 AP: a row below it is named, one above it is not."""
+    seeds = (0, 1)
+    results = {"base": {s: _res(35.0, 37.0) for s in seeds}}
+    results.update({f"labels-{n}": {s: _res(t, t + 1.0) for s in seeds} for n, t in ((50, 18.0), (100, 31.0))})
+    out = pc.aggregate(results, ["c"], "S2")
+    out["c"]["plot"] = "claim-c.png"
+    result = {"family": "detection", "scale": "regime", "seeds": list(seeds), "elapsed_s": 60.0, "metric": "AP"}
+    report = pc.report_markdown({**result, "claims": out, "reference_step_s": [0.671, 0.9]})
+    assert "Teachers in the paper's regime (>= 30 AP): not the row(s) 50," in report
+    assert "(reference step before each: 0.671, 0.900 s)" in report
+    results["labels-50"] = {s: _res(30.0, 31.0) for s in seeds}
+    out = pc.aggregate(results, ["c"], "S2")
+    out["c"]["plot"] = "claim-c.png"
+    assert "Teachers in the paper's regime (>= 30 AP): all rows." in pc.report_markdown({**result, "claims": out})

@@ -3,6 +3,7 @@ sidecar merge-join, image decoding and the folder converter."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -49,11 +50,13 @@ RECORDS = [
 # --------------------------------------------------------------------------- patterns
 
 
-def test_expand_urls_ranges_lists_and_whitespace():
+def test_expand_urls_ranges_lists_and_spaces():
     assert expand_urls("d/pool-{000008..000011}.tar") == [f"d/pool-{i:06d}.tar" for i in range(8, 12)]
-    assert expand_urls("x-{a,b}.tar y.tar") == ["x-a.tar", "x-b.tar", "y.tar"]
     assert expand_urls(["p-{0..1}.tar", "q.tar"]) == ["p-0.tar", "p-1.tar", "q.tar"]
-    assert expand_urls("") == []
+    assert expand_urls("") == [] and expand_urls([]) == []
+    # a string is one pattern: a folder with spaces is never split into several
+    assert expand_urls("my projects/pool-{0..1}.tar") == ["my projects/pool-0.tar", "my projects/pool-1.tar"]
+    assert expand_urls(["a b/x.tar", "c d/y-{0..1}.tar"]) == ["a b/x.tar", "c d/y-0.tar", "c d/y-1.tar"]
 
 
 def test_brace_pattern_roundtrips_through_expand():
@@ -429,3 +432,60 @@ def test_a_pipe_command_is_one_pattern_and_is_read_through_webdataset(tmp_path):
     urls = expand_urls(f"pipe:cat {tmp_path}/s-{{0..1}}.tar")
     assert urls == [f"pipe:cat {tmp_path}/s-0.tar", f"pipe:cat {tmp_path}/s-1.tar"]
     assert [r for u in urls for r in iter_shard(u)] == RECORDS
+
+
+# ---------------------------------------------------------------------- pixel limit
+
+
+@functools.cache
+def big_png(side: int = 20000) -> bytes:
+    """A 20,000 x 20,000 grey PNG: 388 KB on disk, 1.2 GB once decoded to RGB."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_default_limit_is_pils():
+    from configs import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+
+
+def test_an_image_above_the_limit_is_refused_before_any_pixel_is_decoded():
+    import resource
+
+    from data.shards import ImageTooLargeError
+
+    data = big_png()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageTooLargeError, match="above the limit of 89,478,485; not decoded"):
+        decode_image(data)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 100 * 1024, grown_kib  # a decode would take 1.2 GB
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(small, "PNG")
+    with pytest.raises(ImageTooLargeError, match="1,200 pixels, above the limit of 1,000"):
+        decode_image(small.getvalue(), max_pixels=1000)
+    assert decode_image(small.getvalue(), max_pixels=1200).shape == (3, 30, 40)
+    assert decode_image(small.getvalue(), max_pixels=None).shape == (3, 30, 40)
+
+
+def test_shards_build_skips_and_lists_images_above_the_limit(image_folder, tmp_path):
+    root, _ = image_folder
+    (root / "train" / "n02" / "huge.png").write_bytes(big_png())
+    report = build_shards_from_folder(root, tmp_path / "shards", per_shard=4)
+    assert report["images"] == 6 and report["corrupt"] == 1
+    assert report["too_large"] == 1 and report["too_large_files"] == ["train/n02/huge.png"]
+    assert report["max_pixels"] == Image.MAX_IMAGE_PIXELS
+    # the limit is the caller's: at 24 x 32 = 768 pixels, every valid image is above 767
+    strict = build_shards_from_folder(root, tmp_path / "strict", per_shard=4, max_pixels=767)
+    assert (strict["images"], strict["too_large"], strict["corrupt"]) == (0, 7, 1)
+
+
+def test_shards_build_writes_the_same_bytes_on_one_thread_or_several(image_folder, tmp_path):
+    root, _ = image_folder
+    one = build_shards_from_folder(root, tmp_path / "one", per_shard=2, workers=1)
+    three = build_shards_from_folder(root, tmp_path / "three", per_shard=2, workers=3)
+    assert one == three
+    for name in one["shards"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()

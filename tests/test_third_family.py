@@ -8,6 +8,7 @@ counts those classes against the classes present.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from configs import AuditConfig, DataConfig, ModelConfig, PseudoLabelConfig, RunConfig, StudentConfig, TrainConfig
 from data.augment import Augment
-from data.coco import CocoDetection
+from data.coco import CocoDetection, CocoLayout
 from data.mixing import list_collate
 from data.world import Demo, WorldPaths
 from engine import families
@@ -49,6 +50,7 @@ class ImageLabelsFamily:
     metric = "accuracy"
     sidecar_ext = "json"
     label_unit = "classes"
+    data_formats = {"coco": CocoLayout()}
     demo: Demo | None = None
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
@@ -107,6 +109,7 @@ class ImageLabelsFamily:
         return [self.at_threshold(s, rule.score_threshold) for s in self.scored_labels(model, images, image_size, rule)]
 
     audit_legend = "images (image-level classes are not drawn)"
+    audit_scoring = "class by class"
 
     def audit_counts(self, scored, target, thresholds, num_classes, iou):
         present = target["present"].bool().numpy()
@@ -114,6 +117,13 @@ class ImageLabelsFamily:
         return {"tp": kept & present, "fp": kept & ~present, "fn": ~kept & present}
 
     def draw_audit(self, image, label, target, class_names):
+        return image.permute(1, 2, 0).numpy()
+
+    def prediction_output(self, index: int, name: str, label: dict | None, class_names: list[str]):
+        present = [] if label is None else [class_names[c] for c in label["present"].nonzero().flatten().tolist()]
+        return [{"image_id": index, "file_name": name, "classes": present}], {}
+
+    def draw_prediction(self, image, label, class_names):
         return image.permute(1, 2, 0).numpy()
 
     def encode(self, label: dict) -> bytes:
@@ -131,16 +141,26 @@ class ImageLabelsFamily:
 
     @torch.no_grad()
     def evaluate(
-        self, model, data: DataConfig, batch_size: int = 32, num_workers: int = 0, split: str = "val"
+        self,
+        model,
+        data: DataConfig,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split: str = "val",
+        results_dir: str | None = None,
     ) -> dict[str, float]:
         model.eval()
         right = total = 0
+        classes = []
         loader = DataLoader(self.labeled_dataset(data, split, None), batch_size=batch_size, collate_fn=list_collate)
         for samples in loader:
             batch = self.collate(samples)
             predicted = (self._scores(model, batch["images"]) >= 0).float()
             right += int((predicted == batch["present"]).sum())
             total += batch["present"].numel()
+            classes += [row.nonzero().flatten().tolist() for row in predicted]
+        if results_dir is not None:
+            (Path(results_dir) / "classes.json").write_text(json.dumps(classes))
         return {"accuracy": 100.0 * right / max(1, total)}
 
 
