@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 
 from data import storage
 from data.coco import CocoDetection, coco_of
-from data.voc import VOC_CLASSES, read_ids
+from data.voc import VOC_CLASSES, VocLayout, read_ids
 
 VOC_DETECTION_CLASSES = VOC_CLASSES[1:]  # the 20 object classes (no background)
 
@@ -172,18 +172,11 @@ def voc_detection(data, split: str, augment_level=None, size: int = 640, limit: 
     return CocoDetection(base, coco, augment_level, size, limit, source=f"VOC split {spec!r}")
 
 
-class VocBoxesLayout:
-    """VOC's detection layout as a run names it: `data.voc_root` (one folder or a list),
-    a split spec per split (`data.voc_train_split`, `voc_val_split`, `voc_holdout_split`;
-    see `split_ids`), boxes in `Annotations/`, class names `data.voc_classes` (default:
-    the 20 VOC classes). Listed by the detection family under `data.format: voc`."""
-
-    name = "voc"
-    SPLIT_KEYS = {"train": "voc_train_split", "val": "voc_val_split", "holdout": "voc_holdout_split"}
-
-    def missing_keys(self, data, split: str) -> list[str]:
-        keys = ["voc_root", self.SPLIT_KEYS[split]]
-        return [f"data.{k}" for k in keys if getattr(data, k) is None]
+class VocBoxesLayout(VocLayout):
+    """VOC's detection layout as a run names it: the keys of `VocLayout`, but
+    `data.voc_root` may be a list of folders and a split is a spec (see `split_ids`);
+    boxes in `Annotations/`, class names `data.voc_classes` (default: the 20 VOC
+    classes). Listed by the detection family under `data.format: voc`."""
 
     def problems(self, data) -> list[str]:
         folders = {Path(storage.text(r)).name for r in _roots(data) if r is not None}
