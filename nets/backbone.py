@@ -25,6 +25,34 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_PREFIXES = ("conv_head.", "bn2.", "global_pool.", "classifier.", "head.", "fc.")
 # Wrappers a state dict may come with: DDP, a whole detector, our own Backbone.
 KEY_PREFIXES = ("module.", "backbone.", "body.")
+# The efficientnet_pytorch package's names (`_conv_stem`, `_bn0`, `_blocks.N._depthwise_conv`,
+# ..., `_conv_head`, `_bn1`, `_fc`); a state dict whose keys start so is in its layout.
+EFFICIENTNET_PYTORCH_PREFIXES = ("_conv_stem.", "_bn0.", "_blocks.")
+
+
+def from_efficientnet_pytorch(state: dict[str, torch.Tensor], timm_name: str) -> dict[str, torch.Tensor]:
+    """An efficientnet_pytorch state dict under timm's names for the same network.
+
+    The two list the same tensors in the same order (stem, blocks, head; each norm's
+    weight, bias, running mean and variance, batch count), so they pair one for one.
+    No table of names can do better across the EfficientNet variants, so each pair is
+    checked instead: its shape, and its kind (the last name part). Any difference raises
+    ValueError naming the pair; nothing is loaded half-mapped."""
+    target = timm.create_model(timm_name, pretrained=False).state_dict()
+    if len(state) != len(target):
+        raise ValueError(
+            f"an efficientnet_pytorch state dict of {len(state)} tensors cannot be timm's {timm_name!r} "
+            f"({len(target)} tensors): another architecture?"
+        )
+    out = {}
+    for (key, value), (name, want) in zip(state.items(), target.items()):
+        if value.shape != want.shape or key.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
+            raise ValueError(
+                f"efficientnet_pytorch's {key} {tuple(value.shape)} does not pair with timm's {name} "
+                f"{tuple(want.shape)} of {timm_name!r}: another architecture?"
+            )
+        out[name] = value
+    return out
 
 
 def model_input(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -50,9 +78,10 @@ class Backbone(nn.Module):
     Attributes: `channels` {level: C}, `strides` {level: stride}, both from feature_info.
     """
 
-    def __init__(self, body: nn.Module):
+    def __init__(self, body: nn.Module, timm_name: str | None = None):
         super().__init__()
         self.body = body
+        self.timm_name = timm_name  # the timm model it was built from (a checkpoint's layout may need it)
         channels = body.feature_info.channels()
         reductions = body.feature_info.reduction()
         self.strides: dict[str, int] = {}
@@ -88,7 +117,9 @@ def load_checkpoint(backbone: Backbone, path: str) -> CheckpointReport:
     """Load a local state dict into `backbone` (CPU, `weights_only=True`).
 
     Accepts a raw timm state dict (of the full classifier or of a features_only model),
-    our Backbone's own state dict, or either under a "state_dict"/"model" entry.
+    our Backbone's own state dict, or either under a "state_dict"/"model" entry, and the
+    efficientnet_pytorch package's layout (mapped onto timm's names, tensor by tensor:
+    `from_efficientnet_pytorch`).
     Raises ValueError if no key matches or a matching key has the wrong shape; warns
     with the key names if some weights are missing or unknown.
     """
@@ -99,6 +130,13 @@ def load_checkpoint(backbone: Backbone, path: str) -> CheckpointReport:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {_strip_prefixes(k): v for k, v in state.items()}
+    if any(k.startswith(EFFICIENTNET_PYTORCH_PREFIXES) for k in state):
+        if backbone.timm_name is None:
+            raise ValueError(f"{path}: efficientnet_pytorch's layout, for a backbone of unknown timm name")
+        try:
+            state = from_efficientnet_pytorch(state, backbone.timm_name)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     own = backbone.body.state_dict()
     loaded = [k for k in state if k in own]
@@ -139,7 +177,7 @@ def build_backbone(name: str, drop_path_rate: float = 0.0, checkpoint: str | Non
     body = timm.create_model(
         name, pretrained=False, features_only=True, out_indices=OUT_INDICES, drop_path_rate=drop_path_rate
     )
-    backbone = Backbone(body)
+    backbone = Backbone(body, name)
     if checkpoint is not None:
         load_checkpoint(backbone, checkpoint)
     return backbone
