@@ -45,7 +45,7 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_dataset(dataset, path: Path) -> None:
+def _check_dataset(dataset, path) -> None:
     if not isinstance(dataset, dict):
         raise CocoFormatError(f"{path}: the top level is a {type(dataset).__name__}, not a COCO mapping")
     for key in ("images", "annotations", "categories"):
@@ -95,7 +95,7 @@ def load_coco(annotations: str | Path) -> COCO:
 
 def coco_of(dataset: dict, source: str | Path) -> COCO:
     """pycocotools COCO object of a checked dataset dict (`source` names it in errors)."""
-    _check_dataset(dataset, Path(source))
+    _check_dataset(dataset, source)  # named in messages only (a local path, a URL's UPath, a label)
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
