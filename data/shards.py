@@ -514,16 +514,17 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torc
         raise TypeError(f"image data must be bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise CorruptImageError("empty image data")
-    if max_pixels is not None and (pixels := declared_pixels(bytes(data))) is not None and pixels > max_pixels:
+    data = bytes(data)
+    if max_pixels is not None and (pixels := declared_pixels(data)) is not None and pixels > max_pixels:
         declared = f"more than {2 * MAX_IMAGE_PIXELS:,}" if math.isinf(pixels) else f"{pixels:,.0f}"
         raise ImageTooLargeError(
             f"its header declares {declared} pixels, above the limit of {max_pixels:,}; not decoded"
         )
     try:
-        return _decode_torchvision(bytes(data))
+        return _decode_torchvision(data)
     except Exception as tv_err:  # torchvision raises RuntimeError for bad data
         try:
-            return _decode_pil(bytes(data))
+            return _decode_pil(data)
         except Exception as pil_err:
             raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {pil_err}; {tv_err}") from pil_err
 

@@ -85,24 +85,23 @@ def read_annotation(path: str | Path) -> dict:
     return {"width": width, "height": height, "objects": objects}
 
 
-def split_ids(roots: list[str], spec: str) -> list[tuple[str, str]]:
-    """(root, id) of a split spec, in list order: `name` from every root, or
-    `FOLDER/name` parts joined by `+`, FOLDER being a root's folder name."""
+def split_lists(roots: list[str], spec: str) -> list[tuple[str, Path]]:
+    """(root, its ImageSets/Main list file) of each part of a split spec, in order: `name`
+    from every root, or `FOLDER/name` parts joined by `+`, FOLDER being a root's folder name."""
     by_folder = {Path(storage.text(r)).name: r for r in roots}
-    out: list[tuple[str, str]] = []
+    out = []
     for part in spec.split("+"):
-        part = part.strip()
-        if "/" in part:
-            folder, name = part.rsplit("/", 1)
-            if folder not in by_folder:
-                raise ValueError(f"split {spec!r} names the folder {folder!r}; the roots are {sorted(by_folder)}")
-            chosen = [by_folder[folder]]
-        else:
-            name, chosen = part, roots
-        for root in chosen:
-            lst = storage.join(root, "ImageSets", "Main", f"{name}.txt")
-            out += [(root, i) for i in read_ids(lst)]
+        folder, _, name = part.strip().rpartition("/")
+        if folder and folder not in by_folder:
+            raise ValueError(f"split {spec!r} names the folder {folder!r}; the roots are {sorted(by_folder)}")
+        for root in [by_folder[folder]] if folder else roots:
+            out.append((root, Path(storage.text(root)) / "ImageSets" / "Main" / f"{name}.txt"))
     return out
+
+
+def split_ids(roots: list[str], spec: str) -> list[tuple[str, str]]:
+    """(root, id) of a split spec (`split_lists`), in list order."""
+    return [(root, i) for root, lst in split_lists(roots, spec) for i in read_ids(lst)]
 
 
 def voc_coco(ids: list[tuple[str, str]], class_names: list[str]) -> tuple[dict, str]:
@@ -152,14 +151,7 @@ def _coco(roots: tuple[str, ...], spec: str, names: tuple[str, ...], stamp: tupl
 
 def _stamp(roots: list[str], spec: str) -> tuple:
     """The split lists' modification times: a list edited since is read again."""
-    out = []
-    for root in roots:
-        main = Path(storage.text(root)) / "ImageSets" / "Main"
-        for part in spec.split("+"):
-            name = part.rsplit("/", 1)[-1].strip()
-            p = main / f"{name}.txt"
-            out.append(p.stat().st_mtime_ns if p.exists() else None)
-    return tuple(out)
+    return tuple(p.stat().st_mtime_ns if p.exists() else None for _, p in split_lists(roots, spec))
 
 
 def voc_detection(data, split: str, augment_level=None, size: int = 640, limit: int | None = None) -> CocoDetection:
@@ -190,14 +182,7 @@ class VocBoxesLayout(VocLayout):
         return out
 
     def _lists(self, data, split: str) -> list[tuple[str, Path]]:
-        spec, roots = getattr(data, self.SPLIT_KEYS[split]), _roots(data)
-        by_folder = {Path(storage.text(r)).name: r for r in roots}
-        out = []
-        for part in spec.split("+"):
-            folder, _, name = part.strip().rpartition("/")
-            for root in [by_folder[folder]] if folder in by_folder else roots:
-                out.append((root, Path(storage.text(root)) / "ImageSets" / "Main" / f"{name}.txt"))
-        return out
+        return split_lists(_roots(data), getattr(data, self.SPLIT_KEYS[split]))
 
     def split_files(self, data, split: str) -> list[str]:
         return [str(p) for _, p in self._lists(data, split)]
