@@ -1,6 +1,7 @@
 """Feature pyramid necks: C3-C5 in, P3-P7 out.
 
-- `FPN`: the RetinaNet pyramid (Lin et al. 2017, "Focal Loss for Dense Object Detection").
+- `FPN`: the RetinaNet pyramid (Lin et al. 2017, "Focal Loss for Dense Object Detection"),
+  torchvision's `FeaturePyramidNetwork` with its P6/P7 block.
 - `NASFPN`: the searched pyramid (Ghiasi et al. 2019, "NAS-FPN"), one stage of seven
   merging cells repeated `num_repeats` times.
 
@@ -12,11 +13,15 @@ half the previous one; anything else raises ValueError before any compute.
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 IN_LEVELS = ("p3", "p4", "p5")
 OUT_LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -109,10 +114,12 @@ def norm2d(kind: str, channels: int) -> nn.Module:
 class FPN(nn.Module):
     """RetinaNet FPN: C3-C5 -> P3-P7, strides 8..128, `out_channels` each.
 
-    P3-P5: 1x1 lateral convs, top-down nearest x2 upsampling and sum, 3x3 output convs
-    (each followed by `norm`). P6 = 3x3 stride-2 conv on C5, as in the RetinaNet paper
-    (torchvision and detectron2 take P5 instead); P7 = ReLU then 3x3 stride-2 conv on
-    P6. P6/P7 convs carry a bias and no norm.
+    torchvision's `FeaturePyramidNetwork` with its `LastLevelP6P7` block: 1x1 lateral
+    convs, top-down nearest upsampling and sum, 3x3 output convs (each followed by
+    `norm`, the conv's bias dropped under one); P6 = 3x3 stride-2 conv on C5, as in the
+    RetinaNet paper (torchvision takes P5 instead only when C5 already has
+    `out_channels` channels), P7 = ReLU then a 3x3 stride-2 conv on P6. This class adds
+    the project's checks of input levels and sizes and the dict interface of both necks.
     """
 
     size_divisibility = SIZE_DIVISIBILITY
@@ -122,41 +129,21 @@ class FPN(nn.Module):
         check_in_channels(in_channels)
         self.out_channels = out_channels
         self.strides = dict(STRIDES)
-        bias = norm == "none"  # a norm right after the conv makes its bias redundant
-        self.lateral = nn.ModuleDict(
-            {
-                lvl: nn.Sequential(nn.Conv2d(in_channels[lvl], out_channels, 1, bias=bias), norm2d(norm, out_channels))
-                for lvl in IN_LEVELS
-            }
+        self.fpn = FeaturePyramidNetwork(
+            [in_channels[lvl] for lvl in IN_LEVELS],
+            out_channels,
+            extra_blocks=LastLevelP6P7(in_channels["p5"], out_channels),
+            norm_layer=None if norm == "none" else functools.partial(norm2d, norm),
         )
-        self.output = nn.ModuleDict(
-            {
-                lvl: nn.Sequential(
-                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias), norm2d(norm, out_channels)
-                )
-                for lvl in IN_LEVELS
-            }
-        )
-        self.p6 = nn.Conv2d(in_channels["p5"], out_channels, 3, stride=2, padding=1)
-        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+
+    @property
+    def lateral(self) -> dict[str, nn.Module]:
+        """The 1x1 lateral conv block of each input level."""
+        return dict(zip(IN_LEVELS, self.fpn.inner_blocks))
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_features(features)
-        out = {}
-        top = None
-        for lvl in reversed(IN_LEVELS):
-            lat = self.lateral[lvl](features[lvl])
-            if top is not None:
-                lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest")
-            top = lat
-            out[lvl] = self.output[lvl](lat)
-        out["p6"] = self.p6(features["p5"])
-        out["p7"] = self.p7(F.relu(out["p6"]))
+        out = self.fpn(OrderedDict((lvl, features[lvl]) for lvl in IN_LEVELS))
         return {lvl: out[lvl] for lvl in OUT_LEVELS}
 
 
