@@ -18,7 +18,7 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
 
-from nets.backbone import IMAGENET_MEAN, IMAGENET_STD
+from nets.backbone import Backbone
 from nets.losses import check_groups, group_scale
 from nets.necks import group_norm
 
@@ -120,7 +120,7 @@ class RetinaNet(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         neck: nn.Module,
         num_classes: int,
         anchor_scale: float = 4.0,
@@ -143,8 +143,8 @@ class RetinaNet(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1) * 255, persistent=False)
         self._anchor_cache: dict = {}
 
     # ------------------------------------------------------------------ forward

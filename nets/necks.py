@@ -4,9 +4,13 @@
   torchvision's `FeaturePyramidNetwork` with its P6/P7 block.
 - `NASFPN`: the searched pyramid (Ghiasi et al. 2019, "NAS-FPN"), one stage of seven
   merging cells repeated `num_repeats` times.
+- `SimplePyramid`: the simple feature pyramid of a plain ViT (Li et al. 2022, "Exploring
+  Plain Vision Transformer Backbones for Object Detection"), built from its one
+  stride-16 map.
 
-Both take {"p3", "p4", "p5"} feature maps at strides 8/16/32 and return {"p3".."p7"}
-at strides 8..128, every map with `out_channels` channels. Inputs must be padded to a
+FPN and NAS-FPN take {"p3", "p4", "p5"} feature maps at strides 8/16/32, the simple
+pyramid {"p4"}; all return {"p3".."p7"} at strides 8..128, every map with
+`out_channels` channels. Inputs must be padded to a
 multiple of `size_divisibility` (128, the stride of P7) so that every level is exactly
 half the previous one; anything else raises ValueError before any compute.
 """
@@ -19,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -33,10 +38,11 @@ def _level(name: str) -> int:
     return int(name[1])
 
 
-def check_in_channels(in_channels: dict[str, int]) -> None:
-    missing = [lvl for lvl in IN_LEVELS if lvl not in in_channels]
+def check_in_channels(in_channels: dict[str, int], needed: tuple[str, ...] = IN_LEVELS) -> None:
+    missing = [lvl for lvl in needed if lvl not in in_channels]
     if missing:
-        raise ValueError(f"neck needs input channels for {IN_LEVELS}, missing {missing} in {in_channels}")
+        hint = "; a plain ViT gives p4 alone: use neck 'simple'" if list(in_channels) == ["p4"] else ""
+        raise ValueError(f"neck needs input channels for {needed}, missing {missing} in {in_channels}{hint}")
 
 
 def check_features(features: dict[str, torch.Tensor]) -> None:
@@ -267,6 +273,60 @@ class NASFPN(nn.Module):
         return x
 
 
+class SimplePyramid(nn.Module):
+    """A plain ViT's stride-16 map -> P3-P7, strides 8..128, `out_channels` each.
+
+    P3 = a 2x2 stride-2 transposed conv to half the width, P4 = the map itself, P5 = a
+    2x2 max-pool; each then 1x1 conv -> LayerNorm -> 3x3 conv -> LayerNorm (as in ViTDet,
+    which found this as good as a top-down FPN on a plain ViT); P6 and P7 are 2x2
+    max-pools of P5 and P6. Takes {"p4": [B, C, H/16, W/16]}; other levels are ignored.
+    """
+
+    size_divisibility = SIZE_DIVISIBILITY
+
+    def __init__(self, in_channels: dict[str, int], out_channels: int):
+        super().__init__()
+        check_in_channels(in_channels, ("p4",))
+        width = in_channels["p4"]
+        self.out_channels = out_channels
+        self.strides = dict(STRIDES)
+        self.rescale = nn.ModuleDict(
+            {
+                "p3": nn.ConvTranspose2d(width, width // 2, 2, stride=2),
+                "p4": nn.Identity(),
+                "p5": nn.MaxPool2d(2),
+            }
+        )
+        self.outputs = nn.ModuleDict(
+            {
+                lvl: nn.Sequential(
+                    nn.Conv2d(width // 2 if lvl == "p3" else width, out_channels, 1, bias=False),
+                    LayerNorm2d(out_channels),
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                    LayerNorm2d(out_channels),
+                )
+                for lvl in IN_LEVELS
+            }
+        )
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = features["p4"]
+        h, w = x.shape[-2:]
+        divisor = SIZE_DIVISIBILITY // STRIDES["p4"]
+        if h % divisor or w % divisor:
+            raise ValueError(
+                f"the stride-16 map is {h}x{w} (input about {h * 16}x{w * 16}), which does not halve "
+                f"exactly up to p7; pad the input to a multiple of {SIZE_DIVISIBILITY} (neck.size_divisibility)"
+            )
+        out = {lvl: self.outputs[lvl](self.rescale[lvl](x)) for lvl in IN_LEVELS}
+        out["p6"] = resample(out["p5"], 5, 6)
+        out["p7"] = resample(out["p6"], 6, 7)
+        return out
+
+
+NECKS = ("fpn", "nasfpn", "simple")
+
+
 def build_neck(
     kind: str,
     in_channels: dict[str, int],
@@ -275,10 +335,13 @@ def build_neck(
     separable: bool = False,
     norm: str = "none",
 ) -> nn.Module:
-    """ "fpn" (uses `norm`) or "nasfpn" (uses `num_repeats`, `separable`; always BatchNorm)."""
+    """ "fpn" (uses `norm`), "nasfpn" (uses `num_repeats`, `separable`; always BatchNorm)
+    or "simple" (a plain ViT's pyramid; always LayerNorm)."""
     match kind:
         case "fpn":
             return FPN(in_channels, out_channels, norm=norm)
         case "nasfpn":
             return NASFPN(in_channels, out_channels, num_repeats=num_repeats, separable=separable)
-    raise ValueError(f"unknown neck {kind!r}; valid: ['fpn', 'nasfpn']")
+        case "simple":
+            return SimplePyramid(in_channels, out_channels)
+    raise ValueError(f"unknown neck {kind!r}; valid: {list(NECKS)}")

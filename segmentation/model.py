@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.augment import IGNORE
-from nets.backbone import IMAGENET_MEAN, IMAGENET_STD
+from nets.backbone import Backbone
 from nets.losses import check_groups, group_scale
 from nets.necks import norm2d
 
@@ -50,7 +50,7 @@ class Segmenter(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         neck: nn.Module,
         num_classes: int,
         head_norm: str = "group",
@@ -62,8 +62,8 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.size_divisibility = neck.size_divisibility
         self.head = SegmentationHead(neck.out_channels, num_classes, head_convs, head_norm, dropout)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1) * 255, persistent=False)
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of all pyramid levels at the finest level's resolution."""

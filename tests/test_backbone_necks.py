@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nets.backbone import build_backbone, load_checkpoint
+from nets.backbone import IMAGENET_MEAN, build_backbone, load_checkpoint
 from nets.necks import (
     FPN,
     NASFPN,
@@ -36,19 +36,54 @@ def cell_params(neck: NASFPN) -> int:
 # ---------------------------------------------------------------- backbone
 
 
-@pytest.mark.parametrize("name", ["test_efficientnet", "tf_efficientnet_b0"])
+PYRAMID_BACKBONES = ["test_efficientnet", "tf_efficientnet_b0", "test_resnetv2_bit", "resnetv2_50x1_bit"]
+PLAIN_VITS = ["test_vit", "vit_tiny_patch16_224"]
+
+
+@pytest.mark.parametrize("name", PYRAMID_BACKBONES + PLAIN_VITS)
 def test_backbone_declares_actual_shapes(name):
     backbone = build_backbone(name).eval()
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, 128, 256)  # not the 224 px a ViT was made for: its positions are interpolated
     with torch.no_grad():
         out = backbone(x)
-    assert list(out) == ["p3", "p4", "p5"]
-    assert backbone.strides == {"p3": 8, "p4": 16, "p5": 32}
+    levels = ["p4"] if name in PLAIN_VITS else ["p3", "p4", "p5"]
+    assert list(out) == levels == list(backbone.channels)
+    assert backbone.strides == {lvl: 2 ** int(lvl[1]) for lvl in levels}
     for lvl, f in out.items():
         s = backbone.strides[lvl]
-        assert tuple(f.shape) == (1, backbone.channels[lvl], 128 // s, 128 // s)
+        assert tuple(f.shape) == (1, backbone.channels[lvl], 128 // s, 256 // s)
     if name == "tf_efficientnet_b0":
         assert backbone.channels == B0_WIDTHS
+    if name == "resnetv2_50x1_bit":
+        assert backbone.channels == {"p3": 512, "p4": 1024, "p5": 2048}
+
+
+def test_backbones_take_their_input_statistics_from_timm():
+    assert build_backbone("test_efficientnet").mean == IMAGENET_MEAN
+    bit, vit = build_backbone("test_resnetv2_bit"), build_backbone("test_vit")
+    assert bit.mean == bit.std == vit.mean == vit.std == (0.5, 0.5, 0.5)
+
+
+def test_bit_backbone_is_group_norm_and_weight_standardized():
+    from timm.layers import GroupNormAct, StdConv2d
+
+    body = build_backbone("test_resnetv2_bit").body
+    kinds = {type(m) for m in body.modules()}
+    assert GroupNormAct in kinds and StdConv2d in kinds
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in body.modules())
+    # its output does not depend on the rest of the batch: no batch statistics, in training too
+    x = torch.randn(4, 3, 128, 128)
+    with torch.no_grad():
+        alone = body.train()(x[:1])[-1]
+        together = body(x)[-1][:1]
+    assert torch.allclose(alone, together, rtol=1e-4, atol=1e-4)
+
+
+def test_drop_path_reaches_the_vit_blocks():
+    from timm.layers import DropPath
+
+    rates = [m.drop_prob for m in build_backbone("test_vit", drop_path_rate=0.2).modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.2)
 
 
 def test_unknown_backbone_name_raises_with_name():
@@ -142,6 +177,57 @@ def test_size_not_multiple_of_128_raises(kind):
     feats = {lvl: torch.randn(1, c, s, s) for (lvl, c), s in zip(B0_WIDTHS.items(), (15, 8, 4))}
     with pytest.raises(ValueError, match="multiple of 128"):
         neck(feats)
+
+
+@pytest.mark.parametrize("name", PLAIN_VITS)
+def test_simple_pyramid_on_a_plain_vit(name):
+    backbone = build_backbone(name).eval()
+    neck = build_neck("simple", backbone.channels, 16).eval()
+    assert neck.strides == {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128} and neck.size_divisibility == 128
+    with torch.no_grad():
+        out = neck(backbone(torch.randn(2, 3, 256, 128)))
+    assert list(out) == list(LEVELS)
+    assert [tuple(f.shape) for f in out.values()] == [(2, 16, 256 // s, 128 // s) for s in (8, 16, 32, 64, 128)]
+
+
+def test_simple_pyramid_refuses_sizes_that_do_not_reach_p7():
+    neck = build_neck("simple", {"p4": 32}, 16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        neck({"p4": torch.randn(1, 32, 12, 8)})  # a 192 x 128 input
+
+
+def test_a_plain_vit_under_an_fpn_is_told_to_use_the_simple_pyramid():
+    with pytest.raises(ValueError, match="use neck 'simple'"):
+        build_neck("fpn", build_backbone("test_vit").channels, 16)
+
+
+def test_vit_checkpoint_of_another_grid_loads_with_its_positions_resampled(tmp_path):
+    import timm
+
+    # a classifier trained at 96 px (a 6 x 6 grid) loaded into the model of timm's 160 px (10 x 10)
+    full = timm.create_model("test_vit", pretrained=False, img_size=96)
+    path = tmp_path / "vit96.pt"
+    torch.save(full.state_dict(), path)
+    backbone = build_backbone("test_vit")
+    report = load_checkpoint(backbone, str(path))
+    assert not report.missing and not report.unexpected and report.dropped_head
+    own = backbone.body.state_dict()
+    assert full.pos_embed.shape == (1, 1 + 6 * 6, 64) and own["model.pos_embed"].shape == (1, 1 + 10 * 10, 64)
+    assert torch.equal(own["model.pos_embed"][:, :1], full.pos_embed[:, :1])  # the class token's, kept
+    assert torch.equal(own["model.blocks.0.attn.qkv.weight"], full.blocks[0].attn.qkv.weight)
+
+
+def test_bit_checkpoint_of_the_full_classifier_loads(tmp_path):
+    import timm
+
+    full = timm.create_model("test_resnetv2_bit", pretrained=False)
+    path = tmp_path / "bit.pt"
+    torch.save(full.state_dict(), path)
+    backbone = build_backbone("test_resnetv2_bit")
+    report = load_checkpoint(backbone, str(path))
+    assert not report.missing and not report.unexpected
+    assert {k.split(".")[0] for k in report.dropped_head} == {"norm", "head"}
+    assert torch.equal(backbone.body.state_dict()["stem_conv.weight"], full.stem.conv.weight)
 
 
 def test_unknown_neck_kind_lists_valid():
