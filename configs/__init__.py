@@ -51,24 +51,6 @@ def _digested(field: Any) -> bool:
     return not (isinstance(extra, dict) and extra.get("digest") is False)
 
 
-# How `amp` entered stage digests before it named a dtype: a bool, and the labeling
-# rule had none (it ran in fp32). Digesting the values that mean the same thing as
-# they were digested then keeps finished stages valid across the upgrade: a
-# days-long teacher is not retrained because its config now reads `off`.
-_AMP_DIGEST = {"off": False, "bf16": True}
-
-
-def _digest_value(field: Any, value: Any) -> Any:
-    extra = field.json_schema_extra
-    legacy = extra.get("digest_legacy") if isinstance(extra, dict) else None
-    return legacy.get(value, value) if isinstance(legacy, dict) and isinstance(value, str) else value
-
-
-def _digest_omitted(field: Any, value: Any) -> bool:
-    extra = field.json_schema_extra
-    return isinstance(extra, dict) and "digest_omit" in extra and extra["digest_omit"] == value
-
-
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -81,9 +63,7 @@ class _Config(BaseModel):
             if not _digested(field):
                 continue
             value = getattr(self, name)
-            if _digest_omitted(field, value):
-                continue
-            out[name] = value.digest_view() if isinstance(value, _Config) else _digest_value(field, dumped[name])
+            out[name] = value.digest_view() if isinstance(value, _Config) else dumped[name]
         return out
 
 
@@ -142,11 +122,17 @@ class DataConfig(_Config):
 class ModelConfig(_Config):
     """Architecture of a detector or segmenter (the family decides which head)."""
 
-    backbone: str = "tf_efficientnet_b0"
+    backbone: str = Field(
+        "tf_efficientnet_b0",
+        description="a timm model name: an EfficientNet, a BiT ResNet-v2 (resnetv2_50x1_bit) or a plain ViT "
+        "(vit_base_patch16_224, with neck simple); test_efficientnet, test_resnetv2_bit and test_vit are tiny",
+    )
     backbone_checkpoint: str | None = Field(None, description="local timm/backbone weights file")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth (student noise)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the class predictor")
-    neck: Literal["fpn", "nasfpn"] = "fpn"
+    neck: Literal["fpn", "nasfpn", "simple"] = Field(
+        "fpn", description="fpn, nasfpn (both on C3-C5), or simple: the pyramid of a plain ViT's one stride-16 map"
+    )
     neck_channels: int = Field(64, ge=8)
     nasfpn_repeats: int = Field(3, ge=1)
     separable: bool = False
@@ -181,7 +167,6 @@ class TrainConfig(_Config):
         "off",
         description="autocast dtype: bf16 (CPU, and CUDA from Ampere on; no loss scaling), fp16 (with a "
         "GradScaler, for GPUs without bf16), off: fp32; true means bf16",
-        json_schema_extra={"digest_legacy": _AMP_DIGEST},
     )
     channels_last: bool = run_setting(False, description="model and input batches in channels_last memory format")
     compile: CompileMode = run_setting(
@@ -251,7 +236,6 @@ class PseudoLabelConfig(_Config):
     amp: Precision = Field(
         "off",
         description="autocast dtype of the teacher's forward (see teacher.amp)",
-        json_schema_extra={"digest_omit": "off"},
     )
     decode_threads: int = run_setting(
         1, ge=1, description="threads decoding the next batches while the teacher runs (a GPU wants 4-8)"
@@ -261,7 +245,6 @@ class PseudoLabelConfig(_Config):
         ge=1,
         description="an unlabeled image whose header declares more pixels is skipped and counted, never decoded "
         "(default: PIL's decompression-bomb limit, about 9,459 x 9,459)",
-        json_schema_extra={"digest_omit": MAX_IMAGE_PIXELS},
     )
     runner: Literal["thread", "process", "dask"] = run_setting(
         "thread", description="thread or process: a pool on this machine; dask: a Dask cluster, one task per shard"
@@ -339,11 +322,20 @@ class AuditConfig(_Config):
         return tuple(sorted(set(v)))
 
 
+# Model keys a student may set apart from its teacher and still start from its weights:
+# its noise, and where the backbone's first weights come from.
+STUDENT_NOISE_KEYS = ("drop_path_rate", "dropout", "backbone_checkpoint")
+
+
 class StudentConfig(_Config):
     """The noised student: joint human + pseudo training with loss normalization."""
 
     train: TrainConfig = TrainConfig()
-    model: ModelConfig | None = Field(None, description="None: same architecture as the teacher")
+    model: ModelConfig | None = Field(
+        None,
+        description="None: the teacher's architecture; another (a larger EfficientNet, a BiT, a ViT) needs "
+        "init scratch or checkpoint",
+    )
     pseudo_ratio: float = Field(1.0, gt=0, description="pseudo images per human image in a batch")
     alpha: float = Field(1.0, ge=0, description="weight of the pseudo loss")
     normalize_loss: bool = True
@@ -438,6 +430,17 @@ class RunConfig(_Config):
             )
         # Whether the held-out split that audit.split=holdout, the soup and rounds=auto
         # choose on is named depends on the data's layout: engine/families.py check_config.
+        if self.student.init == "teacher" and self.student.model is not None:
+            differ = [
+                f"{key}: teacher {getattr(self.model, key)!r}, student {getattr(self.student.model, key)!r}"
+                for key in ModelConfig.model_fields
+                if key not in STUDENT_NOISE_KEYS and getattr(self.model, key) != getattr(self.student.model, key)
+            ]
+            if differ:
+                raise ValueError(
+                    f"student.init='teacher' copies the teacher's weights, but student.model is another "
+                    f"architecture ({'; '.join(differ)}); use student.init=scratch or checkpoint"
+                )
         return self
 
     @property

@@ -73,21 +73,19 @@ def test_run_settings_are_declared_on_the_fields():
     assert "num_workers" not in DataConfig(**DATA).digest_view()
     settings = {"runner", "max_workers", "devices", "dask_address", "batch_size", "decode_threads", "shards_per_task"}
     assert settings.isdisjoint(PseudoLabelConfig().digest_view())
-    # the teacher's precision changes its labels; fp32 (off) is how every rule labeled before
-    assert "amp" not in PseudoLabelConfig().digest_view()
+    # the teacher's precision and the pixel limit change its labels
+    assert PseudoLabelConfig().digest_view()["amp"] == "off"
     assert PseudoLabelConfig(amp="bf16").digest_view()["amp"] == "bf16"
+    assert PseudoLabelConfig(max_image_pixels=1000).digest_view() != PseudoLabelConfig().digest_view()
     view = RunConfig(data=DataConfig(**DATA)).digest_view()
     assert "eval_batch_size" not in view and "processes" not in view["student"]["train"]
     assert {"cudnn_benchmark", "host_allocator", "rounds", "min_gain", "max_rounds"}.isdisjoint(view)
     assert view["teacher"]["lr"] == TrainConfig().lr
 
 
-def test_amp_digests_as_it_did_when_it_was_a_bool():
-    # A teacher finished when `amp` was true/false stays finished: off and bf16 digest as
-    # the bools they replaced, fp16 (new) as itself.
-    assert TrainConfig(amp="off").digest_view()["amp"] is False
-    assert TrainConfig(amp=True).digest_view()["amp"] is True
-    assert TrainConfig(amp="fp16").digest_view()["amp"] == "fp16"
+def test_amp_digests_as_the_dtype_it_names():
+    assert TrainConfig(amp="off").digest_view()["amp"] == "off"
+    assert TrainConfig(amp=True).digest_view()["amp"] == "bf16"
     assert len({json_digest(TrainConfig(amp=a).digest_view()) for a in ("off", "bf16", "fp16")}) == 3
 
 
