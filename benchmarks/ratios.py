@@ -23,7 +23,8 @@ its pipeline figure, so a machine that drifts during the run biases neither side
   training RSS: the student stage's RSS at its last step over its RSS after warm-up
             (flat: about 1.0).
 
-Step times skip `--warmup` steps (loader start-up, allocator growth). The labeling pair
+Step times skip `--warmup` steps (loader start-up, allocator growth) and a stage's last
+step, which writes its checkpoint. The labeling pair
 runs the preset's rule with `--teacher` (a trained model.pt; default: a randomly
 initialized teacher, which keeps almost nothing at 0.5, so its rule costs less than a
 trained one's). The student's pseudo-labels come from a second, untimed pass with the
@@ -154,7 +155,8 @@ def bare_inference(cfg, teacher: Path, repeats: int) -> float:
 
 
 def stage_step_s(train, warmup: int) -> tuple[float, list[float]]:
-    """Mean seconds per step of a stage after `warmup` steps, and its RSS at each step."""
+    """Mean seconds per step of a stage after `warmup` steps, leaving out its last step
+    (which also writes the checkpoint, as no bare step does), and its RSS at each step."""
     stamps, rss = [], []
 
     def on_step(step, logs):
@@ -162,7 +164,7 @@ def stage_step_s(train, warmup: int) -> tuple[float, list[float]]:
         rss.append(rss_mib())
 
     train(on_step)
-    gaps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    gaps = [b - a for a, b in zip(stamps[warmup:-1], stamps[warmup + 1 : -1])]
     return statistics.mean(gaps), rss
 
 
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = args.warmup + args.steps + 1
+    steps = args.warmup + args.steps + 2  # the last step writes the checkpoint: not timed
     cfg = config(out, args.family, args.device, steps, args.shards, args.per_shard, args.quick, args.overrides)
     family = get_family(cfg.family)
     teacher = teacher_file(cfg, out, args.teacher)

@@ -59,3 +59,14 @@ def test_profile_step_quick_reports_the_engine_phases(tmp_path: Path):
         assert phases["forward_and_loss"] > 0 and phases["backward"] > 0, phases
         assert r[stage]["wall_s_per_step"] > 0 and len(r[stage]["top_self_cpu_ms_per_step"]) == 10
         assert (tmp_path / f"{stage}-trace.json").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_teacher_step_gap_quick_times_every_variant_in_every_round(tmp_path: Path):
+    run("teacher_step_gap.py", "--quick", "--rounds", "2", "--steps", "2", "--warmup", "1", "--out", str(tmp_path))
+    r = json.loads((tmp_path / "teacher-step-gap.json").read_text())
+    for variant in ("bare_one", "bare_many", "stage", "stage_w0"):
+        rounds = r["seconds_per_step"][variant]["rounds"]
+        assert len(rounds) == 2 and all(x > 0 for x in rounds), (variant, rounds)
+    one, stage = r["seconds_per_step"]["bare_one"]["rounds"], r["seconds_per_step"]["stage"]["rounds"]
+    assert r["ratios"]["bare_one / stage"]["min"] == round(min(a / b for a, b in zip(one, stage)), 3)
