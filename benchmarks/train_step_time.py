@@ -1,13 +1,16 @@
 """Seconds per training step of the demo models at 128 px, on random tensors (no data loading).
 
-    .venv/bin/python benchmarks/train_step_time.py [--steps 4] [--reference]
+    .venv/bin/python benchmarks/train_step_time.py [--steps 4] [--reference | --backbones]
 
 Prints one JSON object: per (family, neck, width, repeats, batch) the mean wall time of
 a forward + backward + AdamW step after two warm-up steps, with torch's default
 threads. Multiply by a preset's steps to see where a demo's time goes. The last case
 (B0 + FPN detector, batch 16, 128 px) is the *reference step*: time budgets (the demo's
 2,000 reference steps) are stated in it, because machines of one kind differ about 2x
-from day to day. `--reference` measures only that case.
+from day to day. `--reference` measures only that case. `--backbones` measures the
+detector's step with each backbone of `BACKBONES` instead (EfficientNet B0 and one size
+larger, BiT ResNet-v2, plain ViTs under the simple pyramid), each also as a ratio to the
+reference step measured in the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ CASES = [  # family, neck, channels, repeats, batch
     ("detection", "fpn", 64, 1, 16),
 ]
 REFERENCE = CASES[-1]  # the reference step of every time budget
+BACKBONES = [  # backbone, neck: detector steps at the reference's batch and size
+    ("tf_efficientnet_b0", "fpn"),
+    ("tf_efficientnet_b1", "fpn"),
+    ("resnetv2_50x1_bit", "fpn"),
+    ("vit_tiny_patch16_224", "simple"),
+    ("vit_small_patch16_224", "simple"),
+]
 
 
 def batch(family: str, n: int) -> dict:
@@ -39,12 +49,12 @@ def batch(family: str, n: int) -> dict:
     return {"images": images, "targets": [box] * n}
 
 
-def build(name: str, neck: str, channels: int, repeats: int):
-    """(family, model) of a demo-sized B0 model with this neck, seeded."""
+def build(name: str, neck: str, channels: int, repeats: int, backbone: str = "tf_efficientnet_b0"):
+    """(family, model) of a demo-sized model (B0 unless `backbone` says) with this neck, seeded."""
     torch.manual_seed(0)
     family = FAMILIES[name]
     cfg = ModelConfig(
-        backbone="tf_efficientnet_b0",
+        backbone=backbone,
         neck=neck,
         neck_channels=channels,
         nasfpn_repeats=repeats,
@@ -70,9 +80,11 @@ def timed_steps(family, model, b: dict, steps: int, on_start=None) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def step_time(name: str, neck: str, channels: int, repeats: int, n: int, steps: int = 4) -> float:
+def step_time(
+    name: str, neck: str, channels: int, repeats: int, n: int, steps: int = 4, backbone: str = "tf_efficientnet_b0"
+) -> float:
     """Mean seconds of one bare training step (after two warm-up steps)."""
-    family, model = build(name, neck, channels, repeats)
+    family, model = build(name, neck, channels, repeats, backbone)
     return timed_steps(family, model, batch(name, n), steps)
 
 
@@ -85,7 +97,19 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--reference", action="store_true", help="only the reference step (B0 + FPN, batch 16)")
+    parser.add_argument("--backbones", action="store_true", help="the detector's step per backbone of BACKBONES")
     args = parser.parse_args()
+    if args.backbones:
+        ref = reference_step(args.steps)
+        rows = []
+        for backbone, neck in BACKBONES:
+            s = step_time("detection", neck, 64, 1, 16, args.steps, backbone)
+            row = {"backbone": backbone, "neck": neck, "s_per_step": round(s, 3), "reference_steps": round(s / ref, 2)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        out = {"benchmark": "backbone_steps", "threads": torch.get_num_threads(), "reference_step_s": round(ref, 3)}
+        print(json.dumps({**out, "detector_batch_16_128px": rows}, indent=1))
+        return 0
     rows = []
     for name, neck, channels, repeats, n in [REFERENCE] if args.reference else CASES:
         s = step_time(name, neck, channels, repeats, n, args.steps)
