@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": cfg.data.image_size,
         "num_workers": cfg.data.num_workers,
         "threads": torch.get_num_threads(),
-        "seconds_per_step": {v: {"rounds": [round(x, 3) for x in s], **spread(s)} for v, s in seconds.items()},
+        "seconds_per_step": {v: {"rounds": [round(x, 4) for x in s], **spread(s)} for v, s in seconds.items()},
         "ratios": {
             "bare_one / stage": ratio("bare_one", "stage"),
             "bare_many / stage": ratio("bare_many", "stage"),
