@@ -43,17 +43,15 @@ VARIANTS = ("bare_one", "bare_many", "stage", "stage_w0")
 
 
 def stage_step_s(cfg, out: Path, warmup: int) -> float:
-    """Mean seconds per step of the teacher stage, skipping `warmup` steps and the last."""
+    """Mean seconds per step of the teacher stage, skipping `warmup` steps and the last
+    (`ratios.stage_step_s`)."""
     from engine import training
 
-    stamps = []
-
-    def on_step(step, logs):
-        stamps.append(time.perf_counter())
-
-    training.train_teacher(cfg, out, f"gap-{time.time()}", log=lambda m: None, on_step=on_step)
-    gaps = [b - a for a, b in zip(stamps[warmup:-2], stamps[warmup + 1 : -1])]
-    return statistics.mean(gaps)
+    seconds, _ = ratios.stage_step_s(
+        lambda on_step: training.train_teacher(cfg, out, f"gap-{time.time()}", log=lambda m: None, on_step=on_step),
+        warmup,
+    )
+    return seconds
 
 
 def bare_many_s(cfg, batches: list[dict], loss, warmup: int) -> float:
