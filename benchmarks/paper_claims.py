@@ -103,11 +103,12 @@ REGIME = {"AP": 30.0, "mIoU": 55.0}
 
 @dataclass(frozen=True)
 class Cell:
-    """One run directory per seed. `shares`: stage folders copied from the base cell."""
+    """One run directory per seed. `shares`: stage folders copied from the cell `share_from`."""
 
     name: str
     overrides: tuple[str, ...] = ()
     shares: tuple[str, ...] = ()
+    share_from: str = "base"
     rounds: int = 1
     control_of: str | None = None  # a cell (run before this one) whose round-0 control is this cell's too
 
@@ -164,7 +165,7 @@ def run_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_l
     seed_dir = root / f"seed-{seed}"
     cell_dir = seed_dir / cell.name
     run_dir = cell_dir / "run"  # demo_config's out_dir: <out>/run
-    links = [(seed_dir / "base" / "run" / stage, run_dir / stage) for stage in cell.shares]
+    links = [(seed_dir / cell.share_from / "run" / stage, run_dir / stage) for stage in cell.shares]
     if cell.control_of:
         links.append((seed_dir / cell.control_of / "run" / "round-0" / "control", run_dir / "round-0" / "control"))
     for src, dst in links:

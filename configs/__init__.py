@@ -421,6 +421,27 @@ class RunConfig(_Config):
     student: StudentConfig = StudentConfig()
     soup: SoupConfig = SoupConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _student_model_from_teacher(cls, data: Any) -> Any:
+        """A student's `model` section names only what differs from the teacher's `model`
+        (`{backbone: tf_efficientnet_b1}`); every other key, `num_classes` included, is the
+        teacher's, except the teacher's `backbone_checkpoint` under another backbone."""
+        if not isinstance(data, dict) or not isinstance(data.get("student"), dict):
+            return data
+        student = data["student"]
+        if not isinstance(student.get("model"), dict):
+            return data
+        teacher = data.get("model") or {}
+        if isinstance(teacher, BaseModel):
+            teacher = teacher.model_dump()
+        if not isinstance(teacher, dict):
+            return data  # not a mapping: the model field's own validation names it
+        if student["model"].get("backbone", teacher.get("backbone")) != teacher.get("backbone"):
+            # the teacher's weights file fits the teacher's backbone only
+            teacher = {k: v for k, v in teacher.items() if k != "backbone_checkpoint"}
+        return {**data, "student": {**student, "model": merge(teacher, student["model"])}}
+
     @model_validator(mode="after")
     def _check_audit(self) -> RunConfig:
         if self.pseudo.score_threshold == "auto" and self.audit.split is None:

@@ -10,8 +10,9 @@ import math
 
 import pytest
 import torch
+import yaml
 
-from configs import ConfigError, PseudoLabelConfig, RunConfig, StudentConfig, TrainConfig, build_config
+from configs import ConfigError, PseudoLabelConfig, RunConfig, StudentConfig, TrainConfig, build_config, dump_config
 from engine import training
 from engine.families import FAMILIES
 from tests.conftest import tiny_model_config, world_data
@@ -87,3 +88,21 @@ def test_a_student_of_another_architecture_cannot_start_from_the_teacher():
     assert build_config({"data": data, "student": {"init": "scratch", "model": larger}}).student_model == (
         noised.student_model.model_copy(update={"backbone": "tf_efficientnet_b1"})
     )
+
+
+def test_a_student_model_takes_the_teachers_keys_it_does_not_name(tmp_path):
+    data = {"train_images": "a", "train_annotations": "b", "val_images": "c", "val_annotations": "d"}
+    weights = tmp_path / "b0.pt"
+    teacher = {"num_classes": 3, "neck_channels": 64, "anchor_scale": 3, "backbone_checkpoint": str(weights)}
+    cfg = build_config(
+        {"data": data, "model": teacher, "student": {"init": "scratch", "model": {"backbone": "tf_efficientnet_b1"}}}
+    )
+    s = cfg.student_model
+    assert (s.backbone, s.num_classes, s.neck_channels, s.anchor_scale) == ("tf_efficientnet_b1", 3, 64, 3)
+    assert s.backbone_checkpoint is None  # the B0 file does not fit B1
+    same = build_config({"data": data, "model": teacher, "student": {"model": {"drop_path_rate": 0.1}}})
+    assert same.student_model.backbone_checkpoint == str(weights)
+    assert same.student_model.num_classes == 3
+    # a run directory's config.yaml (the full student model written out) reads back the same
+    again = build_config(yaml.safe_load(dump_config(cfg)))
+    assert again.student_model == s
