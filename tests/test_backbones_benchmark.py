@@ -1,0 +1,101 @@
+"""benchmarks/backbones.py: its cells, its findings, the cells' kept wall times; a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.benchmark_module import load_benchmark
+
+bb = load_benchmark("backbones")
+
+
+def _row(teacher: float, control: float, student: float) -> dict:
+    def ms(v: float) -> dict:
+        return {"mean": v, "std": 0.0, "n": 1, "values": [v]}
+
+    return {
+        "teacher": ms(teacher),
+        "control": ms(control),
+        "student": ms(student),
+        "over_control": ms(student - control),
+        "gain": ms(student - teacher),
+    }
+
+
+def test_pretrain_cells_load_the_weights_only_in_the_imagenet_cells():
+    cells = {c.name: c.overrides for c in bb.pretrain_cells("/w/lite0.pth")}
+    assert set(cells) == {"random-S1", "random-S4", "imagenet-S1", "imagenet-S4"}
+    for name, overrides in cells.items():
+        level = name.split("-")[1]
+        assert f"teacher.augment_level={level}" in overrides and f"student.train.augment_level={level}" in overrides
+        assert ("model.backbone_checkpoint=/w/lite0.pth" in overrides) == name.startswith("imagenet")
+        assert "model.backbone=efficientnet_lite0" in overrides
+
+
+def test_the_larger_student_learns_from_the_base_teacher_for_as_long_as_it():
+    cells = {c.name: c for c in bb.backbone_cells(300, 0.003, 50)}
+    assert list(cells) == ["base", "bit", "vit", "larger-student"]
+    larger = cells["larger-student"]
+    assert larger.shares == ("round-0/teacher", "round-0/pseudo") and larger.share_from == "base"
+    assert {"student.init=scratch", "student.model.backbone=tf_efficientnet_b1", "student.train.steps=300"} <= set(
+        larger.overrides
+    )
+    assert "model.neck=simple" in cells["vit"].overrides
+    assert cells["bit"].overrides == ("model.backbone=resnetv2_50x1_bit",)
+
+
+def test_findings_read_the_pretrain_pattern_from_the_means():
+    rows = {
+        "random-S1": _row(20.0, 22.0, 24.0),
+        "random-S4": _row(15.0, 16.0, 15.5),
+        "imagenet-S1": _row(30.0, 31.0, 32.0),
+        "imagenet-S4": _row(28.0, 29.0, 30.0),
+    }
+    lines = bb.findings("pretrain", rows)
+    assert "+10.00 at S1, +13.00 at S4: it does not shrink" in lines[0]
+    assert "from random init: +2.00 at S1, -0.50 at S4: it does not add at every level" in lines[1]
+    assert "from imagenet init: +1.00 at S1, +1.00 at S4: it adds at both levels" in lines[2]
+    rows["imagenet-S4"] = _row(16.0, 17.0, 18.0)
+    assert "it shrinks with stronger augmentation" in bb.findings("pretrain", rows)[0]
+
+
+def test_a_finished_cell_keeps_its_first_time(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_cell(root, seed, cell, scale, family, base_level):
+        calls.append(cell.name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # a sitting stopped inside the cell: its seconds still count
+        return {"metric": "AP", "rounds": [], "seconds": 0.0}
+
+    monkeypatch.setattr(bb, "run_cell", fake_run_cell)
+    cell = bb.Cell("base")
+    with pytest.raises(KeyboardInterrupt):
+        bb.timed_cell(tmp_path, 0, cell, {}, "detection", "S2")
+    wall = tmp_path / "seed-0" / "base" / "wall.json"
+    assert json.loads(wall.read_text())["finished"] is False
+    first = bb.timed_cell(tmp_path, 0, cell, {}, "detection", "S2")
+    record = json.loads(wall.read_text())
+    assert record["finished"] is True and first["seconds"] == record["seconds"]
+    wall.write_text(json.dumps({"seconds": 123.4, "finished": True}))
+    assert bb.timed_cell(tmp_path, 0, cell, {}, "detection", "S2")["seconds"] == 123.4  # a skip adds nothing
+    assert calls == ["base"] * 3
+
+
+@pytest.mark.slow
+def test_tiny_backbones_table_runs_through_the_flow(tmp_path):
+    out = tmp_path / "bb"
+    assert bb.main(["--table", "backbones", "--tiny", "--seeds", "0", "--out", str(out), "--no-reference"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["rows"]) == ["base", "bit", "vit", "larger-student"]
+    assert all(r["student"]["n"] == 1 for r in result["rows"].values())
+    seed = out / "seed-0"
+    teacher = "run/round-0/teacher/model.pt"
+    assert (seed / "larger-student" / teacher).samefile(seed / "base" / teacher)
+    # the B0 teacher's student is a wider net trained from scratch, and its control too
+    assert result["rows"]["larger-student"]["control"]["mean"] != result["rows"]["base"]["control"]["mean"]
+    assert result["step_ratios"]["bit"]["backbone"] == "test_resnetv2_bit"
+    report = (out / "report.md").read_text()
+    assert "| larger-student |" in report and (out / "table.png").stat().st_size > 1000
