@@ -23,14 +23,16 @@ Every cell is a run of the product's flow (benchmarks/paper_claims.py `run_cell`
 its same-budget control: student minus control is what the pseudo-labels add. The scale
 (`MINI`) is a miniature of the demo, a quarter of its teacher's images seen: a cell of
 EfficientNet B0 or Lite0 takes about 4.5 minutes on a 2-core CPU, so the pretrain table
-(12 cells) about 55 minutes; its figures are not the demo's. An interrupted run resumes (finished stages are skipped); the wall time sums
-every sitting. Writes <out>/results.json, <out>/report.md and <out>/table.png.
+(12 cells) about 55 minutes; its figures are not the demo's. An interrupted run resumes
+(finished stages are skipped); the wall time sums every sitting. Writes
+<out>/results.json, <out>/report.md and <out>/table.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import time
@@ -137,24 +139,23 @@ def timed_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base
     return {**res, "seconds": record["seconds"]}
 
 
-def step_ratios(family: str, models: dict[str, tuple[str, str, int, int]]) -> dict:
-    """Bare training-step time (batch 16, 128 px; benchmarks/train_step_time.py) of each
-    cell's model as a ratio to the reference step measured in the same process."""
-    from train_step_time import reference_step, step_time
+def step_ratios(family: str, models: dict[str, tuple[str, str]]) -> dict:
+    """Bare training-step time (batch 16, 128 px) of each cell's model as a ratio to the
+    reference step, both measured in one fresh process (benchmarks/train_step_time.py
+    --backbones): measured inside a process that has run stages, the reference step took
+    0.78 s against 0.51 s in a fresh one (2026-12-06)."""
+    import subprocess
 
-    ref = reference_step()
-    out, seen = {"reference_step_s": round(ref, 3)}, {}
-    for name, (backbone, neck, channels, repeats) in models.items():
-        key = (backbone, neck, channels, repeats)
-        if key not in seen:
-            s = step_time(family, neck, channels, repeats, 16, 4, backbone)
-            seen[key] = {
-                "backbone": backbone,
-                "neck": neck,
-                "s_per_step": round(s, 3),
-                "reference_steps": round(s / ref, 2),
-            }
-        out[name] = seen[key]
+    distinct = list(dict.fromkeys(models.values()))
+    script = HERE.with_name("train_step_time.py")
+    cmd = [sys.executable, str(script), "--backbones", "--family", family, "--models"]
+    run = subprocess.run(cmd + [f"{b}:{n}" for b, n in distinct], capture_output=True, text=True, check=True)
+    measured = json.loads(run.stdout)
+    rows = next(v for k, v in measured.items() if k.endswith("_batch_16_128px"))
+    by_model = {(r["backbone"], r["neck"]): r for r in rows}
+    out = {"reference_step_s": measured["reference_step_s"]}
+    for name, model in models.items():
+        out[name] = by_model[model]
         print(json.dumps({"step": name, **out[name]}), file=sys.stderr, flush=True)
     return out
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:  # the toy net has no ImageNet weights: both inits start at random
             cells = [Cell(c.name, tuple(o for o in c.overrides if "checkpoint" not in o)) for c in cells]
         lite = "test_efficientnet" if args.tiny else "efficientnet_lite0"
-        models = {c.name: (lite, m.neck, m.neck_channels, m.nasfpn_repeats) for c in cells}
+        models = {c.name: (lite, m.neck) for c in cells}
         title = "Pre-training against self-training, EfficientNet-Lite0"
     else:
         t = cfg.teacher
@@ -287,8 +288,6 @@ def main(argv: list[str] | None = None) -> int:
             c.name: (
                 over[c.name].get("student.model.backbone", over[c.name].get("model.backbone", m.backbone)),
                 over[c.name].get("model.neck", m.neck),
-                int(over[c.name].get("student.model.neck_channels", m.neck_channels)),
-                m.nasfpn_repeats,
             )
             for c in cells
         }
@@ -300,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = measure_reference()
         print(f"reference step {reference:.3f} s", file=sys.stderr, flush=True)
     results_path = root / "results.json"
+    # a stopped sitting still records its time (the cell's and the sitting's)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.perf_counter()
     per_cell: dict[str, dict[int, dict]] = {c.name: {} for c in cells}
     try:

@@ -8,7 +8,8 @@ threads. Multiply by a preset's steps to see where a demo's time goes. The last 
 (B0 + FPN detector, batch 16, 128 px) is the *reference step*: time budgets (the demo's
 2,000 reference steps) are stated in it, because machines of one kind differ about 2x
 from day to day. `--reference` measures only that case. `--backbones` measures the
-detector's step with each backbone of `BACKBONES` instead (EfficientNet B0 and one size
+detector's step (`--family segmentation`: the segmenter's) with each backbone of
+`BACKBONES` (or of `--models backbone:neck ...`) instead (EfficientNet B0 and one size
 larger, BiT ResNet-v2, plain ViTs under the simple pyramid), each also as a ratio to the
 reference step measured in the same run.
 """
@@ -98,17 +99,25 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--reference", action="store_true", help="only the reference step (B0 + FPN, batch 16)")
     parser.add_argument("--backbones", action="store_true", help="the detector's step per backbone of BACKBONES")
+    parser.add_argument("--family", default="detection", help="--backbones: the family whose model is timed")
+    parser.add_argument(
+        "--models", nargs="+", default=None, metavar="BACKBONE:NECK", help="--backbones: these instead of BACKBONES"
+    )
     args = parser.parse_args()
     if args.backbones:
+        models = [tuple(m.split(":", 1)) for m in args.models] if args.models else BACKBONES
+        # the demos' models: detection B0 + FPN (one level), segmentation B0 + NAS-FPN x3
+        repeats = 3 if args.family == "segmentation" else 1
         ref = reference_step(args.steps)
         rows = []
-        for backbone, neck in BACKBONES:
-            s = step_time("detection", neck, 64, 1, 16, args.steps, backbone)
+        for backbone, neck in models:
+            s = step_time(args.family, neck, 64, repeats, 16, args.steps, backbone)
             row = {"backbone": backbone, "neck": neck, "s_per_step": round(s, 3), "reference_steps": round(s / ref, 2)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         out = {"benchmark": "backbone_steps", "threads": torch.get_num_threads(), "reference_step_s": round(ref, 3)}
-        print(json.dumps({**out, "detector_batch_16_128px": rows}, indent=1))
+        key = "detector" if args.family == "detection" else args.family
+        print(json.dumps({**out, f"{key}_batch_16_128px": rows}, indent=1))
         return 0
     rows = []
     for name, neck, channels, repeats, n in [REFERENCE] if args.reference else CASES:
