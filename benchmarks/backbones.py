@@ -142,8 +142,7 @@ def timed_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base
 def step_ratios(family: str, models: dict[str, tuple[str, str]]) -> dict:
     """Bare training-step time (batch 16, 128 px) of each cell's model as a ratio to the
     reference step, both measured in one fresh process (benchmarks/train_step_time.py
-    --backbones): measured inside a process that has run stages, the reference step took
-    0.78 s against 0.51 s in a fresh one (2026-12-06)."""
+    --backbones), as every reference step is: never inside a process that has run stages."""
     import subprocess
 
     distinct = list(dict.fromkeys(models.values()))
