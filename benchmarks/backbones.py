@@ -21,9 +21,9 @@ Tables (`TABLES`):
 
 Every cell is a run of the product's flow (benchmarks/paper_claims.py `run_cell`) with
 its same-budget control: student minus control is what the pseudo-labels add. The scale
-(`MINI`) is a miniature of the demo, a quarter of its teacher's images seen: a cell of
-EfficientNet B0 or Lite0 takes about 4.5 minutes on a 2-core CPU, so the pretrain table
-(12 cells) about 55 minutes; its figures are not the demo's. An interrupted run resumes
+(`MINI`) is a miniature of the demo, a quarter of its teacher's images seen: a Lite0 cell
+took about 5.3 minutes on a 2-core CPU (2026-12-06), the pretrain table (12 cells) 64
+minutes; its figures are not the demo's. An interrupted run resumes
 (finished stages are skipped); the wall time sums every sitting. Writes
 <out>/results.json, <out>/report.md and <out>/table.png.
 """
