@@ -17,7 +17,10 @@ Tables (`TABLES`):
              Standardization), a plain ViT under the simple pyramid, and a student one
              size larger than its teacher (B1 from scratch, as long as the teacher, on
              the B0 cell's teacher and pseudo-labels; its control is B1 from scratch on
-             human labels only, the same steps).
+             human labels only, the same steps). That control sees half the images per
+             step the student sees, so the row "larger-student-same-images" sets the
+             same student against a control of as many human images per step (its
+             human + pseudo batch, all human): the comparison at equal compute.
 
 Every cell is a run of the product's flow (benchmarks/paper_claims.py `run_cell`) with
 its same-budget control: student minus control is what the pseudo-labels add. The scale
@@ -41,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this folder
 
-from paper_claims import Cell, _pm, add_sitting, mean_std, row, run_cell  # noqa: E402
+from paper_claims import Cell, _pm, add_sitting, link_stage, mean_std, row, run_cell  # noqa: E402
 
 # The demo's world with a pool of 500, teachers of 600 steps of 8 (the demo: 1,200 of 16)
 # and students and controls of 120 steps of 8 human (+ 8 pseudo) images. At 300 steps of
@@ -121,15 +124,20 @@ def backbone_cells(teacher_steps: int, teacher_lr: float, teacher_warmup: int, t
 
 
 def timed_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base_level: str) -> dict:
-    """`run_cell`, with the cell's wall time kept in <root>/seed-N/<cell>/wall.json: every
-    sitting that worked on it adds its seconds until it finishes; a finished cell keeps
-    its time when a later sitting skips it."""
-    wall = root / f"seed-{seed}" / cell.name / "wall.json"
+    """`run_cell`, with the cell's wall time kept in <root>/seed-N/<cell>/wall.json."""
+    return timed(root / f"seed-{seed}" / cell.name, lambda: run_cell(root, seed, cell, scale, family, base_level))
+
+
+def timed(cell_dir: Path, work) -> dict:
+    """`work()`, with its wall time kept in <cell_dir>/wall.json: every sitting that worked
+    on it adds its seconds until it finishes; a finished cell keeps its time when a later
+    sitting skips it."""
+    wall = cell_dir / "wall.json"
     record = json.loads(wall.read_text()) if wall.exists() else {"seconds": 0.0, "finished": False}
     t0 = time.perf_counter()
     finished = False
     try:
-        res = run_cell(root, seed, cell, scale, family, base_level)
+        res = work()
         finished = True
     finally:
         if not record["finished"]:
@@ -137,6 +145,45 @@ def timed_cell(root: Path, seed: int, cell: Cell, scale: dict, family: str, base
             wall.parent.mkdir(parents=True, exist_ok=True)
             wall.write_text(json.dumps(record) + "\n")
     return {**res, "seconds": record["seconds"]}
+
+
+def same_images_control(root: Path, seed: int, cell: Cell, scale: dict, family: str) -> dict:
+    """`cell`'s control with as many images per step as its student: the student's human
+    batch plus its pseudo batch, all human (8 + 8 pseudo becomes 16 human). The control of
+    the same recipe keeps the student's human batch, so it processes half the student's
+    images per step; this one costs what the student costs, so student minus it is what
+    the pseudo-labels add at equal compute. Kept in <root>/seed-N/<cell>-same-images/."""
+    from flows import stages
+    from flows.demo import demo_config
+
+    seed_dir = root / f"seed-{seed}"
+    cell_dir = seed_dir / f"{cell.name}-same-images"
+    # the control stage reads its round's finished teacher, even for a student from scratch
+    link_stage(seed_dir / cell.share_from / "run" / "round-0" / "teacher", cell_dir / "run" / "round-0" / "teacher")
+
+    def config(extra: list[str]):
+        overrides = [*scale["overrides"], *cell.overrides, *extra, "control=true"]
+        return demo_config(
+            cell_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
+        )[0]
+
+    student = config([]).student
+    images = student.train.batch_size + student.pseudo_per_batch
+    cfg = config([f"student.train.batch_size={images}"])
+
+    def work() -> dict:
+        out = stages.control_flow(cfg, 0)
+        return {"control": out["metrics"][out["metric"]], "batch_size": images}
+
+    return timed(cell_dir, work)
+
+
+def with_control(res: dict, control: dict) -> dict:
+    """A cell's result with its control replaced by `control` (same_images_control)."""
+    r = dict(res["rounds"][-1])
+    r["control"] = control["control"]
+    r["over_control"] = r["student"] - control["control"]
+    return {**res, "rounds": [r], "seconds": control["seconds"]}
 
 
 def step_ratios(family: str, models: dict[str, tuple[str, str]]) -> dict:
@@ -225,6 +272,12 @@ def report_markdown(result: dict) -> str:
             f"{wall:.0f} s" + (f" ({wall / ref:,.0f} ref. steps)" if ref else ""),
         ]
         lines.append("| " + " | ".join(cols) + " |")
+    for alias, c in result.get("same_images_controls", {}).items():
+        lines.append(
+            f"\n{alias}: the {c['of']} cell's student against a control of as many human images per step as the "
+            f"student processes (human + pseudo batch: {', '.join(map(str, sorted(set(c['batch_size']))))}); "
+            "its wall time is that control's alone."
+        )
     lines += ["", *[f"- {s}" for s in result["findings"]], "", "![table](table.png)", ""]
     return "\n".join(lines)
 
@@ -279,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         lite = "test_efficientnet" if args.tiny else "efficientnet_lite0"
         models = {c.name: (lite, m.neck) for c in cells}
         title = "Pre-training against self-training, EfficientNet-Lite0"
+        same_images = {}
     else:
         t = cfg.teacher
         cells = backbone_cells(t.steps, t.lr, t.warmup_steps, args.tiny)
@@ -291,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in cells
         }
         title = "Backbones with their controls"
+        # the larger student from scratch processes twice its control's images per step
+        same_images = {"larger-student": "larger-student-same-images"}
     reference = None
     if not args.no_reference:
         from demo_seeds import measure_reference
@@ -301,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     # a stopped sitting still records its time (the cell's and the sitting's)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.perf_counter()
-    per_cell: dict[str, dict[int, dict]] = {c.name: {} for c in cells}
+    per_cell: dict[str, dict[int, dict]] = {}
+    same_batches: dict[str, list[int]] = {}
+    for c in cells:
+        per_cell[c.name] = {}
+        if c.name in same_images:
+            per_cell[same_images[c.name]] = {}
     try:
         for seed in args.seeds:
             for cell in cells:
@@ -309,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
                 per_cell[cell.name][seed] = res
                 line = {"seed": seed, "cell": cell.name, **res["rounds"][-1], "s": res["seconds"]}
                 print(json.dumps(line), file=sys.stderr, flush=True)
+                if cell.name in same_images:
+                    name = same_images[cell.name]
+                    ctl = same_images_control(root, seed, cell, scale, args.family)
+                    per_cell[name][seed] = with_control(res, ctl)
+                    same_batches.setdefault(name, []).append(ctl["batch_size"])
+                    line = {"seed": seed, "cell": name, **per_cell[name][seed]["rounds"][-1], "s": ctl["seconds"]}
+                    print(json.dumps(line), file=sys.stderr, flush=True)
     finally:
         sittings = add_sitting(root, time.perf_counter() - t0, reference)
     steps_path = root / "step-ratios.json"
@@ -317,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         steps = step_ratios(args.family, models)
         steps_path.write_text(json.dumps(steps) + "\n")
+    for cell, alias in same_images.items():  # the same model as its cell
+        if cell in steps:
+            steps.setdefault(alias, steps[cell])
     rows = {}
     for name, res in per_cell.items():
         rows[name] = row(name, res)
@@ -335,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "findings": findings(args.table, rows),
         "step_ratios": steps,
+        "same_images_controls": {
+            alias: {"of": cell, "batch_size": same_batches.get(alias, [])} for cell, alias in same_images.items()
+        },
         **sittings,
     }
     results_path.write_text(json.dumps(result, indent=2) + "\n")

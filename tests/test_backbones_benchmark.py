@@ -84,13 +84,32 @@ def test_a_finished_cell_keeps_its_first_time(tmp_path, monkeypatch):
     assert calls == ["base"] * 3
 
 
+def test_the_same_images_control_replaces_only_the_control():
+    res = {"metric": "AP", "rounds": [{"teacher": 30.0, "control": 10.0, "student": 28.0, "over_control": 18.0}]}
+    out = bb.with_control(res, {"control": 25.0, "seconds": 12.5, "batch_size": 16})
+    assert out["rounds"][0] == {"teacher": 30.0, "control": 25.0, "student": 28.0, "over_control": 3.0}
+    assert out["seconds"] == 12.5 and res["rounds"][0]["control"] == 10.0  # the cell's own result is untouched
+
+
 @pytest.mark.slow
 def test_tiny_backbones_table_runs_through_the_flow(tmp_path):
     out = tmp_path / "bb"
     assert bb.main(["--table", "backbones", "--tiny", "--seeds", "0", "--out", str(out), "--no-reference"]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert list(result["rows"]) == ["base", "bit", "vit", "larger-student"]
+    assert list(result["rows"]) == ["base", "bit", "vit", "larger-student", "larger-student-same-images"]
     assert all(r["student"]["n"] == 1 for r in result["rows"].values())
+    # the larger student against a control of as many images per step as it processes
+    rows = result["rows"]
+    assert rows["larger-student-same-images"]["student"] == rows["larger-student"]["student"]
+    assert rows["larger-student-same-images"]["control"] != rows["larger-student"]["control"]
+    manifests = {
+        name: json.loads((out / "seed-0" / name / "run/round-0/control/manifest.json").read_text())
+        for name in ("larger-student", "larger-student-same-images")
+    }
+    batch = {k: m["inputs"]["student"]["train"]["batch_size"] for k, m in manifests.items()}
+    assert batch["larger-student-same-images"] == 2 * batch["larger-student"]  # human + pseudo (pseudo_ratio 1)
+    same = result["same_images_controls"]["larger-student-same-images"]
+    assert same == {"of": "larger-student", "batch_size": [batch["larger-student-same-images"]]}
     seed = out / "seed-0"
     teacher = "run/round-0/teacher/model.pt"
     assert (seed / "larger-student" / teacher).samefile(seed / "base" / teacher)
