@@ -153,6 +153,7 @@ def same_images_control(root: Path, seed: int, cell: Cell, scale: dict, family: 
     the same recipe keeps the student's human batch, so it processes half the student's
     images per step; this one costs what the student costs, so student minus it is what
     the pseudo-labels add at equal compute. Kept in <root>/seed-N/<cell>-same-images/."""
+    from configs import build_config
     from flows import stages
     from flows.demo import demo_config
 
@@ -160,16 +161,12 @@ def same_images_control(root: Path, seed: int, cell: Cell, scale: dict, family: 
     cell_dir = seed_dir / f"{cell.name}-same-images"
     # the control stage reads its round's finished teacher, even for a student from scratch
     link_stage(seed_dir / cell.share_from / "run" / "round-0" / "teacher", cell_dir / "run" / "round-0" / "teacher")
-
-    def config(extra: list[str]):
-        overrides = [*scale["overrides"], *cell.overrides, *extra, "control=true"]
-        return demo_config(
-            cell_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
-        )[0]
-
-    student = config([]).student
-    images = student.train.batch_size + student.pseudo_per_batch
-    cfg = config([f"student.train.batch_size={images}"])
+    overrides = [*scale["overrides"], *cell.overrides, "control=true"]
+    cfg, _ = demo_config(
+        cell_dir, seed, scale["quick"], "cpu", overrides, family, world_dir=seed_dir / "world", sizes=scale["world"]
+    )
+    images = cfg.student.train.batch_size + cfg.student.pseudo_per_batch
+    cfg = build_config(cfg.model_dump(mode="json"), [f"student.train.batch_size={images}"])
 
     def work() -> dict:
         out = stages.control_flow(cfg, 0)
