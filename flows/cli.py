@@ -178,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     from configs import ConfigError  # configs (pydantic) after the mask: a fifth of a second
 
-    # No network is assumed: Prefect's server would otherwise try to send telemetry.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's temporary server gets 20 s to start by default; a machine busy with
-    # training (or a slow disk) can need longer.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect's server defaults (no telemetry, a longer start-up) are set in flows/__init__.
     args = build_parser().parse_args(argv)
     if argv is None and args.command in SUPERVISED:
         if supervise.RUN_ENV not in os.environ:

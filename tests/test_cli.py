@@ -38,3 +38,22 @@ def test_a_family_without_a_demo_is_named_with_those_that_have_one(tmp_path, cap
     err = capsys.readouterr().err
     assert "no demo for family 'classification'" in err and "detection, segmentation" in err
     assert not (tmp_path / "world").exists()  # refused before the world is written
+
+
+def test_importing_the_flows_turns_off_prefect_telemetry_but_keeps_a_users_setting():
+    """A benchmark or a user's script imports `flows`, not the command: the server's
+    defaults must hold there too, and a value the user set must win."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import flows, os; e = os.environ; "
+        "print(e['PREFECT_SERVER_ANALYTICS_ENABLED'], e['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS'])"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_")}
+    out = subprocess.run([sys.executable, "-c", probe], env=base, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["false", "120"]
+    mine = {**base, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    out = subprocess.run([sys.executable, "-c", probe], env=mine, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["false", "300"]
