@@ -27,7 +27,9 @@ its same-budget control: student minus control is what the pseudo-labels add. Th
 (`MINI`) is a miniature of the demo, a quarter of its teacher's images seen: a Lite0 cell
 took about 5.3 minutes on a 2-core CPU (2026-12-06), the pretrain table (12 cells) 64
 minutes; its figures are not the demo's. An interrupted run resumes
-(finished stages are skipped); the wall time sums every sitting. Writes
+(finished stages are skipped); the wall time sums every sitting. Each row also says what
+its teacher labels on the held-out split at the pseudo threshold (recall by class, from
+the cell's audit): a class the teacher never labels is taught as background. Writes
 <out>/results.json, <out>/report.md and <out>/table.png.
 """
 
@@ -183,6 +185,35 @@ def with_control(res: dict, control: dict) -> dict:
     return {**res, "rounds": [r], "seconds": control["seconds"]}
 
 
+def teacher_labels(cell_dir: Path, family: str) -> dict | None:
+    """What the cell's teacher labels on the held-out split at the pseudo threshold (its
+    audit, <cell>/run/round-0/audit/audit.json): precision and recall per object class
+    (segmentation's class 0, background, left out), or None where no audit ran. A class
+    the teacher never labels at the threshold is taught as background to the student."""
+    from engine import audit
+
+    path = cell_dir / "run" / "round-0" / "audit" / audit.REPORT
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    rows = audit.at(report, report["drawn_threshold"])
+    classes = list(report["classes"])[1:] if family == "segmentation" else list(report["classes"])
+    out = {"threshold": report["drawn_threshold"]}
+    for c in classes:  # a class with no label at the threshold has no precision (None): 0 recall says it
+        out[c] = {k: rows[c][k] for k in ("precision", "recall")}
+    return out
+
+
+def labels_row(audits: list[dict]) -> dict:
+    """Per-class recall and precision of the teachers' labels, mean over seeds (None counts
+    as 0 precision: no label kept)."""
+    classes = [c for c in audits[0] if c != "threshold"]
+    return {
+        "threshold": audits[0]["threshold"],
+        **{c: {k: statistics.fmean(a[c][k] or 0.0 for a in audits) for k in ("precision", "recall")} for c in classes},
+    }
+
+
 def step_ratios(family: str, models: dict[str, tuple[str, str]]) -> dict:
     """Bare training-step time (batch 16, 128 px) of each cell's model as a ratio to the
     reference step, both measured in one fresh process (benchmarks/train_step_time.py
@@ -236,6 +267,14 @@ def findings(table: str, rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+def labels_cell(labels: dict | None) -> str:
+    """ "circle 0.00, square 0.37, ... at 0.5": the held-out recall of the teacher's labels."""
+    if not labels:
+        return "-"
+    recall = ", ".join(f"{c} {v['recall']:.2f}" for c, v in labels.items() if c != "threshold")
+    return f"{recall} at {labels['threshold']:g}"
+
+
 def report_markdown(result: dict) -> str:
     metric = result["metric"]
     steps = result["step_ratios"]
@@ -250,8 +289,8 @@ def report_markdown(result: dict) -> str:
         f"(reference {steps['reference_step_s']:.3f} s in that measurement).",
         "",
         f"| cell | teacher {metric} | control {metric} | student {metric} | student - control | student - teacher "
-        "| images kept | step | wall per seed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| images kept | teacher's labels: recall by class | step | wall per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
         step = steps.get(name, {}).get("reference_steps")
@@ -265,6 +304,7 @@ def report_markdown(result: dict) -> str:
             _pm(r["over_control"]),
             _pm(r["gain"]),
             f"{r['kept']['mean']:.0f}",
+            labels_cell(r.get("teacher_labels")),
             f"{step:.2f}" if step else "-",
             f"{wall:.0f} s" + (f" ({wall / ref:,.0f} ref. steps)" if ref else ""),
         ]
@@ -386,9 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         if cell in steps:
             steps.setdefault(alias, steps[cell])
     rows = {}
+    owner = {alias: cell for cell, alias in same_images.items()}
     for name, res in per_cell.items():
         rows[name] = row(name, res)
         rows[name]["seconds"] = mean_std([r["seconds"] for r in res.values()])
+        audits = [teacher_labels(root / f"seed-{seed}" / owner.get(name, name), args.family) for seed in res]
+        if audits and all(audits):
+            rows[name]["teacher_labels"] = labels_row(audits)
     metric = next(iter(per_cell["base" if "base" in per_cell else cells[0].name].values()))["metric"]
     result = {
         "benchmark": "backbones",

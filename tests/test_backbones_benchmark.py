@@ -116,5 +116,46 @@ def test_tiny_backbones_table_runs_through_the_flow(tmp_path):
     # the B0 teacher's student is a wider net trained from scratch, and its control too
     assert result["rows"]["larger-student"]["control"]["mean"] != result["rows"]["base"]["control"]["mean"]
     assert result["step_ratios"]["bit"]["backbone"] == "test_resnetv2_bit"
+    # each row says what its teacher labels on the held-out split (the same teacher's for the B1 rows)
+    labels = {name: r["teacher_labels"] for name, r in rows.items()}
+    assert set(labels["base"]) == {"threshold", "circle", "square", "triangle"}
+    assert labels["larger-student-same-images"] == labels["larger-student"] == labels["base"]
     report = (out / "report.md").read_text()
     assert "| larger-student |" in report and (out / "table.png").stat().st_size > 1000
+
+
+def _audit(cell_dir, classes: dict[str, tuple[list, list]], drawn: float) -> None:
+    """An audit report in engine/audit.py's layout: per class precision and recall over
+    the thresholds 0.3, 0.5, 0.7."""
+    stage = cell_dir / "run" / "round-0" / "audit"
+    stage.mkdir(parents=True)
+    report = {
+        "thresholds": [0.3, 0.5, 0.7],
+        "classes": {c: {"precision": p, "recall": r, "f1": [0.0] * 3, "labels": 10} for c, (p, r) in classes.items()},
+        "all": {"precision": [0.5] * 3, "recall": [0.5] * 3, "f1": [0.5] * 3},
+        "drawn_threshold": drawn,
+    }
+    (stage / "audit.json").write_text(json.dumps(report))
+
+
+def test_teacher_labels_read_each_class_at_the_pseudo_threshold(tmp_path):
+    classes = {
+        "background": ([0.9, 0.93, 0.95], [0.98, 0.96, 0.9]),
+        "circle": ([0.35, None, None], [0.18, 0.0, 0.0]),
+        "square": ([0.52, 0.55, 0.58], [0.61, 0.37, 0.12]),
+    }
+    _audit(tmp_path / "seg", classes, 0.5)
+    seg = bb.teacher_labels(tmp_path / "seg", "segmentation")
+    assert seg == {
+        "threshold": 0.5,
+        "circle": {"precision": None, "recall": 0.0},
+        "square": {"precision": 0.55, "recall": 0.37},
+    }
+    _audit(tmp_path / "det", classes, 0.7)
+    det = bb.teacher_labels(tmp_path / "det", "detection")
+    assert list(det) == ["threshold", "background", "circle", "square"] and det["square"]["recall"] == 0.12
+    assert bb.teacher_labels(tmp_path / "none", "detection") is None
+    other = {**seg, "circle": {"precision": 0.6, "recall": 0.2}}
+    mean = bb.labels_row([seg, other])
+    assert mean["circle"] == pytest.approx({"precision": 0.3, "recall": 0.1})  # no label kept: precision 0
+    assert bb.labels_cell(mean) == "circle 0.10, square 0.37 at 0.5"
