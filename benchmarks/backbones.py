@@ -205,13 +205,19 @@ def teacher_labels(cell_dir: Path, family: str) -> dict | None:
 
 
 def labels_row(audits: list[dict]) -> dict:
-    """Per-class recall and precision of the teachers' labels, mean over seeds (None counts
-    as 0 precision: no label kept)."""
+    """Per-class recall and precision of the teachers' labels, mean over seeds. Recall is
+    defined on every seed; precision only where the teacher kept a label of that class, so
+    it is the mean over those seeds (`precision_seeds` of them), None where none did."""
     classes = [c for c in audits[0] if c != "threshold"]
-    return {
-        "threshold": audits[0]["threshold"],
-        **{c: {k: statistics.fmean(a[c][k] or 0.0 for a in audits) for k in ("precision", "recall")} for c in classes},
-    }
+    row: dict = {"threshold": audits[0]["threshold"]}
+    for c in classes:
+        kept = [a[c]["precision"] for a in audits if a[c]["precision"] is not None]
+        row[c] = {
+            "precision": statistics.fmean(kept) if kept else None,
+            "precision_seeds": len(kept),
+            "recall": statistics.fmean(a[c]["recall"] for a in audits),
+        }
+    return row
 
 
 def step_ratios(family: str, models: dict[str, tuple[str, str]]) -> dict:

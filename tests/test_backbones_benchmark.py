@@ -157,5 +157,8 @@ def test_teacher_labels_read_each_class_at_the_pseudo_threshold(tmp_path):
     assert bb.teacher_labels(tmp_path / "none", "detection") is None
     other = {**seg, "circle": {"precision": 0.6, "recall": 0.2}}
     mean = bb.labels_row([seg, other])
-    assert mean["circle"] == pytest.approx({"precision": 0.3, "recall": 0.1})  # no label kept: precision 0
+    # Precision is a mean over the seeds that kept a label of the class, not a 0 for the others.
+    assert mean["circle"] == pytest.approx({"precision": 0.6, "precision_seeds": 1, "recall": 0.1})
+    assert mean["square"] == pytest.approx({"precision": 0.55, "precision_seeds": 2, "recall": 0.37})
+    assert bb.labels_row([seg, seg])["circle"] == {"precision": None, "precision_seeds": 0, "recall": 0.0}
     assert bb.labels_cell(mean) == "circle 0.10, square 0.37 at 0.5"
