@@ -352,8 +352,9 @@ def aggregate(results: dict[str, dict[int, dict]], claims: list[str], base_level
 # --------------------------------------------------------------------------- report
 
 
-def _pm(c: dict) -> str:
-    return f"{c['mean']:.2f} ± {c['std']:.2f}"
+def _pm(c: dict, signed: bool = False) -> str:
+    """ "mean ± std"; a difference (`signed`) carries its sign: "+5.43 ± 7.22"."""
+    return f"{c['mean']:{'+' if signed else ''}.2f} ± {c['std']:.2f}"
 
 
 def plot_claim(key: str, claim: dict, metric: str, path: Path) -> None:
@@ -439,8 +440,8 @@ def report_markdown(result: dict) -> str:
                 _pm(r["teacher"]),
                 _pm(r["control"]),
                 student,
-                _pm(r["over_control"]),
-                _pm(r["gain"]),
+                _pm(r["over_control"], signed=True),
+                _pm(r["gain"], signed=True),
                 f"{r['kept']['mean']:.0f}",
             ]
             lines.append("| " + " | ".join(str(c) for c in cols) + " |")

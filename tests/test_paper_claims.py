@@ -145,6 +145,8 @@ def test_a_threshold_that_keeps_nothing_is_a_row_without_a_student():
     out["e"]["plot"] = "claim-e.png"
     report = pc.report_markdown({**result, "claims": out})
     assert "| 0.7 | 20.00 ± 0.00 | 21.00 ± 0.00 | no student on 2 seed(s): no image kept |" in report
+    # differences carry their sign, levels do not: the 0.3 row gains +2.50 over its teacher, +2.25 over its control
+    assert "| 0.3 | 20.00 ± 0.00 | 20.25 ± 0.00 | 22.50 ± 0.71 | +2.25 ± 0.71 | +2.50 ± 0.71 |" in report
 
 
 def test_the_report_names_rows_whose_teachers_are_below_the_regime():
