@@ -13,8 +13,14 @@ JSON object: per point steps, val and held-out metric, wall time and reference s
 gain over the 1x teacher. The demo's teacher counts as near its plateau when the 1.25x
 teacher gains under 1.0 on both splits.
 
+`--set KEY=VALUE` (repeatable) changes the teacher's recipe for every point, for instance
+a faster schedule (`--set teacher.lr=0.006 --set teacher.steps=900`); the 1x point is then
+trained too, in `<out>/steps-N` like the others, instead of read from the run.
+
 Resumable: a point whose teacher finished is evaluated again, not retrained (its
-recorded wall time is kept). Cost: the teacher's time times the sum of the factors.
+recorded wall time is kept); a finished point trained with other `--set` values is an
+error that names both, not a silent reuse. Cost: the teacher's time times the sum of
+the factors (plus 1 with `--set`).
 """
 
 from __future__ import annotations
@@ -50,12 +56,15 @@ def main() -> int:
     parser.add_argument("--factors", type=float, nargs="+", default=[1.25])
     parser.add_argument("--out", default=None, help="default: <run>/../plateau")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="the teacher's recipe, every point"
+    )
     args = parser.parse_args()
     run = Path(args.run)
     config = run / "config.yaml"
     if not config.exists():
         raise SystemExit(f"--run {run}: no config.yaml; give a finished demo run directory")
-    cfg = load_config(config)
+    cfg = load_config(config, args.sets)
     metric = json.loads((run / "summary.json").read_text())["metric"]
     base_ckpt = run / "round-0" / "teacher" / MODEL_FILE
     if not base_ckpt.exists():
@@ -63,15 +72,27 @@ def main() -> int:
     out_root = Path(args.out) if args.out else run.parent / "plateau"
     ref = None if args.no_reference else measure_reference()
     base = cfg.teacher.steps
-    points = [{"factor": 1.0, "steps": base, **point(cfg, base_ckpt, metric)}]
-    print(json.dumps(points[-1]), file=sys.stderr, flush=True)
-    for factor in args.factors:
+    points = []
+    factors = list(args.factors)
+    if args.sets:
+        factors = [1.0, *(f for f in factors if f != 1.0)]
+    else:
+        points.append({"factor": 1.0, "steps": base, **point(cfg, base_ckpt, metric)})
+        print(json.dumps(points[-1]), file=sys.stderr, flush=True)
+    for factor in factors:
         steps = round(factor * base)
         cell = out_root / f"steps-{steps}"
         ckpt = cell / "run" / "round-0" / "teacher" / MODEL_FILE
-        overrides = [f"out_dir={cell / 'run'}", f"teacher.steps={steps}"]
+        overrides = [*args.sets, f"out_dir={cell / 'run'}", f"teacher.steps={steps}"]
         wall_file = cell / "wall.json"
-        if not (ckpt.exists() and wall_file.exists()):
+        if ckpt.exists() and wall_file.exists():
+            before = json.loads(wall_file.read_text()).get("sets", [])
+            if before != args.sets:
+                raise SystemExit(
+                    f"{cell} holds a teacher trained with --set {before or 'nothing'}, not {args.sets or 'nothing'}; "
+                    "give another --out"
+                )
+        else:
             cell.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "flows.cli", "stage", "teacher", str(config)]
             for o in overrides:
@@ -81,17 +102,17 @@ def main() -> int:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
             if rc:
                 raise SystemExit(f"the {steps}-step teacher failed (exit {rc}); see {cell / 'stage.log'}")
-            wall_file.write_text(
-                json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "reference_step_s": ref}) + "\n"
-            )
+            wall = {"wall_s": round(time.perf_counter() - t0, 1), "reference_step_s": ref, "sets": args.sets}
+            wall_file.write_text(json.dumps(wall) + "\n")
         wall = json.loads(wall_file.read_text())
         row = {"factor": factor, "steps": steps, **point(load_config(config, overrides), ckpt, metric)}
         row["wall_s"] = wall["wall_s"]
         if wall.get("reference_step_s"):
             row["reference_steps"] = round(wall["wall_s"] / wall["reference_step_s"])
-        for split in ("val", "held_out"):
-            if split in row:
-                row[f"{split}_gain"] = round(row[split] - points[0][split], 2)
+        if points:
+            for split in ("val", "held_out"):
+                if split in row:
+                    row[f"{split}_gain"] = round(row[split] - points[0][split], 2)
         points.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     longer = [p for p in points if p["factor"] == 1.25]
@@ -103,6 +124,7 @@ def main() -> int:
         "run": str(run),
         "family": cfg.family,
         "metric": metric,
+        "sets": args.sets,
         "points": points,
         "near_plateau": near,
         "reference_step_s": ref,

@@ -41,3 +41,32 @@ def test_a_longer_teacher_is_measured_on_both_splits_and_not_retrained_on_resume
     stamp = log.stat().st_mtime_ns
     again = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
     assert log.stat().st_mtime_ns == stamp and again["points"][1]["val"] == longer["val"]
+
+
+@pytest.mark.slow
+def test_set_trains_every_point_with_its_recipe_and_refuses_another_recipes_points(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    run = tmp_path / "demo" / "run"
+    out = tmp_path / "plateau"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "teacher_plateau.py"), "--run", str(run), "--no-reference"]
+    cmd += ["--factors", "1.25", "--out", str(out), "--set", "teacher.steps=8", "--set", "teacher.lr=0.005"]
+    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    assert [p["steps"] for p in result["points"]] == [8, 10]
+    assert result["sets"] == ["teacher.steps=8", "teacher.lr=0.005"]
+    for p in result["points"]:
+        manifest = json.loads(
+            (out / f"steps-{p['steps']}" / "run" / "round-0" / "teacher" / "manifest.json").read_text()
+        )
+        assert manifest["inputs"]["train"]["steps"] == p["steps"]
+        assert manifest["inputs"]["train"]["lr"] == 0.005
+    longer = result["points"][1]
+    assert longer["val_gain"] == pytest.approx(longer["val"] - result["points"][0]["val"], abs=0.01)
+    # the same --out with another recipe is refused, naming both
+    other = [*cmd[:-1], "teacher.lr=0.004"]
+    failed = subprocess.run(other, capture_output=True, text=True, cwd=ROOT)
+    assert failed.returncode != 0 and "teacher.lr=0.005" in failed.stderr and "teacher.lr=0.004" in failed.stderr
