@@ -601,7 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     (root / "claims.json").write_text(json.dumps(result, indent=2) + "\n")
     (root / "report.md").write_text(report_markdown(result))
     summary = {
-        k: {"holds": c["holds"], "rows": [{"value": r["value"], "gain": r["gain"]["mean"]} for r in c["rows"]]}
+        k: {
+            "holds": c["holds"],
+            "rows": [
+                {"value": r["value"], "over_control": r["over_control"]["mean"], "gain": r["gain"]["mean"]}
+                for r in c["rows"]
+            ],
+        }
         for k, c in claims.items()
     }
     print(json.dumps({"benchmark": "paper_claims", "out": str(root), "claims": summary}, indent=2))

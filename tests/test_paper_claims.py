@@ -102,12 +102,15 @@ def test_loss_curve_reads_the_last_log_of_each_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_claims_run_resumes_and_reports(tmp_path):
+def test_tiny_claims_run_resumes_and_reports(tmp_path, capsys):
     """Claim a at the tiny scale, 2 seeds, through the product's flows; a rerun skips every stage."""
     out = tmp_path / "claims"
     assert pc.main(["--scale", "tiny", "--seeds", "0", "1", "--claims", "a", "--out", str(out), "--no-reference"]) == 0
     result = json.loads((out / "claims.json").read_text())
     assert set(result["claims"]) == {"a"}
+    stdout = capsys.readouterr().out  # the summary is the last JSON object printed
+    printed = json.loads(stdout[stdout.rindex('{\n  "benchmark"') :])["claims"]["a"]["rows"]
+    assert [r["over_control"] for r in printed] == [r["over_control"]["mean"] for r in result["claims"]["a"]["rows"]]
     claim = result["claims"]["a"]
     assert (out / claim["plot"]).stat().st_size > 1000
     rows = {r["value"]: r for r in claim["rows"]}
