@@ -66,8 +66,9 @@ SCALES = {
     # controls of 100. Sized from the detection demo's measured stage times (seed 0,
     # 2026-12-06, reference step 0.67-0.74 s: teacher 618 s per 1,200 steps, student 300 s
     # and control 168 s per 300): per seed 3 teachers (~930 s), 10 students and 7 controls
-    # (~1,400 s) and 6 labelings, about 41 minutes, so 3 seeds in about 125 minutes
-    # (about 11,000 reference steps).
+    # (~1,400 s) and 6 labelings, about 41 minutes, so 3 seeds in about 125 minutes.
+    # Measured: 123.7 min for seeds 0-2 in one sitting (2026-12-07, reference step
+    # 0.451 s, about 16,450 reference steps; docs/results.md).
     "regime": {
         "quick": False,
         "world": {"n_train": 200, "n_val": 200, "n_unlabeled": 1000, "per_shard": 125},
