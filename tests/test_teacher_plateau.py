@@ -11,15 +11,23 @@ import pytest
 from tests.benchmark_module import ROOT
 
 
-@pytest.mark.slow
-def test_a_longer_teacher_is_measured_on_both_splits_and_not_retrained_on_resume(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick demo's run directory, shared: the benchmark only reads it and trains its
+    points under its own --out."""
+    out = tmp_path_factory.mktemp("quick-demo")
     subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+        [sys.executable, "-m", "flows.cli", "demo", "--quick", "--out", str(out)],
         check=True,
         capture_output=True,
         cwd=ROOT,
     )
-    run = tmp_path / "demo" / "run"
+    return out / "run"
+
+
+@pytest.mark.slow
+def test_a_longer_teacher_is_measured_on_both_splits_and_not_retrained_on_resume(quick_run, tmp_path):
+    run = quick_run
     cmd = [sys.executable, str(ROOT / "benchmarks" / "teacher_plateau.py"), "--run", str(run)]
     cmd += ["--factors", "1.25", "--no-reference", "--out", str(tmp_path / "plateau")]
     first = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
@@ -44,14 +52,8 @@ def test_a_longer_teacher_is_measured_on_both_splits_and_not_retrained_on_resume
 
 
 @pytest.mark.slow
-def test_set_trains_every_point_with_its_recipe_and_refuses_another_recipes_points(tmp_path):
-    subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
-    run = tmp_path / "demo" / "run"
+def test_set_trains_every_point_with_its_recipe_and_refuses_another_recipes_points(quick_run, tmp_path):
+    run = quick_run
     out = tmp_path / "plateau"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "teacher_plateau.py"), "--run", str(run), "--no-reference"]
     cmd += ["--factors", "1.25", "--out", str(out), "--set", "teacher.steps=8", "--set", "teacher.lr=0.005"]
