@@ -10,8 +10,10 @@ process per point. Each point is evaluated on val and on the held-out split
 (`engine.training.evaluate_checkpoint`); the run's own teacher is the 1x point. Prints one
 JSON object: per point steps, val and held-out metric, wall time and reference steps
 (benchmarks/train_step_time.py, measured before the first point), and each point's
-gain over the 1x teacher. The demo's teacher counts as near its plateau when the 1.25x
-teacher gains under 1.0 on both splits.
+gain over the 1x teacher and over the point before it. The demo's teacher counts as near
+its plateau when the 1.25x teacher gains under 1.0 on both splits. Factors in steps of
+1.25 (`--factors 1.25 1.5625 1.953125`) give the curve further out: `plateau_steps` is the
+first point whose 1.25x successor gains under 1.0 on both splits (null if none does).
 
 `--set KEY=VALUE` (repeatable) changes the teacher's recipe for every point, for instance
 a faster schedule (`--set teacher.lr=0.006 --set teacher.steps=900`); the 1x point is then
@@ -48,6 +50,24 @@ def point(cfg, checkpoint: Path, metric: str) -> dict:
     if has_holdout(cfg):
         out["held_out"] = round(evaluate_checkpoint(cfg, checkpoint, "holdout")[metric], 2)
     return out
+
+
+BAR = 1.0  # a teacher trained 25% longer gains under this much: near its plateau
+
+
+def curve(points: list[dict]) -> int | None:
+    """Add each point's gain over the point before it (`<split>_over_previous`), in place;
+    return the steps of the first point whose successor has 1.25x its steps (within one
+    step) and gains under BAR on every split both measured, or None."""
+    plateau = None
+    for before, after in zip(points, points[1:]):
+        splits = [s for s in ("val", "held_out") if s in before and s in after]
+        for split in splits:
+            after[f"{split}_over_previous"] = round(after[split] - before[split], 2)
+        longer = abs(after["steps"] - 1.25 * before["steps"]) <= 1
+        if plateau is None and longer and splits and all(after[f"{s}_over_previous"] < BAR for s in splits):
+            plateau = before["steps"]
+    return plateau
 
 
 def main() -> int:
@@ -115,10 +135,12 @@ def main() -> int:
                     row[f"{split}_gain"] = round(row[split] - points[0][split], 2)
         points.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    points.sort(key=lambda p: p["steps"])
+    plateau = curve(points)
     longer = [p for p in points if p["factor"] == 1.25]
     near = None
     if longer:
-        near = all(longer[0].get(f"{s}_gain", 0.0) < 1.0 for s in ("val", "held_out"))
+        near = all(longer[0].get(f"{s}_gain", 0.0) < BAR for s in ("val", "held_out"))
     result = {
         "benchmark": "teacher_plateau",
         "run": str(run),
@@ -127,6 +149,7 @@ def main() -> int:
         "sets": args.sets,
         "points": points,
         "near_plateau": near,
+        "plateau_steps": plateau,
         "reference_step_s": ref,
     }
     print(json.dumps(result, indent=2))

@@ -72,3 +72,23 @@ def test_set_trains_every_point_with_its_recipe_and_refuses_another_recipes_poin
     other = [*cmd[:-1], "teacher.lr=0.004"]
     failed = subprocess.run(other, capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode != 0 and "teacher.lr=0.005" in failed.stderr and "teacher.lr=0.004" in failed.stderr
+
+
+def test_curve_gives_gains_over_the_point_before_and_the_first_point_near_its_plateau():
+    from tests.benchmark_module import load_benchmark
+
+    plateau = load_benchmark("teacher_plateau")
+    points = [
+        {"steps": 1200, "val": 60.0, "held_out": 62.0},
+        {"steps": 1500, "val": 62.5, "held_out": 63.9},  # +2.5: still climbing
+        {"steps": 1875, "val": 63.4, "held_out": 65.1},  # val +0.9 but held-out +1.2
+        {"steps": 2344, "val": 63.8, "held_out": 65.6},  # +0.4 / +0.5: 1,875 is near
+        {"steps": 2930, "val": 64.0, "held_out": 65.7},
+    ]
+    assert plateau.curve(points) == 1875
+    assert points[0].keys() == {"steps", "val", "held_out"}
+    assert [p["val_over_previous"] for p in points[1:]] == [2.5, 0.9, 0.4, 0.2]
+    assert [p["held_out_over_previous"] for p in points[1:]] == [1.9, 1.2, 0.5, 0.1]
+    # a successor that is not 25% longer does not count, and a curve never flat gives None
+    assert plateau.curve([{"steps": 1200, "val": 60.0}, {"steps": 2400, "val": 60.1}]) is None
+    assert plateau.curve([{"steps": 100, "val": 1.0}, {"steps": 125, "val": 3.0}]) is None
