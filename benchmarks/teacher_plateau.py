@@ -1,7 +1,7 @@
 """Is the demo's teacher near its plateau? The same teacher trained for more (or fewer) steps.
 
     .venv/bin/python benchmarks/teacher_plateau.py --run runs/bench-det/seed-0/run \
-        [--factors 1.25] [--out runs/plateau-det]
+        [--factors 1.25] [--out runs/plateau-det] [--plot docs/img/teacher-plateau-detection.png]
 
 Reads a finished demo run (its `config.yaml` and its round-0 teacher) and trains, for
 each factor f, the same teacher (same data, seed, recipe, warm-up) for round(f * steps)
@@ -70,12 +70,49 @@ def curve(points: list[dict]) -> int | None:
     return plateau
 
 
+def plot(result: dict, path: Path) -> None:
+    """The curve: val and held-out metric against teacher steps, each point marked with
+    its gain over the point before it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for split, colour in (("val", "tab:blue"), ("held_out", "tab:orange")):
+        ps = [p for p in points if split in p]
+        ax.plot([p["steps"] for p in ps], [p[split] for p in ps], "o-", color=colour, label=split.replace("_", "-"))
+        for p in ps:
+            if f"{split}_over_previous" in p:
+                ax.annotate(
+                    f"{p[f'{split}_over_previous']:+.2f}",
+                    (p["steps"], p[split]),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=8,
+                    color=colour,
+                )
+    if result.get("plateau_steps"):
+        ax.axvline(result["plateau_steps"], color="gray", ls="--", lw=1, label="next 25% gains < 1.0")
+    sets = ", ".join(result.get("sets") or []) or "the run's recipe"
+    ax.set_xlabel("teacher steps (each with its own cosine schedule)")
+    ax.set_ylabel(result["metric"])
+    ax.set_title(f"{result['family']} teacher, {sets}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True, help="a finished demo run directory (holds config.yaml)")
     parser.add_argument("--factors", type=float, nargs="+", default=[1.25])
     parser.add_argument("--out", default=None, help="default: <run>/../plateau")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw the curve there")
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="the teacher's recipe, every point"
     )
@@ -152,6 +189,8 @@ def main() -> int:
         "plateau_steps": plateau,
         "reference_step_s": ref,
     }
+    if args.plot:
+        plot(result, Path(args.plot))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -74,7 +74,7 @@ def test_set_trains_every_point_with_its_recipe_and_refuses_another_recipes_poin
     assert failed.returncode != 0 and "teacher.lr=0.005" in failed.stderr and "teacher.lr=0.004" in failed.stderr
 
 
-def test_curve_gives_gains_over_the_point_before_and_the_first_point_near_its_plateau():
+def test_curve_gives_gains_over_the_point_before_and_the_first_point_near_its_plateau(tmp_path):
     from tests.benchmark_module import load_benchmark
 
     plateau = load_benchmark("teacher_plateau")
@@ -92,3 +92,8 @@ def test_curve_gives_gains_over_the_point_before_and_the_first_point_near_its_pl
     # a successor that is not 25% longer does not count, and a curve never flat gives None
     assert plateau.curve([{"steps": 1200, "val": 60.0}, {"steps": 2400, "val": 60.1}]) is None
     assert plateau.curve([{"steps": 100, "val": 1.0}, {"steps": 125, "val": 3.0}]) is None
+    # the curve is drawn, with the plateau marked
+    result = {"family": "detection", "metric": "AP", "sets": [], "points": points, "plateau_steps": 1875}
+    png = tmp_path / "curve.png"
+    plateau.plot(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
