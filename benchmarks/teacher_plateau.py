@@ -96,6 +96,7 @@ def plot(result: dict, path: Path) -> None:
                 )
     if result.get("plateau_steps"):
         ax.axvline(result["plateau_steps"], color="gray", ls="--", lw=1, label="next 25% gains < 1.0")
+    ax.margins(x=0.08, y=0.15)  # room for the labels above the end points
     sets = ", ".join(result.get("sets") or []) or "the run's recipe"
     ax.set_xlabel("teacher steps (each with its own cosine schedule)")
     ax.set_ylabel(result["metric"])
