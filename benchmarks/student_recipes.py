@@ -19,8 +19,9 @@ its folder, and the source run stays as it was.
 Prints one JSON object: per recipe and run the teacher, control and student metric,
 student - control and student - teacher on val and on the held-out split, the stages
 that ran again, their wall time and reference steps (benchmarks/train_step_time.py,
-measured before the first cell); then each recipe's means. The runs' own figures are the
-`preset` recipe. Settings are chosen on `held_out_over_control`, never on val.
+measured before the first cell); then each recipe's means. The runs' own figures, with
+the recipe they were run with, are the `source` recipe. Settings are chosen on
+`held_out_over_control`, never on val.
 
 Resumable: a finished cell (summary.json and wall.json) is read back, not run again; a
 finished cell of the same name with other settings is an error that names both.
@@ -43,13 +44,13 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this
 from demo_seeds import measure_reference, seed_row  # noqa: E402
 
 STAGES = ("teacher", "audit", "pseudo", "student", "control")
-PRESET = "preset"
+SOURCE = "source"  # the runs as they are
 
 
 def parse_recipe(words: list[str]) -> tuple[str, list[str]]:
     """`NAME KEY=VALUE ...` -> (name, settings); the name is a folder name, not a setting."""
     name, *sets = words
-    if "=" in name or "/" in name or name in ("", PRESET):
+    if "=" in name or "/" in name or name in ("", SOURCE):
         raise SystemExit(f"--recipe {' '.join(words)}: the first word names the recipe (not {name!r})")
     if not sets:
         raise SystemExit(f"--recipe {name}: give at least one KEY=VALUE setting")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = [
         summarize(
-            PRESET,
+            SOURCE,
             [],
             [
                 seed_row(label(r), json.loads((r / "summary.json").read_text()), 0.0, None) | {"run": str(r)}
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row | {"run": str(run), "reran": record["reran"]})
             print(json.dumps({"recipe": name, **rows[-1]}), file=sys.stderr, flush=True)
         results.append(summarize(name, sets, rows))
-    for r in results[0]["runs"]:  # the preset's own wall time is its whole demo's, not comparable
+    for r in results[0]["runs"]:  # a source run's wall time is its whole demo's, not comparable
         r.pop("wall_s"), r.pop("reference_steps")
     print(
         json.dumps(
