@@ -60,14 +60,14 @@ def test_a_pseudo_only_recipe_trains_the_student_again_keeps_the_control_and_the
     cmd = [sys.executable, str(ROOT / "benchmarks" / "student_recipes.py"), "--runs", str(source)]
     cmd += ["--recipe", "alpha-3", "student.alpha=3", "--out", str(out), "--no-reference"]
     result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
-    source, alpha = result["recipes"]
-    assert source["recipe"] == "source" and alpha["recipe"] == "alpha-3"
+    own, alpha = result["recipes"]
+    assert own["recipe"] == "source" and alpha["recipe"] == "alpha-3"
     row = alpha["runs"][0]
     assert row["reran"] == ["student"]  # the control has no pseudo part: alpha leaves it valid
     cell = out / "demo" / "alpha-3" / "run" / "round-0"
     assert json.loads((cell / "student" / "manifest.json").read_text())["inputs"]["student"]["alpha"] == 3
-    assert row["control_mIoU"] == source["runs"][0]["control_mIoU"]
-    assert row["teacher_mIoU"] == source["runs"][0]["teacher_mIoU"]
+    assert row["control_mIoU"] == own["runs"][0]["control_mIoU"]
+    assert row["teacher_mIoU"] == own["runs"][0]["teacher_mIoU"]
     assert row["over_control"] == pytest.approx(row["student_mIoU"] - row["control_mIoU"], abs=0.02)
     assert {p: p.read_bytes() for p in (source / "round-0").rglob("*") if p.is_file()} == before
     # read back on a second invocation; the same name with other settings is refused
