@@ -9,12 +9,13 @@
 For each finished demo run (its `config.yaml`, with the control on) and each recipe
 (a name, then its `KEY=VALUE` settings), a copy of the run directory gets the recipe's
 settings and goes through the product's whole flow (`noisy-student run`). The stage
-manifests decide what runs again: the teacher never (a recipe that changes the teacher
-is refused: this compares students of one teacher), the audit and the pseudo-labels
-only when the recipe changes the labeling rule, the control only when it changes the
-student's training (a pseudo-only setting such as `student.alpha` leaves it valid), and
-the student always. The copy is a real one, not links: a stage that runs again rewrites
-its folder, and the source run stays as it was.
+manifests decide what runs again: the teacher never (a recipe that would change the
+teacher's inputs is refused before anything runs: this compares students of one
+teacher), the audit and the pseudo-labels only when the recipe changes the labeling
+rule, the control only when it changes the student's training (a pseudo-only setting
+such as `student.alpha` leaves it valid), and the student always. The copy is a real
+one, not links: a stage that runs again rewrites its folder, and the source run stays
+as it was.
 
 Prints one JSON object: per recipe and run the teacher, control and student metric,
 student - control and student - teacher on val and on the held-out split, the stages
@@ -43,6 +44,10 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this
 
 from demo_seeds import measure_reference, seed_row  # noqa: E402
 
+from configs import ConfigError, load_config  # noqa: E402
+from engine.rundir import json_digest, read_manifest  # noqa: E402
+from flows.stages import teacher_inputs  # noqa: E402
+
 STAGES = ("teacher", "audit", "pseudo", "student", "control")
 SOURCE = "source"  # the runs as they are
 
@@ -57,10 +62,41 @@ def parse_recipe(words: list[str]) -> tuple[str, list[str]]:
     bad = [s for s in sets if "=" not in s]
     if bad:
         raise SystemExit(f"--recipe {name}: settings are KEY=VALUE, got {bad}")
-    teacher = [s for s in sets if s.startswith(("teacher.", "model.", "data.", "family"))]
-    if teacher:
-        raise SystemExit(f"--recipe {name}: {teacher} would change the teacher; this compares students of one teacher")
     return name, sets
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings by their dotted path."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out |= flat(value, path + ".") if isinstance(value, dict) else {path: value}
+    return out
+
+
+def check_teacher(run: Path, name: str, sets: list[str]) -> None:
+    """Refuse, before anything runs, a recipe under which `run`'s teacher would train again:
+    the teacher inputs of the run's config with the recipe applied must be the ones its
+    teacher manifest recorded. Settings that only change how a stage runs (workers,
+    logging) pass; a mistyped key fails here, with the config's own error."""
+    recorded = read_manifest(run / "round-0" / "teacher")
+    if recorded is None:
+        raise SystemExit(f"--runs {run}: its teacher has not finished (no round-0/teacher/manifest.json)")
+    try:
+        inputs = teacher_inputs(load_config(run / "config.yaml", sets))
+    except ConfigError as e:
+        raise SystemExit(f"--recipe {name}: {e}") from None
+    if json_digest(inputs) != recorded["inputs_digest"]:
+        # named as the config names them: the teacher's training settings are `teacher.*`
+        before, after = (
+            {"teacher" if k == "train" else k: v for k, v in i.items()} for i in (recorded["inputs"], inputs)
+        )
+        before, after = flat(before), flat(after)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        raise SystemExit(
+            f"--recipe {name}: {sets} would change the teacher of {run} (its {', '.join(changed)}); "
+            "this compares students of one teacher"
+        )
 
 
 def manifests(run: Path) -> dict[str, str]:
@@ -157,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [parse_recipe(words) for words in args.recipe]
     if len({n for n, _ in recipes}) != len(recipes):
         raise SystemExit("--recipe: two recipes share a name")
+    for name, sets in recipes:
+        for run in runs:
+            check_teacher(run, name, sets)
     ref = None if args.no_reference else measure_reference()
     out = Path(args.out)
     results = [

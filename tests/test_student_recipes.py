@@ -8,10 +8,13 @@ import sys
 
 import pytest
 
+from configs import dump_config, load_config
+from engine.rundir import write_manifest
+from flows.stages import teacher_inputs
 from tests.benchmark_module import ROOT, load_benchmark
 
 
-def test_a_recipe_is_a_name_and_settings_that_leave_the_teacher_alone():
+def test_a_recipe_is_a_name_and_key_value_settings():
     recipes = load_benchmark("student_recipes")
     assert recipes.parse_recipe(["alpha-2", "student.alpha=2"]) == ("alpha-2", ["student.alpha=2"])
     for words, says in (
@@ -19,11 +22,36 @@ def test_a_recipe_is_a_name_and_settings_that_leave_the_teacher_alone():
         (["source", "student.alpha=2"], "names the recipe"),
         (["alpha-2"], "at least one"),
         (["alpha-2", "student.alpha"], "KEY=VALUE"),
-        (["longer", "teacher.steps=9"], "teacher.steps=9"),
-        (["small", "data.labeled_limit=50"], "data.labeled_limit=50"),
     ):
         with pytest.raises(SystemExit, match=says):
             recipes.parse_recipe(words)
+
+
+def finished_teacher(run, cfg) -> None:
+    """A run directory whose round-0 teacher finished with `cfg`'s inputs (no model file:
+    the check reads the manifest only)."""
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    write_manifest(run / "round-0" / "teacher", teacher_inputs(cfg), {"files": [], "digest": "t"})
+
+
+def test_a_recipe_that_would_retrain_the_teacher_is_refused_before_anything_runs(tmp_path):
+    recipes = load_benchmark("student_recipes")
+    run = tmp_path / "seed-0" / "run"
+    finished_teacher(run, load_config("demo-segmentation-quick"))
+    # student-side settings and how a stage runs (workers, logging) leave the teacher alone
+    for sets in (["student.alpha=2", "pseudo.score_threshold=0.7"], ["data.num_workers=0", "teacher.log_every=7"]):
+        recipes.check_teacher(run, "ok", sets)
+    for sets, says in (
+        (["teacher.steps=9"], r"its teacher\.steps\)"),
+        (["data.labeled_limit=50"], r"its data\.labeled_limit\)"),
+        (["model.neck_channels=8", "student.alpha=2"], r"its model\.neck_channels\)"),
+        (["student.alpa=2"], "alpa"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            recipes.check_teacher(run, "bad", sets)
+    with pytest.raises(SystemExit, match="teacher has not finished"):
+        recipes.check_teacher(tmp_path / "empty", "ok", ["student.alpha=2"])
 
 
 def test_the_stages_that_ran_again_are_those_whose_manifest_changed_and_means_are_per_split():
