@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import statistics
 import subprocess
@@ -44,6 +45,27 @@ def measure_reference(repeats: int = 3) -> float:
         out = subprocess.run([sys.executable, str(script), "--reference"], capture_output=True, text=True, check=True)
         times.append(json.loads(out.stdout)["runs"][0]["s_per_step"])
     return statistics.median(times)
+
+
+def machine() -> dict:
+    """What the figures were measured on: the CPU and the kernels torch chose for it. The
+    same seed and code have given figures a point apart on different days
+    (docs/results.md, "Is the full preset repeatable?"); a result that names its machine
+    can be compared with one that does."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = models[0] if models else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
 
 
 def stop_demos(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
@@ -179,6 +201,7 @@ def main() -> int:
                 "overrides": args.overrides,
                 "jobs": args.jobs,
                 "threads": args.threads,
+                "machine": machine(),
             },
             indent=2,
         )

@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the project, and this folder when imported
 
-from demo_seeds import measure_reference, seed_row  # noqa: E402
+from demo_seeds import machine, measure_reference, seed_row  # noqa: E402
 
 from configs import ConfigError, load_config  # noqa: E402
 from engine.rundir import json_digest, read_manifest  # noqa: E402
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "benchmark": "student_recipes",
                 "metric": json.loads((runs[0] / "summary.json").read_text())["metric"],
                 "reference_step_s": ref,
+                "machine": machine(),
                 "recipes": results,
             },
             indent=2,

@@ -89,6 +89,7 @@ def test_a_pseudo_only_recipe_trains_the_student_again_keeps_the_control_and_the
     cmd += ["--recipe", "alpha-3", "student.alpha=3", "--out", str(out), "--no-reference"]
     result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
     own, alpha = result["recipes"]
+    assert result["machine"]["cpu"] and result["machine"]["cores"] >= 1  # what the figures ran on
     assert own["recipe"] == "source" and alpha["recipe"] == "alpha-3"
     row = alpha["runs"][0]
     assert row["reran"] == ["student"]  # the control has no pseudo part: alpha leaves it valid
