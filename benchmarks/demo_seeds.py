@@ -15,7 +15,8 @@ before the first seed and just after the last: the demo's budget is 2,000 of the
 
 Cost: about the demo's time per seed, one at a time. An interrupted invocation resumes:
 seeds with a finished run and a recorded wall time (seed-N/wall.json, with the reference
-step measured in the invocation that ran it) are not run again.
+steps measured before and after the invocation that ran it) are not run again, and their
+time is converted with those reference steps.
 Wall times of seeds run side by side are not the demo's time on an idle machine.
 """
 
@@ -131,8 +132,10 @@ def main() -> int:
         if done.exists() and (done.parent / "run" / "summary.json").exists():
             record = json.loads(done.read_text())
             walls[seed] = record["wall_s"]
-            if record.get("reference_step_s"):
-                earlier_refs[seed] = record["reference_step_s"]
+            # the mean of the reference steps measured before and after that invocation's seeds
+            refs = [record[k] for k in ("reference_step_s", "reference_step_after_s") if record.get(k)]
+            if refs:
+                earlier_refs[seed] = statistics.fmean(refs)
             print(json.dumps({"seed": seed, "finished_earlier": str(done)}), file=sys.stderr, flush=True)
         else:
             pending.append(seed)
@@ -174,6 +177,9 @@ def main() -> int:
         stop_demos([proc for proc, _ in running.values()])
     if not args.no_reference:
         reference.append(measure_reference())
+        for seed in walls.keys() - earlier_refs.keys():  # the seeds this invocation ran
+            wall = Path(args.out) / f"seed-{seed}" / "wall.json"
+            wall.write_text(json.dumps(json.loads(wall.read_text()) | {"reference_step_after_s": reference[-1]}) + "\n")
     ref = statistics.fmean(reference) if reference else None
     rows = []
     for seed in args.seeds:

@@ -44,3 +44,24 @@ def test_a_seed_row_sets_the_student_beside_its_control():
 
     with pytest.raises(ValueError, match="seed 3: the run trained no control"):
         ds.seed_row(3, {"metric": "AP", "rounds": [r]}, 900.0, 0.45)
+
+
+def test_a_seed_finished_earlier_is_read_back_with_the_reference_steps_around_its_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    r = {
+        "teacher_metrics": {"AP": 60.0},
+        "control_metrics": {"AP": 58.0},
+        "student_metrics": {"AP": 61.0},
+        "pseudo": {"kept": 1990, "labels": 4000},
+    }
+    seed = tmp_path / "seed-0"
+    (seed / "run").mkdir(parents=True)
+    (seed / "run" / "summary.json").write_text(json.dumps({"metric": "AP", "rounds": [r]}))
+    (seed / "wall.json").write_text(
+        json.dumps({"wall_s": 1400.0, "reference_step_s": 0.6, "reference_step_after_s": 0.8})
+    )
+    monkeypatch.setattr(sys, "argv", ["demo_seeds", "--seeds", "0", "--out", str(tmp_path), "--no-reference"])
+    assert ds.main() == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert row["over_control"] == 3.0 and row["reference_steps"] == 2000  # 1,400 s / 0.7 s, the mean of both
