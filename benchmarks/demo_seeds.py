@@ -50,9 +50,9 @@ def measure_reference(repeats: int = 3) -> float:
 
 def machine() -> dict:
     """What the figures were measured on: the CPU and the kernels torch chose for it. The
-    same seed and code have given figures a point apart on different days
-    (docs/results.md, "Is the full preset repeatable?"); a result that names its machine
-    can be compared with one that does."""
+    same seed and code have given figures a point apart on different machines, while one
+    machine repeats a run bit for bit; see
+    docs/results.md, The same code on another machine."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -203,7 +203,9 @@ def main() -> int:
                 "mean_wall_s": round(statistics.mean(r["wall_s"] for r in rows), 1),
                 # measured before the first and after the last seed; their mean converts wall times
                 "reference_step_s": [round(x, 3) for x in reference],
-                "mean_reference_steps": round(statistics.mean(r["reference_steps"] for r in rows)) if ref else None,
+                "mean_reference_steps": round(statistics.mean(r["reference_steps"] for r in rows))
+                if all(r["reference_steps"] for r in rows)
+                else None,
                 "overrides": args.overrides,
                 "jobs": args.jobs,
                 "threads": args.threads,

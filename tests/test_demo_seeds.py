@@ -63,5 +63,7 @@ def test_a_seed_finished_earlier_is_read_back_with_the_reference_steps_around_it
     )
     monkeypatch.setattr(sys, "argv", ["demo_seeds", "--seeds", "0", "--out", str(tmp_path), "--no-reference"])
     assert ds.main() == 0
-    row = json.loads(capsys.readouterr().out)["runs"][0]
+    out = json.loads(capsys.readouterr().out)
+    row = out["runs"][0]
     assert row["over_control"] == 3.0 and row["reference_steps"] == 2000  # 1,400 s / 0.7 s, the mean of both
+    assert out["mean_reference_steps"] == 2000
