@@ -124,7 +124,7 @@ def main() -> int:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    pending, running, walls, earlier_refs = [], {}, {}, {}
+    pending, running, walls, earlier_refs, finished_earlier = [], {}, {}, {}, set()
     for seed in args.seeds:
         # A seed finished by an earlier, interrupted invocation keeps its measured time,
         # converted to reference steps with the reference step measured in that invocation.
@@ -136,6 +136,7 @@ def main() -> int:
             refs = [record[k] for k in ("reference_step_s", "reference_step_after_s") if record.get(k)]
             if refs:
                 earlier_refs[seed] = statistics.fmean(refs)
+            finished_earlier.add(seed)
             print(json.dumps({"seed": seed, "finished_earlier": str(done)}), file=sys.stderr, flush=True)
         else:
             pending.append(seed)
@@ -177,7 +178,7 @@ def main() -> int:
         stop_demos([proc for proc, _ in running.values()])
     if not args.no_reference:
         reference.append(measure_reference())
-        for seed in walls.keys() - earlier_refs.keys():  # the seeds this invocation ran
+        for seed in walls.keys() - finished_earlier:  # the seeds this invocation ran
             wall = Path(args.out) / f"seed-{seed}" / "wall.json"
             wall.write_text(json.dumps(json.loads(wall.read_text()) | {"reference_step_after_s": reference[-1]}) + "\n")
     ref = statistics.fmean(reference) if reference else None

@@ -67,3 +67,23 @@ def test_a_seed_finished_earlier_is_read_back_with_the_reference_steps_around_it
     row = out["runs"][0]
     assert row["over_control"] == 3.0 and row["reference_steps"] == 2000  # 1,400 s / 0.7 s, the mean of both
     assert out["mean_reference_steps"] == 2000
+
+
+def test_reading_back_leaves_the_reference_steps_of_seeds_it_did_not_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    r = {"teacher_metrics": {"AP": 60.0}, "control_metrics": {"AP": 58.0}, "student_metrics": {"AP": 61.0}}
+    seed = tmp_path / "seed-1"
+    (seed / "run").mkdir(parents=True)
+    (seed / "run" / "summary.json").write_text(
+        json.dumps({"metric": "AP", "rounds": [r | {"pseudo": {"kept": 1, "labels": 2}}]})
+    )
+    wall = seed / "wall.json"
+    wall.write_text(json.dumps({"wall_s": 900.0, "reference_step_s": None}))
+    before = wall.read_text()
+    monkeypatch.setattr(ds, "measure_reference", lambda: 0.5)  # the reference measured around this invocation
+    monkeypatch.setattr(sys, "argv", ["demo_seeds", "--seeds", "1", "--out", str(tmp_path)])
+    assert ds.main() == 0
+    out = json.loads(capsys.readouterr().out)
+    assert wall.read_text() == before  # a seed run by no measured invocation gets no measurement of this one
+    assert out["reference_step_s"] == [0.5, 0.5] and out["runs"][0]["reference_steps"] == 1800
