@@ -50,8 +50,8 @@ def measure_reference(repeats: int = 3) -> float:
 
 def machine() -> dict:
     """What the figures were measured on: the CPU and the kernels torch chose for it. The
-    same seed and code have given figures a point apart on different machines, while one
-    machine repeats a run bit for bit; see
+    same seed and code have given figures a point apart on different days, while on one
+    machine a short teacher stage repeats bit for bit; see
     docs/results.md, The same code on another machine."""
     import torch
 

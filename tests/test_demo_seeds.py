@@ -1,8 +1,11 @@
-"""benchmarks/demo_seeds.py: a stopped benchmark leaves no demo running."""
+"""benchmarks/demo_seeds.py: stopping leaves no demo running; seed rows; finished seeds read back."""
 
+import json
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.benchmark_module import load_benchmark
 
@@ -40,15 +43,11 @@ def test_a_seed_row_sets_the_student_beside_its_control():
     assert row["control_AP"] == 50.5 and row["held_out"] == {"teacher": 41.0, "control": 49.0, "student": 50.0}
     assert row["reference_steps"] == 2000
     del r["control_metrics"]
-    import pytest
-
     with pytest.raises(ValueError, match="seed 3: the run trained no control"):
         ds.seed_row(3, {"metric": "AP", "rounds": [r]}, 900.0, 0.45)
 
 
 def test_a_seed_finished_earlier_is_read_back_with_the_reference_steps_around_its_run(tmp_path, monkeypatch, capsys):
-    import json
-
     r = {
         "teacher_metrics": {"AP": 60.0},
         "control_metrics": {"AP": 58.0},
@@ -70,8 +69,6 @@ def test_a_seed_finished_earlier_is_read_back_with_the_reference_steps_around_it
 
 
 def test_reading_back_leaves_the_reference_steps_of_seeds_it_did_not_run(tmp_path, monkeypatch, capsys):
-    import json
-
     r = {"teacher_metrics": {"AP": 60.0}, "control_metrics": {"AP": 58.0}, "student_metrics": {"AP": 61.0}}
     seed = tmp_path / "seed-1"
     (seed / "run").mkdir(parents=True)
