@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-from configs import MAX_IMAGE_PIXELS
 from data import storage
 from flows import supervise
 
@@ -46,6 +45,10 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # configs (pydantic) is imported here, not with the module: from the command line the
+    # module's imports run before main() holds Ctrl-C back, so they stay standard-library.
+    from configs import MAX_IMAGE_PIXELS
+
     parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -94,3 +94,16 @@ def test_descendants_finds_a_grandchild():
         for pid in _descendants([child.pid]):
             subprocess.run(["kill", "-9", str(pid)])
         child.wait()
+
+
+def test_the_command_module_imports_nothing_heavy():
+    """From the command line, flows.cli's module imports run before main() holds Ctrl-C
+    back; a third-party import there (pydantic, torch, prefect) widens that window to
+    most of a second on a slow machine, and a Ctrl-C in it prints a traceback."""
+    probe = "import sys, flows.cli; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    ours = {"flows", "data", "configs", "engine", "nets", "detection", "segmentation", "tasks"}
+    heavy = [m for m in loaded if m.split(".")[0] in {"pydantic", "torch", "prefect", "yaml", "numpy", "configs"}]
+    assert heavy == [], heavy
+    assert {"flows.cli", "flows.supervise"} <= set(loaded)
+    assert {m.split(".")[0] for m in loaded} & ours <= {"flows", "data"}
