@@ -39,7 +39,8 @@ from flows.demo import demo_config  # noqa: E402
 # Digests measured with this script's defaults (detection demo, seed 0, 60 steps) at
 # the code of their date; a change of the teacher's code or preset changes them too.
 KNOWN = {
-    "3af152835bf18061d3a3ee35456e1ffeed744992200eb7569c75b35491300639": "AMD EPYC, AVX2 kernels, 2 cores (2026-12-07)",
+    "3af152835bf18061d3a3ee35456e1ffeed744992200eb7569c75b35491300639": "AMD EPYC, AVX2 kernels (2026-12-07)",
+    "b6db799b5038aebfab0d4d0e53fb3c52d5cfc1974fa741d57e6678a6413aeb7b": "AMD EPYC, AVX512 kernels (2026-12-07)",
 }
 
 
