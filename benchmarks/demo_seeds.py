@@ -135,7 +135,7 @@ def main() -> int:
             # the mean of the reference steps measured before and after that invocation's seeds
             refs = [record[k] for k in ("reference_step_s", "reference_step_after_s") if record.get(k)]
             if refs:
-                earlier_refs[seed] = statistics.fmean(refs)
+                earlier_refs[seed] = refs
             finished_earlier.add(seed)
             print(json.dumps({"seed": seed, "finished_earlier": str(done)}), file=sys.stderr, flush=True)
         else:
@@ -181,13 +181,15 @@ def main() -> int:
         for seed in walls.keys() - finished_earlier:  # the seeds this invocation ran
             wall = Path(args.out) / f"seed-{seed}" / "wall.json"
             wall.write_text(json.dumps(json.loads(wall.read_text()) | {"reference_step_after_s": reference[-1]}) + "\n")
-    ref = statistics.fmean(reference) if reference else None
     rows = []
     for seed in args.seeds:
         out = Path(args.out) / f"seed-{seed}"
         summary = json.loads((out / "run" / "summary.json").read_text())
         metric = summary["metric"]
-        rows.append(seed_row(seed, summary, walls[seed], earlier_refs.get(seed, ref)))
+        refs = earlier_refs.get(seed, reference)
+        rows.append(seed_row(seed, summary, walls[seed], statistics.fmean(refs) if refs else None))
+        # the reference steps that converted this seed's time: measured just before and after it
+        rows[-1]["reference_step_s"] = [round(x, 3) for x in refs]
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gains = [r["gain"] for r in rows]
     over = [r["over_control"] for r in rows]

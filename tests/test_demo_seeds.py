@@ -65,6 +65,7 @@ def test_a_seed_finished_earlier_is_read_back_with_the_reference_steps_around_it
     out = json.loads(capsys.readouterr().out)
     row = out["runs"][0]
     assert row["over_control"] == 3.0 and row["reference_steps"] == 2000  # 1,400 s / 0.7 s, the mean of both
+    assert row["reference_step_s"] == [0.6, 0.8]  # the row says which measurements converted it
     assert out["mean_reference_steps"] == 2000
 
 
@@ -84,3 +85,4 @@ def test_reading_back_leaves_the_reference_steps_of_seeds_it_did_not_run(tmp_pat
     out = json.loads(capsys.readouterr().out)
     assert wall.read_text() == before  # a seed run by no measured invocation gets no measurement of this one
     assert out["reference_step_s"] == [0.5, 0.5] and out["runs"][0]["reference_steps"] == 1800
+    assert out["runs"][0]["reference_step_s"] == [0.5, 0.5]
