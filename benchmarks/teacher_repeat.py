@@ -12,7 +12,7 @@ name order, so it changes with any bit of any weight.
 
 Cost: the world (about half a minute) and a minute or two a run on a 2-core CPU. The
 same seed and code have given demo figures a point of AP apart on different machines;
-see docs/results.md, Is the full preset repeatable?
+see docs/results.md, Repeatability across machines
 """
 
 from __future__ import annotations
