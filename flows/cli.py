@@ -46,7 +46,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # configs (pydantic) is imported here, not with the module: from the command line the
-    # module's imports run before main() holds Ctrl-C back, so they stay standard-library.
+    # module's imports run before main() holds Ctrl-C back, so they stay light (the standard
+    # library, data.storage and flows.supervise; tests/test_supervise.py checks it).
     from configs import MAX_IMAGE_PIXELS
 
     parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__.split("\n\n")[0])

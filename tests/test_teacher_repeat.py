@@ -35,3 +35,9 @@ def test_quick_teacher_repeats_bit_for_bit(tmp_path):
     assert out["repeats"], out["runs"]
     assert len(out["runs"]) == 2 and out["runs"][0]["tensors"] > 100
     assert out["machine"]["cores"] >= 1
+    assert out["same_as"] is None  # the recorded digests are of the full preset's 60 steps
+    # run again into the same folder: trained afresh, not skipped as up to date
+    stamp = (tmp_path / "rep" / "run-0" / "round-0" / "teacher" / "model.pt").stat().st_mtime_ns
+    again = teacher_repeat.main(["--quick", "--steps", "3", "--runs", "1", "--out", str(tmp_path / "rep")])
+    assert again["runs"][0]["digest"] == out["runs"][0]["digest"]
+    assert (tmp_path / "rep" / "run-0" / "round-0" / "teacher" / "model.pt").stat().st_mtime_ns != stamp
