@@ -50,9 +50,9 @@ def measure_reference(repeats: int = 3) -> float:
 
 def machine() -> dict:
     """What the figures were measured on: the CPU and the kernels torch chose for it. The
-    same seed and code have given figures a point apart on different days, while on one
-    machine a short teacher stage repeats bit for bit; see
-    docs/results.md, The same code on another machine."""
+    same seed and code give figures a point or two apart on machines whose kernels differ,
+    and the same figures where they are the same; see
+    docs/results.md, Repeatability across machines"""
     import torch
 
     cpu = platform.processor() or platform.machine()

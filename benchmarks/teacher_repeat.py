@@ -48,7 +48,9 @@ KNOWN = {
 
 def weights_digest(checkpoint: str | Path) -> tuple[str, int]:
     """sha256 over the raw bytes of every tensor of the checkpoint's state, in sorted name
-    order, and the number of tensors."""
+    order, and the number of tensors. Not the stage manifest's `digest` (engine.rundir.file_digest
+    of model.pt): that also covers torch's file format and the model config, so equal
+    weights saved by another torch version would not match."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]
     h = hashlib.sha256()
     for name in sorted(state):
