@@ -11,9 +11,10 @@ process per point. Each point is evaluated on val and on the held-out split
 JSON object: per point steps, val and held-out metric, wall time and reference steps
 (benchmarks/train_step_time.py, measured before the first point), and each point's
 gain over the 1x teacher and over the point before it. The demo's teacher counts as near
-its plateau when the 1.25x teacher gains under 1.0 on both splits. Factors in steps of
-1.25 (`--factors 1.25 1.5625 1.953125`) give the curve further out: `plateau_steps` is the
-first point whose 1.25x successor gains under 1.0 on both splits (null if none does).
+its plateau (`near_plateau`) when the 1.25x teacher gains under 1.0 on both splits and no
+longer point measured gains 1.0 or more over it. Factors in steps of 1.25 (`--factors
+1.25 1.5625 1.953125`) give the curve further out: `plateau_steps` is the first point
+near its plateau by the same rule (null if none is).
 
 `--set KEY=VALUE` (repeatable) changes the teacher's recipe for every point, for instance
 a faster schedule (`--set teacher.lr=0.006 --set teacher.steps=900`); the 1x point is then
@@ -55,19 +56,29 @@ def point(cfg, checkpoint: Path, metric: str) -> dict:
 BAR = 1.0  # a teacher trained 25% longer gains under this much: near its plateau
 
 
+def flat_from(points: list[dict], i: int) -> bool:
+    """Is points[i] near its plateau: its successor has 1.25x its steps (within one step)
+    and gains under BAR on every split both measured, and no later point gains BAR or more
+    over it on any split? The second half matters because one teacher's metric moves by a
+    point or two between schedules: a 1.25x point that dips is no plateau when the next
+    one climbs past it."""
+    if i + 1 >= len(points):
+        return False
+    here, after = points[i], points[i + 1]
+    splits = [s for s in ("val", "held_out") if s in here and s in after]
+    if not splits or abs(after["steps"] - 1.25 * here["steps"]) > 1:
+        return False
+    return all(later[s] - here[s] < BAR for later in points[i + 1 :] for s in splits if s in later)
+
+
 def curve(points: list[dict]) -> int | None:
     """Add each point's gain over the point before it (`<split>_over_previous`), in place;
-    return the steps of the first point whose successor has 1.25x its steps (within one
-    step) and gains under BAR on every split both measured, or None."""
-    plateau = None
+    return the steps of the first point near its plateau (`flat_from`), or None."""
     for before, after in zip(points, points[1:]):
-        splits = [s for s in ("val", "held_out") if s in before and s in after]
-        for split in splits:
-            after[f"{split}_over_previous"] = round(after[split] - before[split], 2)
-        longer = abs(after["steps"] - 1.25 * before["steps"]) <= 1
-        if plateau is None and longer and splits and all(after[f"{s}_over_previous"] < BAR for s in splits):
-            plateau = before["steps"]
-    return plateau
+        for split in ("val", "held_out"):
+            if split in before and split in after:
+                after[f"{split}_over_previous"] = round(after[split] - before[split], 2)
+    return next((p["steps"] for i, p in enumerate(points) if flat_from(points, i)), None)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -95,7 +106,7 @@ def plot(result: dict, path: Path) -> None:
                     color=colour,
                 )
     if result.get("plateau_steps"):
-        ax.axvline(result["plateau_steps"], color="gray", ls="--", lw=1, label="next 25% gains < 1.0")
+        ax.axvline(result["plateau_steps"], color="gray", ls="--", lw=1, label="plateau: no longer point gains 1.0")
     ax.margins(x=0.08, y=0.15)  # room for the labels above the end points
     sets = ", ".join(result.get("sets") or []) or "the run's recipe"
     ax.set_xlabel("teacher steps (each with its own cosine schedule)")
@@ -175,10 +186,8 @@ def main() -> int:
         print(json.dumps(row), file=sys.stderr, flush=True)
     points.sort(key=lambda p: p["steps"])
     plateau = curve(points)
-    longer = [p for p in points if p["factor"] == 1.25]
-    near = None
-    if longer:
-        near = all(longer[0].get(f"{s}_gain", 0.0) < BAR for s in ("val", "held_out"))
+    base_at = next(i for i, p in enumerate(points) if p["factor"] == 1.0)
+    near = flat_from(points, base_at) if any(p["factor"] == 1.25 for p in points) else None
     result = {
         "benchmark": "teacher_plateau",
         "run": str(run),

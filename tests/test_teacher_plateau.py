@@ -92,6 +92,14 @@ def test_curve_gives_gains_over_the_point_before_and_the_first_point_near_its_pl
     # a successor that is not 25% longer does not count, and a curve never flat gives None
     assert plateau.curve([{"steps": 1200, "val": 60.0}, {"steps": 2400, "val": 60.1}]) is None
     assert plateau.curve([{"steps": 100, "val": 1.0}, {"steps": 125, "val": 3.0}]) is None
+    # a 1.25x point that dips is no plateau when a longer one climbs 1.0 past the start
+    dip = [
+        {"steps": 1200, "val": 83.09, "held_out": 85.24},
+        {"steps": 1500, "val": 82.20, "held_out": 84.57},
+        {"steps": 1875, "val": 86.56, "held_out": 87.64},
+    ]
+    assert plateau.curve(dip) is None and not plateau.flat_from(dip, 0)
+    assert plateau.flat_from(dip[:2], 0)  # without the longer point the dip would have passed
     # the curve is drawn, with the plateau marked
     result = {"family": "detection", "metric": "AP", "sets": [], "points": points, "plateau_steps": 1875}
     png = tmp_path / "curve.png"
